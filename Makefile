@@ -1,0 +1,40 @@
+# One venv per checkout. torch==2.13.0 goes in first: a bare `torch` requirement on a machine without torch
+# pulls a multi-GB CUDA build, while 2.13.0 satisfies our range and comes from the local CPU wheel.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-all lint wheels clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The CPU test suite (what CI runs): gpu tests skip themselves without CUDA, slow tests are deselected.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ''
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Pure-Python wheels the GPU image lacks (it has torch, lightning, torchmetrics, tensorboard, triton but no
+# network). Carry .whl with the device call and install with --no-index --no-deps.
+WHEELS := jsonargparse docstring-parser typeshed-client webdataset braceexpand omegaconf antlr4-python3-runtime
+wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl $(WHEELS)
+
+clean:
+	rm -rf $(VENV) .whl build *.egg-info

@@ -1,0 +1,51 @@
+"""The one pre-norm transformer block and the causal stack that every DLCM stage and the baseline use."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dlcm.attention import SelfAttention
+from dlcm.config import StackConfig
+from dlcm.ffn import SwiGLU
+from dlcm.norm import RMSNorm
+from dlcm.packing import PackedSeqs
+from dlcm.rope import rope_angles
+
+
+class TransformerBlock(nn.Module):
+    """LLaMA-style block: ``x + Attn(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``."""
+
+    def __init__(self, cfg: StackConfig, std: float, norm_eps: float, backend: str) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.width, norm_eps)
+        self.attn = SelfAttention(
+            cfg.width, cfg.n_heads, cfg.n_kv_heads, std, cfg.qk_norm, norm_eps, backend
+        )
+        self.ffn_norm = RMSNorm(cfg.width, norm_eps)
+        self.ffn = SwiGLU(cfg.width, cfg.ffn_hidden, std)
+
+    def forward(self, x_TD: torch.Tensor, seqs: PackedSeqs, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x_TD = x_TD + self.attn(self.attn_norm(x_TD), seqs, rope)
+        return x_TD + self.ffn(self.ffn_norm(x_TD))
+
+
+class TransformerStack(nn.Module):
+    """``n_layers`` causal blocks over a packed stream, closed by a final RMSNorm.
+
+    RoPE angles are computed once per forward from the stream's in-document positions (token position for the
+    encoder/decoder/baseline, concept index for the backbone) and shared by all layers.
+    """
+
+    def __init__(self, cfg: StackConfig, std: float, norm_eps: float, backend: str) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        self.layers = nn.ModuleList(TransformerBlock(cfg, std, norm_eps, backend) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.width, norm_eps)
+
+    def forward(self, x_TD: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
+        rope = rope_angles(seqs.position, self.head_dim, self.rope_theta)
+        for layer in self.layers:
+            x_TD = layer(x_TD, seqs, rope)
+        return self.norm(x_TD)
