@@ -67,7 +67,11 @@ def _sdpa(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: P
         mask_TT = (seqs.doc_id[:, None] == seqs.doc_id[None, :]) & (rows[:, None] >= rows[None, :])
         seqs.cache["sdpa_mask"] = mask_TT
     out_NTH = F.scaled_dot_product_attention(
-        q_TNH.transpose(0, 1), k_TKH.transpose(0, 1), v_TKH.transpose(0, 1), attn_mask=mask_TT, enable_gqa=True
+        q_TNH.transpose(0, 1),
+        k_TKH.transpose(0, 1),
+        v_TKH.transpose(0, 1),
+        attn_mask=mask_TT,
+        enable_gqa=True,
     )
     return out_NTH.transpose(0, 1)
 
@@ -118,9 +122,7 @@ def _flex(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: P
             return (doc_id[q_idx] == doc_id[kv_idx]) & (q_idx >= kv_idx)
 
         t = seqs.total
-        block_mask = create_block_mask(
-            document_causal, None, None, t, t, device=doc_id.device, _compile=doc_id.is_cuda
-        )
+        block_mask = create_block_mask(document_causal, None, None, t, t, device=doc_id.device, _compile=doc_id.is_cuda)
         seqs.cache["flex_mask"] = block_mask
     kernel = _compiled_flex() if q_TNH.is_cuda else flex_attention
     out_1NTH = kernel(

@@ -19,9 +19,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: StackConfig, std: float, norm_eps: float, backend: str) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.width, norm_eps)
-        self.attn = SelfAttention(
-            cfg.width, cfg.n_heads, cfg.n_kv_heads, std, cfg.qk_norm, norm_eps, backend
-        )
+        self.attn = SelfAttention(cfg.width, cfg.n_heads, cfg.n_kv_heads, std, cfg.qk_norm, norm_eps, backend)
         self.ffn_norm = RMSNorm(cfg.width, norm_eps)
         self.ffn = SwiGLU(cfg.width, cfg.ffn_hidden, std)
 

@@ -79,9 +79,7 @@ class ParserConfig:
 
     def validate(self) -> None:
         require(self.target_ratio > 1, "parser.target_ratio", self.target_ratio, "a number > 1")
-        require(
-            self.d_scan is None or self.d_scan > 0, "parser.d_scan", self.d_scan, "None or a positive int"
-        )
+        require(self.d_scan is None or self.d_scan > 0, "parser.d_scan", self.d_scan, "None or a positive int")
         require_choice("parser.boundary_mode", self.boundary_mode, BoundaryMode)
         require(self.sharpen_alpha > 0, "parser.sharpen_alpha", self.sharpen_alpha, "a number > 0")
         require_choice("parser.router_grad", self.router_grad, RouterGrad)

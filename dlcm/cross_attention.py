@@ -69,7 +69,11 @@ def exact_concept_attention(
     """Attention over the C unique key rows with the explicit log-count bias (dense reference)."""
     bias_TC = concept_bias(layout, tok).to(q_TNH.dtype)
     out_NTH = F.scaled_dot_product_attention(
-        q_TNH.transpose(0, 1), k_CKH.transpose(0, 1), v_CKH.transpose(0, 1), attn_mask=bias_TC, enable_gqa=True
+        q_TNH.transpose(0, 1),
+        k_CKH.transpose(0, 1),
+        v_CKH.transpose(0, 1),
+        attn_mask=bias_TC,
+        enable_gqa=True,
     )
     return out_NTH.transpose(0, 1)
 
@@ -110,9 +114,7 @@ class CrossAttentionBlock(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.null_concept, mean=0.0, std=self.null_std)
 
-    def attend(
-        self, h_TD: torch.Tensor, z_CD: torch.Tensor, layout: ConceptLayout, tok: PackedSeqs
-    ) -> torch.Tensor:
+    def attend(self, h_TD: torch.Tensor, z_CD: torch.Tensor, layout: ConceptLayout, tok: PackedSeqs) -> torch.Tensor:
         """Multi-head attention output (before W_O) of every token over its readable concepts."""
         t, c = h_TD.shape[0], z_CD.shape[0]
         keys_CD = shift_concepts(z_CD, self.null_concept, layout)

@@ -28,9 +28,7 @@ class PackedSeqs:
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_cu_seqlens(
-        cls, cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None = None
-    ) -> PackedSeqs:
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None = None) -> PackedSeqs:
         check_cu_seqlens(cu_seqlens, total)
         cu = cu_seqlens.to(torch.int32)
         rows = torch.arange(total, device=cu.device)

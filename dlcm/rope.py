@@ -12,9 +12,7 @@ import torch
 
 def rope_angles(position_T: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cos, sin)`` of shape ``[T, head_dim/2]`` for the given integer positions."""
-    inv_freq = theta ** (
-        -torch.arange(0, head_dim, 2, device=position_T.device, dtype=torch.float32) / head_dim
-    )
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=position_T.device, dtype=torch.float32) / head_dim)
     angle_TH = position_T.float()[:, None] * inv_freq[None, :]
     return angle_TH.cos(), angle_TH.sin()
 
