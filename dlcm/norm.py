@@ -1,4 +1,4 @@
-"""RMSNorm computed in fp32 and cast back, so bf16 activations do not lose the mean-square statistics."""
+"""RMSNorm computed in (at least) fp32 and cast back, so bf16 activations keep exact mean-square statistics."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xa = x.to(acc)
+        y = xa * torch.rsqrt(xa.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(acc)).to(x.dtype)

@@ -7,7 +7,7 @@ Boundary convention: ``b_t = 1`` means token ``t`` *starts* a concept. The score
 so ``b_t`` depends on ``h_{t−1}`` and ``h_t`` only (causal). The first token of every packed document is a
 forced boundary (``p = b = 1``), which keeps concepts inside documents. Training samples
 ``b_t ~ Bernoulli(σ(logit(p_t)/α))``; evaluation thresholds ``p_t ≥ 0.5`` (the α → 0 limit of the same rule).
-The projections are identity-initialised and run in fp32 whatever the autocast or parameter dtype.
+The projections are identity-initialised and run in (at least) fp32 whatever the autocast or parameter dtype.
 
 Gradient paths (SPEC §2): with ``router_grad='aux'`` the discrete decision is decoupled from the LM loss, so
 W_q/W_k learn only from the ratio loss through ``p``. With ``'ste'`` the parser also returns an H-Net style
@@ -56,9 +56,9 @@ class GlobalParser(nn.Module):
 
     def boundary_prob(self, h_TD: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
         with torch.autocast(device_type=h_TD.device.type, enabled=False):
-            h32 = h_TD.float()
-            q_TS = F.linear(h32, self.wq.weight.float())
-            k_TS = F.linear(h32, self.wk.weight.float())
+            acc = torch.promote_types(h_TD.dtype, torch.float32)
+            q_TS = F.linear(h_TD.to(acc), self.wq.weight.to(acc))
+            k_TS = F.linear(h_TD.to(acc), self.wk.weight.to(acc))
             cos_T = F.cosine_similarity(q_TS[:-1], k_TS[1:], dim=-1, eps=1e-8)
             prob_T = F.pad(((1.0 - cos_T) / 2.0).clamp(0.0, 1.0), (1, 0), value=1.0)
         return torch.where(seqs.position == 0, torch.ones_like(prob_T), prob_T)

@@ -5,7 +5,7 @@
 restarting at every document (``z̃ = z`` on a document's first concept), so it mixes in earlier concepts of the
 same document only. The recurrence is evaluated by a Hillis–Steele scan over affine maps, ``⌈log2 C_doc⌉``
 elementwise passes: only products of factors in (0, 1) appear, never ``exp(−cumsum(log …))``, so long documents
-neither overflow nor lose precision. Computed in fp32.
+neither overflow nor lose precision. Computed in (at least) fp32.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class ConceptSmoothing(nn.Module):
         if self.kind == "identity":
             return z_CD
         doc_start_C = layout.seqs.position == 0
-        keep_C = prob_T.detach()[layout.start_C].float().clamp(P_MIN, 1.0 - P_MIN)
+        acc = torch.promote_types(z_CD.dtype, torch.float32)
+        keep_C = prob_T.detach()[layout.start_C].to(acc).clamp(P_MIN, 1.0 - P_MIN)
         keep_C = torch.where(doc_start_C, torch.ones_like(keep_C), keep_C)
-        smoothed = ema_scan(z_CD.float(), keep_C, 1.0 - keep_C, layout.seqs.max_seqlen)
+        smoothed = ema_scan(z_CD.to(acc), keep_C, 1.0 - keep_C, layout.seqs.max_seqlen)
         return smoothed.to(z_CD.dtype)

@@ -1,0 +1,30 @@
+"""Shared fixtures: packed random batches, and skipping of `gpu` tests on machines without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def random_cu_seqlens(doc_lengths: list[int], device: str | torch.device = "cpu") -> torch.Tensor:
+    offsets = [0]
+    for n in doc_lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def random_boundaries(cu_seqlens: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Bernoulli(rate) boundaries with every document start forced on (the parser's contract)."""
+    total = int(cu_seqlens[-1])
+    boundary_T = torch.rand(total, generator=generator) < rate
+    boundary_T[cu_seqlens[:-1].long()] = True
+    return boundary_T
