@@ -73,23 +73,24 @@ class RatioLoss(nn.Module):
         return 1
 
     def forward(self, prob_T: torch.Tensor, boundary_T: torch.Tensor, seqs: PackedSeqs) -> RatioStats:
-        b_T = boundary_T.to(torch.float32)
+        acc = torch.promote_types(prob_T.dtype, torch.float32)
+        b_T = boundary_T.to(acc)
         local_f = b_T.mean()
         prob_mean = prob_T.detach().mean()
         if self.scope == "sequence":
-            docs = seqs.num_docs
-            count_S = torch.zeros(docs, device=b_T.device).index_add_(0, seqs.doc_id, torch.ones_like(b_T))
-            f_S = torch.zeros(docs, device=b_T.device).index_add_(0, seqs.doc_id, b_T) / count_S
-            g_S = torch.zeros(docs, device=b_T.device).index_add_(0, seqs.doc_id, prob_T) / count_S
+            docs, doc_id = seqs.num_docs, seqs.doc_id
+            count_S = torch.zeros(docs, dtype=acc, device=b_T.device).index_add_(0, doc_id, torch.ones_like(b_T))
+            f_S = torch.zeros_like(count_S).index_add_(0, doc_id, b_T) / count_S
+            g_S = torch.zeros_like(count_S).index_add(0, doc_id, prob_T.to(acc)) / count_S
             loss = ratio_loss_value(f_S, g_S, self.target_ratio).mean()
             return RatioStats(loss, local_f, prob_mean, local_f)
         if self.scope == "batch" or not self.training:
-            loss = ratio_loss_value(local_f, prob_T.mean(), self.target_ratio)
+            loss = ratio_loss_value(local_f, prob_T.to(acc).mean(), self.target_ratio)
             return RatioStats(loss, local_f, prob_mean, local_f)
 
         # Global scope: one small all-reduce of (boundaries, tokens) per micro-batch, in float64 so counts of
         # many-million-token steps stay exact.
-        counts = torch.stack([b_T.sum(), torch.tensor(float(b_T.numel()), device=b_T.device)]).double()
+        counts = torch.stack([b_T.sum().double(), torch.full((), b_T.numel(), dtype=torch.float64, device=b_T.device)])
         world = self._data_parallel_size()
         if world > 1:
             dist.all_reduce(counts, group=self.process_group)
@@ -98,7 +99,7 @@ class RatioLoss(nn.Module):
         self._micro_batches_seen += 1
         self._step_boundaries = counts[0] + self._step_boundaries
         self._step_tokens = counts[1] + self._step_tokens
-        step_f = (self._step_boundaries / self._step_tokens).float()
-        rank_g = prob_T.sum() * world / counts[1].float()
+        step_f = (self._step_boundaries / self._step_tokens).to(acc)
+        rank_g = prob_T.to(acc).sum() * (world / counts[1]).to(acc)
         loss = ratio_loss_value(step_f, rank_g, self.target_ratio)
         return RatioStats(loss, step_f, prob_mean, local_f)

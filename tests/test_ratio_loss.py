@@ -112,8 +112,8 @@ def test_sequence_scope_is_mean_of_per_document_losses_and_differs_from_batch_sc
     # document is off target (positive loss) while the pooled batch is close to F = G = 1/R.
     doc_lengths, doc_rates = [40, 24, 56, 8], [0.05, 0.6, 0.25, 0.5]
     gen = torch.Generator().manual_seed(7)
-    boundary = torch.cat([torch.rand(n, generator=gen) < rate for n, rate in zip(doc_lengths, doc_rates)])
-    logits = torch.cat([torch.logit(torch.full((n,), rate)) for n, rate in zip(doc_lengths, doc_rates)])
+    boundary = torch.cat([torch.rand(n, generator=gen) < rate for n, rate in zip(doc_lengths, doc_rates, strict=True)])
+    logits = torch.cat([torch.logit(torch.full((n,), rate)) for n, rate in zip(doc_lengths, doc_rates, strict=True)])
     logits = logits + 0.3 * torch.randn(logits.shape, generator=gen)
     seqs = packed(doc_lengths)
 
@@ -133,23 +133,26 @@ def test_sequence_scope_is_mean_of_per_document_losses_and_differs_from_batch_sc
     assert seq_value - batch_value > 0.1, (seq_value, batch_value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="sequence scope accumulates G in float32 buffers, so index_add_ rejects float64/bfloat16 probabilities",
-)
-def test_sequence_scope_accepts_float64_probabilities() -> None:
+@pytest.mark.parametrize("scope", ["sequence", "batch", "global"])
+def test_every_scope_accepts_float64_and_bfloat16_probabilities(scope: str) -> None:
     logits, boundary = union_batch(torch.float64)
     doc_lengths = HALF_DOCS[0] + HALF_DOCS[1]
-    stats = RatioLoss(R, "sequence")(torch.sigmoid(logits), boundary, packed(doc_lengths))
-    torch.testing.assert_close(stats.loss, per_document_reference(torch.sigmoid(logits), boundary, doc_lengths))
+    stats = RatioLoss(R, scope)(torch.sigmoid(logits), boundary, packed(doc_lengths))
+    assert stats.loss.dtype == torch.float64
+    if scope == "sequence":
+        torch.testing.assert_close(stats.loss, per_document_reference(torch.sigmoid(logits), boundary, doc_lengths))
+    stats_bf16 = RatioLoss(R, scope)(torch.sigmoid(logits).bfloat16(), boundary, packed(doc_lengths))
+    assert stats_bf16.loss.dtype == torch.float32  # statistics accumulate in at least fp32
 
 
 def test_global_scope_running_rate_follows_gradient_accumulation() -> None:
     gen = torch.Generator().manual_seed(3)
     # Unequal micro-batch sizes: the running F is token-weighted, not a mean of micro-batch rates.
     sizes, rates = [32, 48, 40, 24], [0.1, 0.6, 0.3, 0.9]
-    micro = [(torch.rand(n, generator=gen, dtype=torch.float64), torch.rand(n, generator=gen) < r) for n, r in zip(sizes, rates)]
+    micro = [
+        (torch.rand(n, generator=gen, dtype=torch.float64), torch.rand(n, generator=gen) < r)
+        for n, r in zip(sizes, rates, strict=True)
+    ]
     module = RatioLoss(R, "global")
     module.micro_batches_per_step = 2
 
