@@ -105,15 +105,17 @@ def _flash_attn(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, s
 
 @functools.cache
 def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    # One process-wide compiled kernel (recompiling per module would multiply compile time by the layer count).
-    return torch.compile(flex_attention, dynamic=False)
+    # One process-wide compiled kernel and mask builder (compiling per module would multiply compile time by the
+    # layer count); eager create_block_mask materialises a dense [T, T] mask, compiled it does not.
+    return torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask, dynamic=False)
 
 
 def _flex(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    kernel, make_mask = _compiled_flex() if q_TNH.is_cuda else (flex_attention, create_block_mask)
     block_mask = seqs.cache.get("flex_mask")
     if block_mask is None:
         doc_id = seqs.doc_id
@@ -121,10 +123,8 @@ def _flex(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: P
         def document_causal(b, h, q_idx, kv_idx):
             return (doc_id[q_idx] == doc_id[kv_idx]) & (q_idx >= kv_idx)
 
-        t = seqs.total
-        block_mask = create_block_mask(document_causal, None, None, t, t, device=doc_id.device, _compile=doc_id.is_cuda)
+        block_mask = make_mask(document_causal, None, None, seqs.total, seqs.total, device=doc_id.device)
         seqs.cache["flex_mask"] = block_mask
-    kernel = _compiled_flex() if q_TNH.is_cuda else flex_attention
     out_1NTH = kernel(
         q_TNH.transpose(0, 1)[None],
         k_TKH.transpose(0, 1)[None],
