@@ -2,8 +2,9 @@
 
 Every backend computes the same function: row ``i`` attends to rows ``j ≤ i`` of its own document.
 
-- ``sdpa``: dense ``scaled_dot_product_attention`` with an explicit block-causal ``[T, T]`` mask. The CPU path
-  and the reference every other backend is tested against.
+- ``sdpa``: ``scaled_dot_product_attention`` with an explicit block-causal ``[T, T]`` mask, or on a padded
+  ``[docs, max_seqlen]`` batch when that scores fewer pairs. The CPU path and the reference every other backend
+  is tested against (itself tested against a per-document loop).
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 inside PyTorch), CUDA, fp16/bf16.
 - ``flash_attn``: the ``flash_attn`` package's ``flash_attn_varlen_func`` when it is importable.
 - ``flex``: FlexAttention with a document-causal block mask (compiled on CUDA, eager on CPU).
@@ -61,19 +62,33 @@ def causal_attention(
 
 
 def _sdpa(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
+    # Two exact layouts: one [T, T] block-causal mask, or documents scattered into a padded [docs, max_seqlen]
+    # batch, whichever scores fewer query-key pairs (many short documents: padded; few long ones: dense).
+    if seqs.num_docs * seqs.max_seqlen**2 < seqs.total**2:
+        return _sdpa_padded(q_TNH, k_TKH, v_TKH, seqs)
     mask_TT = seqs.cache.get("sdpa_mask")
     if mask_TT is None:
         rows = torch.arange(seqs.total, device=seqs.doc_id.device)
         mask_TT = (seqs.doc_id[:, None] == seqs.doc_id[None, :]) & (rows[:, None] >= rows[None, :])
         seqs.cache["sdpa_mask"] = mask_TT
     out_NTH = F.scaled_dot_product_attention(
-        q_TNH.transpose(0, 1),
-        k_TKH.transpose(0, 1),
-        v_TKH.transpose(0, 1),
-        attn_mask=mask_TT,
-        enable_gqa=True,
+        q_TNH.transpose(0, 1), k_TKH.transpose(0, 1), v_TKH.transpose(0, 1), attn_mask=mask_TT, enable_gqa=True
     )
     return out_NTH.transpose(0, 1)
+
+
+def _sdpa_padded(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
+    docs, width = seqs.num_docs, seqs.max_seqlen
+
+    def to_padded(x_TNH: torch.Tensor) -> torch.Tensor:
+        padded = x_TNH.new_zeros(docs, width, *x_TNH.shape[1:])
+        return padded.index_put((seqs.doc_id, seqs.position), x_TNH).transpose(1, 2)  # [docs, N, width, H]
+
+    # Causal inside each padded row; padding keys sit after every real query, so causality already hides them.
+    out_BNLH = F.scaled_dot_product_attention(
+        to_padded(q_TNH), to_padded(k_TKH), to_padded(v_TKH), is_causal=True, enable_gqa=True
+    )
+    return out_BNLH.transpose(1, 2)[seqs.doc_id, seqs.position]
 
 
 @functools.cache

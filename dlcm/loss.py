@@ -5,16 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dlcm.packing import PackedSeqs
-
 IGNORE_INDEX = -100
 
 
-def next_token_targets(input_ids_T: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
+def next_token_targets(input_ids_T: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """``target[t] = input_ids[t+1]`` inside a document; the last token of each document has no target."""
     targets_T = torch.roll(input_ids_T, shifts=-1)
     doc_end_T = torch.zeros_like(input_ids_T, dtype=torch.bool)
-    doc_end_T[seqs.cu_seqlens[1:].long() - 1] = True
+    doc_end_T[cu_seqlens[1:].long() - 1] = True
     return targets_T.masked_fill(doc_end_T, IGNORE_INDEX)
 
 

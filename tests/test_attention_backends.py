@@ -33,11 +33,17 @@ def random_qkv(total: int, heads: int, kv_heads: int, head_dim: int, dtype, devi
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_sdpa_matches_per_document_loop(kv_heads: int) -> None:
-    cu = random_cu_seqlens(DOCS)
+@pytest.mark.parametrize("layout", ["dense", "padded"])
+def test_sdpa_matches_per_document_loop(kv_heads: int, layout: str) -> None:
+    docs = DOCS if layout == "dense" else [5, 9, 1, 12, 8, 3, 11, 7]
+    cu = random_cu_seqlens(docs)
     q, k, v = random_qkv(int(cu[-1]), 4, kv_heads, 8, torch.float64)
-    seqs = PackedSeqs.from_cu_seqlens(cu, q.shape[0])
-    torch.testing.assert_close(causal_attention(q, k, v, seqs, "sdpa"), per_document_reference(q, k, v, cu))
+    # A tight max_seqlen makes the padded [docs, max_seqlen] layout the cheaper one; the row count keeps it dense.
+    max_seqlen = max(docs) if layout == "padded" else None
+    seqs = PackedSeqs.from_cu_seqlens(cu, q.shape[0], max_seqlen)
+    out = causal_attention(q, k, v, seqs, "sdpa")
+    assert ("sdpa_mask" in seqs.cache) == (layout == "dense")
+    torch.testing.assert_close(out, per_document_reference(q, k, v, cu))
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])

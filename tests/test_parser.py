@@ -70,7 +70,7 @@ def test_lm_loss_reaches_the_router_only_with_ste(router_grad: str) -> None:
     model = build_model(cfg).train()
     ids_T = torch.randint(0, 64, (48,))
     out = model(ids_T, random_cu_seqlens([30, 18]), generator=torch.Generator().manual_seed(0))
-    ce = cross_entropy(out.logits_TV, next_token_targets(ids_T, out.tokens))
+    ce = cross_entropy(out.logits_TV, next_token_targets(ids_T, out.tokens.cu_seqlens))
     router = [model.parser.wq.weight, model.parser.wk.weight]
     ce_grads = torch.autograd.grad(ce, router, retain_graph=True, allow_unused=True)
     if router_grad == "aux":

@@ -24,7 +24,7 @@ def test_ratio_converges_to_target_and_loss_falls() -> None:
     for _ in range(STEPS):
         batch = language.batch(TOKENS, DOC_LEN, data_rng)
         out = model(batch.input_ids_T, batch.cu_seqlens, max_seqlen_tok=DOC_LEN)
-        ce = cross_entropy(out.logits_TV, next_token_targets(batch.input_ids_T, out.tokens))
+        ce = cross_entropy(out.logits_TV, next_token_targets(batch.input_ids_T, out.tokens.cu_seqlens))
         optimizer.zero_grad()
         (ce + cfg.parser.aux_weight * out.aux_loss).backward()
         optimizer.step()

@@ -1,0 +1,243 @@
+"""Streaming webdataset shards into packed micro-batches, deterministically and resumably.
+
+Order. For epoch ``e`` the shard order is a permutation drawn from ``(seed, e)``; documents inside a shard are
+shuffled with the same generator; a stream that runs out cycles with a new permutation. Validation reads in
+manifest order, unshuffled. Nothing depends on wall-clock or worker timing, so a run is a function of
+``(seed, epoch, batch index)``.
+
+Splitting. Every (rank, worker) pair is a *slot*. With at least as many shards as slots, slot ``s`` reads
+shards ``s, s + slots, …`` of the epoch's permutation; with fewer shards every slot reads all of them and keeps
+every ``slots``-th document. Batch ``b`` of a rank comes from that rank's logical worker ``b mod num_workers``, so
+the sequence does not depend on how many batches were skipped.
+
+Equal counts. Each rank yields exactly ``batches_per_epoch = train_tokens // (tokens_per_batch · world)`` batches
+per epoch (at least 1), cycling its slot's documents if needed, so no rank waits for another in a collective.
+
+Resume. The position (epoch, batches processed in it) is saved in the checkpoint through the data module's
+``state_dict``; the next training iterator skips exactly those batches. Exact continuation needs the same
+``seed``, ``tokens_per_batch``, ``max_seq_len``, world size and ``num_workers``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dlcm.data.packing import pack_documents
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything one rank's stream needs; copied into each DataLoader worker."""
+
+    shards: tuple[Path, ...]
+    domains: dict[str, int]
+    token_bytes: np.ndarray
+    vocab_size: int
+    tokens_per_batch: int
+    max_seq_len: int
+    seed: int
+    shuffle: bool
+    rank: int
+    world_size: int
+    num_workers: int
+    batches: int  # per rank per epoch
+    epoch: int = 0
+    skip: int = 0  # batches of this epoch already consumed
+
+
+class PackedStream(IterableDataset):
+    """Iterable of packed batches for one rank (and, inside a DataLoader, one of its workers)."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def documents(self, slot: int, slots: int) -> Iterator[tuple[np.ndarray, int]]:
+        from dlcm.data.shards import iter_shard_documents
+
+        spec = self.spec
+        for cycle in itertools.count():
+            rng = random.Random(f"{spec.seed}/{spec.epoch}/{cycle}")
+            order = list(range(len(spec.shards)))
+            if spec.shuffle:
+                rng.shuffle(order)
+            by_shard = len(order) >= slots
+            mine = order[slot::slots] if by_shard else order
+            yielded = False
+            counter = 0
+            for shard_index in mine:
+                docs = list(iter_shard_documents(spec.shards[shard_index]))
+                if spec.shuffle:
+                    rng.shuffle(docs)
+                for ids, meta in docs:
+                    counter += 1
+                    if not by_shard and (counter - 1) % slots != slot:
+                        continue
+                    if len(ids) and int(ids.max()) >= spec.vocab_size:
+                        raise ValueError(
+                            f"shard {spec.shards[shard_index]} holds token id {int(ids.max())} but the tokenizer "
+                            f"has {spec.vocab_size} ids: the shards were built with another tokenizer; rebuild "
+                            "them with `dlcm data build`"
+                        )
+                    yielded = True
+                    yield ids, spec.domains.get(meta.get("domain", ""), 0)
+            if not yielded:
+                raise ValueError(
+                    f"data slot {slot} of {slots} (rank × worker) received no document: the split has too few "
+                    "documents for this many ranks and workers; lower num_workers or add data"
+                )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        info = get_worker_info()
+        workers = max(spec.num_workers, 1)
+        logical = (spec.skip + (info.id if info else 0)) % workers
+        slot, slots = spec.rank * workers + logical, spec.world_size * workers
+        batches = pack_documents(self.documents(slot, slots), spec.tokens_per_batch, spec.max_seq_len, spec.token_bytes)
+        for k, batch in enumerate(batches):
+            index = logical + k * workers
+            if index >= spec.batches:
+                return
+            if index >= spec.skip:
+                yield batch
+
+
+class PackedLoader:
+    """What Lightning iterates: builds a fresh stream (epoch, skip) at every ``iter``; ``len`` is per epoch."""
+
+    def __init__(self, datamodule: PackedDataModule, split: str) -> None:
+        self.datamodule = datamodule
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.datamodule.stream_spec(self.split).batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # A generator: nothing (not even the resume position) is consumed until the first batch is requested,
+        # since Lightning calls iter() once just to check that the loader is iterable.
+        spec = self.datamodule.stream_spec(self.split)
+        if self.split == "train":
+            epoch, skip = self.datamodule.consume_position()
+            spec = replace(spec, epoch=epoch, skip=skip)
+        stream = PackedStream(spec)
+        if spec.num_workers == 0:
+            yield from stream
+        else:
+            yield from DataLoader(stream, batch_size=None, num_workers=spec.num_workers, persistent_workers=False)
+
+
+class PackedDataModule(L.LightningDataModule):
+    """Packed micro-batches from a ``dlcm data build`` directory, or the embedded default corpus.
+
+    Args:
+        data_dir: shard directory (with ``manifest.json`` and ``tokenizer.json``); ``None`` builds/uses the
+            embedded default corpus (KJV prose + Python standard-library code) in the dlcm cache.
+        tokens_per_batch: tokens per micro-batch on each rank (every batch is full).
+        max_seq_len: longest document piece in tokens (linked from ``model.context_length``).
+        seed: data-order seed.
+        num_workers: DataLoader worker processes per rank (0: load in the training process).
+        val_batches: validation micro-batches per rank; ``None``: the whole validation split once.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        tokens_per_batch: int = 4096,
+        max_seq_len: int = 2048,
+        seed: int = 0,
+        num_workers: int = 0,
+        val_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        from dlcm.data.corpus import ensure_default_corpus
+        from dlcm.data.shards import Manifest
+        from dlcm.data.tokenizer import load_tokenizer, token_byte_lengths, vocab_size
+
+        for name, value, floor in (("tokens_per_batch", tokens_per_batch, 2), ("max_seq_len", max_seq_len, 2)):
+            if value < floor:
+                raise ValueError(f"data.{name}={value} is not allowed: at least {floor} tokens")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} is not allowed: 0 or more worker processes")
+        if val_batches is not None and val_batches < 1:
+            raise ValueError(f"data.val_batches={val_batches} is not allowed: None or at least 1")
+        self.data_dir = Path(data_dir) if data_dir is not None else ensure_default_corpus()
+        self.manifest = Manifest.load(self.data_dir)
+        tokenizer = load_tokenizer(self.manifest.tokenizer_path)
+        self.vocab_size = vocab_size(tokenizer)
+        self.token_bytes = token_byte_lengths(tokenizer).numpy()
+        self.tokens_per_batch = tokens_per_batch
+        self.max_seq_len = max_seq_len
+        self.seed = seed
+        self.num_workers = num_workers
+        self.val_batches = val_batches
+        self.restored_position: tuple[int, int] | None = None
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def stream_spec(self, split: str) -> StreamSpec:
+        """The stream of ``split`` for this process's rank (``'test'`` reads the validation split)."""
+        split = "val" if split == "test" else split
+        info = self.manifest.splits[split]
+        if info.docs == 0:
+            raise ValueError(
+                f"the {split} split of {self.data_dir} is empty; rebuild the shards with a larger --val-fraction"
+            )
+        rank, world = self._world()
+        per_rank = info.tokens // (self.tokens_per_batch * world)
+        batches = max(per_rank, 1)
+        if split == "val" and self.val_batches is not None:
+            batches = self.val_batches
+        return StreamSpec(
+            shards=tuple(self.manifest.shard_paths(split)),
+            domains={name: i for i, name in enumerate(self.manifest.domains)},
+            token_bytes=self.token_bytes,
+            vocab_size=self.vocab_size,
+            tokens_per_batch=self.tokens_per_batch,
+            max_seq_len=self.max_seq_len,
+            seed=self.seed,
+            shuffle=split == "train",
+            rank=rank,
+            world_size=world,
+            num_workers=self.num_workers,
+            batches=batches,
+        )
+
+    def consume_position(self) -> tuple[int, int]:
+        """(epoch, batches to skip) for the training iterator about to start."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        restored, self.restored_position = self.restored_position, None
+        if restored is not None and restored[0] == epoch:
+            return restored
+        return epoch, 0
+
+    def train_dataloader(self) -> PackedLoader:
+        return PackedLoader(self, "train")
+
+    def val_dataloader(self) -> PackedLoader:
+        return PackedLoader(self, "val")
+
+    def test_dataloader(self) -> PackedLoader:
+        return PackedLoader(self, "test")
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        # `processed` counts batches whose optimizer work is done, also when saving inside on_train_batch_end.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self.restored_position = (state_dict["epoch"], state_dict["batches_done"])
