@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all lint wheels clean
+.PHONY: venv demo test test-all lint wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The main job: build the embedded corpus (first run only) and train the tiny DLCM on CPU for a few minutes.
+# TensorBoard logs and checkpoints go to runs/; the last lines printed say where and how to open them.
+demo: $(STAMP)
+	$(BIN)/dlcm fit --config recipes/dlcm_tiny_r4_defaultcorpus_cpu.yaml
 
 # The CPU test suite (what CI runs): gpu tests skip themselves without CUDA, slow tests are deselected.
 test: $(STAMP)

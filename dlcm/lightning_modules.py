@@ -117,6 +117,24 @@ class LanguageModelModule(L.LightningModule):
         for metric in (self.val_nats, self.val_tokens, self.val_bytes):
             metric.reset()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Name the mismatch before load_state_dict fails with a bare size error (typically a checkpoint trained
+        # with another tokenizer, so another vocab_size, or another recipe).
+        own = self.state_dict()
+        mismatched = [
+            f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)}"
+            for name, tensor in checkpoint.get("state_dict", {}).items()
+            if name in own and tuple(tensor.shape) != tuple(own[name].shape)
+        ]
+        if mismatched:
+            raise ValueError(
+                "the checkpoint does not fit this model ("
+                + "; ".join(mismatched[:4])
+                + "). A different vocab_size means the data's tokenizer differs from the one the checkpoint was "
+                "trained with; other shapes mean the recipe's model section differs. Use the recipe and data the "
+                "checkpoint was trained with."
+            )
+
     def total_optimizer_steps(self) -> int:
         if self.schedule_cfg.total_steps is not None:
             return self.schedule_cfg.total_steps
@@ -179,6 +197,8 @@ class DLCMModule(LanguageModelModule):
     def extra_loss(self, extras: DLCMOutput) -> torch.Tensor:
         self.log("train/aux", extras.aux_loss)
         self.log("train/ratio", 1.0 / extras.ratio.boundary_rate.clamp(min=1e-6), prog_bar=True)
+        # What inference would realise on the same batch: a gap to train/ratio is a train/inference mismatch.
+        self.log("train/ratio_threshold", 1.0 / extras.parser.threshold_T.float().mean().clamp(min=1e-6))
         return self.config.parser.aux_weight * extras.aux_loss
 
     def step_outputs(self, extras: DLCMOutput) -> dict[str, Any]:

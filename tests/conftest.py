@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -28,3 +30,9 @@ def random_boundaries(cu_seqlens: torch.Tensor, rate: float, generator: torch.Ge
     boundary_T = torch.rand(total, generator=generator) < rate
     boundary_T[cu_seqlens[:-1].long()] = True
     return boundary_T
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_dlcm_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the embedded-corpus cache of a test session out of the user's ~/.cache (built once per session)."""
+    os.environ["DLCM_CACHE"] = str(tmp_path_factory.mktemp("dlcm-cache"))

@@ -262,12 +262,6 @@ def test_validation_reads_the_split_in_order(many_shards: Path) -> None:
         assert dm.manifest.domains[domain] == meta["domain"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every rank gets val tokens // (tokens_per_batch * world) batches, but the shard-level split gives ranks "
-    "unequal shares (5 val shards over 2 ranks: 3 vs 2), so one rank cycles and re-reads its documents while the "
-    "other stops before reading all of its own: not 'the whole validation split once'",
-)
 def test_validation_reads_each_document_at_most_once_across_ranks(
     many_shards: Path, tokenizer: tuple[Path, Tokenizer]
 ) -> None:
@@ -295,11 +289,6 @@ def test_val_batches_limits_the_count(many_shards: Path) -> None:
     assert dm.stream_spec("train").batches == module(many_shards).stream_spec("train").batches
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stream_spec sets batches = val_batches even when it exceeds the split's batches, so the validation "
-    "stream cycles and repeats documents instead of stopping after one pass",
-)
 def test_val_batches_above_the_split_is_one_pass(many_shards: Path) -> None:
     natural = module(many_shards).stream_spec("val").batches
     assert module(many_shards, val_batches=natural + 100).stream_spec("val").batches == natural
