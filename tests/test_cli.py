@@ -71,7 +71,7 @@ def test_fit_writes_tensorboard_and_checkpoints_then_validate_reads_them(tmp_pat
     cli.after_fit()  # what `dlcm fit` prints at the end
     assert f"last checkpoint:  {last}" in capsys.readouterr().out
 
-    validate = run_cli(["validate", f"--config={RECIPE}", *FAST, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    validate = run_cli([f"--config={RECIPE}", *FAST, f"--trainer.default_root_dir={tmp_path}"], run=False)
     metrics = validate.trainer.validate(validate.model, validate.datamodule, ckpt_path=str(last))[0]
     assert math.isfinite(metrics["val/loss"]) and math.isfinite(metrics["val/bpb"])
     assert metrics["val/bpb"] > 0
@@ -105,18 +105,18 @@ def test_print_config_and_unknown_keys(capsys) -> None:
 
 def test_missing_data_dir_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
-        run_cli(["fit", f"--config={RECIPE}", f"--data.data_dir={tmp_path / 'nope'}"], run=False)
+        run_cli([f"--config={RECIPE}", f"--data.data_dir={tmp_path / 'nope'}"], run=False)
 
 
 def test_sequence_budget_below_two_tokens_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"data\.tokens_per_batch=1"):
-        run_cli(["fit", f"--config={RECIPE}", "--data.tokens_per_batch=1"], run=False)
+        run_cli([f"--config={RECIPE}", "--data.tokens_per_batch=1"], run=False)
 
 
 def test_corrupt_checkpoint_and_vocab_mismatch_are_explained(tmp_path: Path) -> None:
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    cli = run_cli(["validate", f"--config={RECIPE}", *FAST, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = run_cli([f"--config={RECIPE}", *FAST, f"--trainer.default_root_dir={tmp_path}"], run=False)
     with pytest.raises(ValueError, match=r"bad\.ckpt cannot be read"):
         cli.trainer.validate(cli.model, cli.datamodule, ckpt_path=str(bad))
     state = {k: v.clone() for k, v in cli.model.state_dict().items()}
