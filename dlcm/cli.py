@@ -86,10 +86,11 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> DLCMCLI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "data":
+    """Console entry point; ``argv`` (without the program name) defaults to the command line."""
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] == "data":
         from dlcm.data.build_cli import main as data_main
 
-        return data_main(argv[1:])
-    run_cli(argv)
+        return data_main(words[1:])
+    run_cli(argv)  # None: LightningCLI reads sys.argv itself
     return 0
