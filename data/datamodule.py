@@ -175,6 +175,7 @@ class PackedDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir) if data_dir is not None else ensure_default_corpus()
         self.manifest = Manifest.load(self.data_dir)
         tokenizer = load_tokenizer(self.manifest.tokenizer_path)
+        self.tokenizer = tokenizer  # callbacks decode validation text with it
         self.vocab_size = vocab_size(tokenizer)
         self.token_bytes = token_byte_lengths(tokenizer).numpy()
         self.tokens_per_batch = tokens_per_batch

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from dlcm.callbacks.boundary_stats import BoundaryStats
 from dlcm.checkpoint_io import AtomicCheckpointIO
 from dlcm.data.datamodule import PackedDataModule
 from dlcm.lightning_modules import LanguageModelModule
@@ -39,6 +40,7 @@ class DLCMCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(BoundaryStats, "boundary_stats")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         plugins = config.get("plugins") or []

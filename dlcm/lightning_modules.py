@@ -90,7 +90,7 @@ class LanguageModelModule(L.LightningModule):
     def step_outputs(self, extras: Any) -> dict[str, Any]:
         return {}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         nats_T, has_target_T, extras = self.lm_terms(batch)
         # Bytes of each *target* token: position t predicts token t+1.
         target_bytes_T = torch.roll(batch["token_bytes"], shifts=-1).to(nats_T.dtype)
@@ -98,6 +98,7 @@ class LanguageModelModule(L.LightningModule):
         self.val_tokens.update(has_target_T.sum().to(nats_T.dtype))
         self.val_bytes.update((target_bytes_T * has_target_T).sum())
         self.validation_extras(extras)
+        return self.step_outputs(extras)  # the same statistics training returns, for callbacks
 
     def validation_extras(self, extras: Any) -> None:
         """Hook for subclass validation statistics."""
