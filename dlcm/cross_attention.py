@@ -20,7 +20,8 @@ Concept replication (Eq. 17, ``impl='replicate'``): K/V are computed once on the
 token positions by ``concept_id_T`` and run through the ordinary causal varlen kernel with ``cu_seqlens_tok``. A
 key row repeated ``n`` times inside a token's causal window therefore carries a ``+log n`` logit bias (last row:
 ``n`` of each key read by that token). That is the model's definition. ``impl='exact'`` computes the same
-function on the C unique rows with the bias made explicit (L×C); here as a dense reference, fast kernels later.
+function on the C unique rows with the bias made explicit (L×C): FlexAttention with a block mask derived from
+concept offsets on CUDA (:mod:`dlcm.concept_attention`), a dense ``[T, C]`` SDPA reference on CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcm.attention_backends import causal_attention
+from dlcm.concept_attention import flex_concept_attention
 from dlcm.config import CrossConfig
 from dlcm.ffn import SwiGLU
 from dlcm.linear import Linear
@@ -122,7 +124,9 @@ class CrossAttentionBlock(nn.Module):
         k_CKH = self.k_norm(self.wk(keys_CD).view(c, self.n_kv_heads, self.head_dim))
         v_CKH = self.wv(keys_CD).view(c, self.n_kv_heads, self.head_dim)
         if self.impl == "exact":
-            return exact_concept_attention(q_TNH, k_CKH, v_CKH, layout, tok)
+            # FlexAttention has no CPU backward: the dense [T, C] form is the CPU path (and the reference).
+            exact = flex_concept_attention if q_TNH.is_cuda else exact_concept_attention
+            return exact(q_TNH, k_CKH, v_CKH, layout, tok)
         cid_T = layout.concept_id_T
         return causal_attention(q_TNH, k_CKH[cid_T], v_CKH[cid_T], tok, self.backend)
 

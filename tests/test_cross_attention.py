@@ -119,3 +119,39 @@ def test_flex_backend_replication_matches_sdpa() -> None:
     block.backend = "flex"
     with torch.no_grad():
         torch.testing.assert_close(block.attend(h_TD.float(), z_CD.float(), layout, tok), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_flex_concept_attention_matches_dense_reference_and_its_blocks_are_exact() -> None:
+    from dlcm.concept_attention import ROW_BUCKET, concept_block_mask, flex_concept_attention
+    from dlcm.cross_attention import exact_concept_attention
+
+    g = torch.Generator().manual_seed(4)
+    cu = random_cu_seqlens([300, 5, 700, 1, 400])
+    total = int(cu[-1])
+    tok = PackedSeqs.from_cu_seqlens(cu, total)
+    layout = concept_layout(random_boundaries(cu, 0.17, g), tok)
+    c = layout.num_concepts
+    q = torch.randn(total, 4, 16, generator=g)
+    k, v = torch.randn(c, 2, 16, generator=g), torch.randn(c, 2, 16, generator=g)
+    with torch.no_grad():  # eager FlexAttention: forward only on CPU (the gpu tests cover backward)
+        torch.testing.assert_close(
+            flex_concept_attention(q, k, v, layout, tok), exact_concept_attention(q, k, v, layout, tok)
+        )
+    rows = -(-c // ROW_BUCKET) * ROW_BUCKET
+    mask, first_T, j_T = concept_block_mask(layout, tok, rows)
+    cols = torch.arange(rows)
+    readable = (cols[None] >= first_T[:, None]) & (cols[None] <= j_T[:, None])
+    pad = -total % 128
+    tiles = torch.nn.functional.pad(readable, (0, 0, 0, pad)).view(-1, 128, rows // 128, 128)
+    any_readable = tiles.any(3).any(1)
+    # Padded query rows of the last block are not real queries: judge "full" on real rows only.
+    real = torch.nn.functional.pad(torch.ones(total, dtype=torch.bool), (0, pad)).view(-1, 128)
+    all_readable = (tiles | ~real[:, :, None, None]).all(3).all(1)
+    partial = torch.zeros_like(any_readable)
+    full = torch.zeros_like(any_readable)
+    for qb in range(any_readable.shape[0]):
+        partial[qb, mask.kv_indices[0, 0, qb, : mask.kv_num_blocks[0, 0, qb]].long()] = True
+        full[qb, mask.full_kv_indices[0, 0, qb, : mask.full_kv_num_blocks[0, 0, qb]].long()] = True
+    assert torch.equal(partial | full, any_readable)  # every touched tile is listed, nothing else
+    assert not (partial & full).any()
+    assert torch.equal(full, full & all_readable)  # a "full" tile really is fully readable

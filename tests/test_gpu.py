@@ -70,3 +70,29 @@ def test_one_host_sync_per_training_forward() -> None:
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]
     assert out.layout.num_concepts > 0
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_flex_concept_attention_matches_dense_bf16_forward_and_backward(head_dim: int) -> None:
+    from dlcm.concept_attention import flex_concept_attention
+    from dlcm.cross_attention import exact_concept_attention
+    from dlcm.packing import PackedSeqs
+    from dlcm.pooling import concept_layout
+    from tests.conftest import random_boundaries
+
+    g = torch.Generator().manual_seed(0)
+    cu = random_cu_seqlens([1500, 7, 2400, 1, 189])
+    total = int(cu[-1])
+    layout = concept_layout(random_boundaries(cu, 1 / 6, g).cuda(), PackedSeqs.from_cu_seqlens(cu.cuda(), total))
+    tok = PackedSeqs.from_cu_seqlens(cu.cuda(), total)
+    c = layout.num_concepts
+    make = lambda rows, heads: torch.randn(rows, heads, head_dim, generator=g).cuda().bfloat16().requires_grad_()  # noqa: E731
+    q, k, v = make(total, 8), make(c, 4), make(c, 4)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = exact_concept_attention(q32, k32, v32, layout, tok)
+    out = flex_concept_attention(q, k, v, layout, tok)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    grads_ref = torch.autograd.grad(ref.square().sum(), (q32, k32, v32))
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)
