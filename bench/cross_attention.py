@@ -114,6 +114,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warm-only", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per method instead")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     records = []
@@ -125,6 +126,13 @@ def main() -> int:
             err = (flex_concept_attention(q, k, v, layout, tok).float() - ref).abs().max().item()
             for name, fn in METHODS.items():
                 t0 = time.perf_counter()
+                if args.profile:
+                    time_ms(fn, q, k, v, grad, layout, tok, args.warmup, 2)
+                    with torch.profiler.profile() as prof:
+                        time_ms(fn, q, k, v, grad, layout, tok, 0, 5)
+                    print(f"== {name} seq={seq} hidden={hidden}")
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+                    continue
                 if args.warm_only:
                     step(fn, q, k, v, grad, layout, tok)
                     torch.cuda.synchronize()

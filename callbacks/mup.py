@@ -203,7 +203,7 @@ def group_table(
 
 
 def check_optimizer_groups(
-    optimizer: torch.optim.Optimizer, network: nn.Module, table: dict[str, GroupHParams]
+    optimizer: torch.optim.Optimizer, network: nn.Module, table: dict[str, GroupHParams], when: str = ""
 ) -> None:
     """Raise ``ValueError`` unless ``optimizer`` holds every trainable parameter of ``network`` exactly once, in
     the group its name's rule gives, with that group's lr, ε and weight decay.
@@ -249,7 +249,7 @@ def check_optimizer_groups(
         problems.append(f"groups run different schedule multipliers {multipliers}: schedules must be relative")
     if problems:
         shown = "\n  ".join(problems[:12]) + (f"\n  … and {len(problems) - 12} more" if len(problems) > 12 else "")
-        raise ValueError(f"μP: the optimizer's parameter groups do not follow the rules:\n  {shown}")
+        raise ValueError(f"μP: the optimizer's parameter groups{when} do not follow the rules:\n  {shown}")
 
 
 def init_description(network: nn.Module, name: str) -> str:
@@ -382,6 +382,14 @@ class DecoupledMuP(L.Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_text(TEXT_TAG, text, global_step=trainer.global_step)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed run has just loaded the checkpoint's param groups, lr/ε/wd included, over the ones built from
+        # this callback's arguments: changed μP settings would be ignored silently, so say so.
+        if trainer.ckpt_path:
+            when = f" restored from {trainer.ckpt_path} (trained with other μP settings?)"
+            for optimizer in trainer.optimizers:
+                check_optimizer_groups(optimizer, pl_module.network, self.table, when)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_fn is not None:

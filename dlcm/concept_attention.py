@@ -37,31 +37,41 @@ def _first_sorted(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count[None, None], order[None, None]
 
 
+def block_tables(
+    first_T: torch.Tensor, j_T: torch.Tensor, rows: int, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(partial count, partial indices, full count, full indices) of the readable ``[T, rows]`` tiles."""
+    t = first_T.shape[0]
+    q_blocks, kv_blocks = -(-t // block), -(-rows // block)
+    q0 = torch.arange(q_blocks, device=first_T.device) * block
+    q1 = (q0 + block).clamp(max=t) - 1
+    kv = torch.arange(kv_blocks, device=first_T.device)[None, :]
+    kv_start, kv_end = kv * block, kv * block + block - 1
+    # Touched: the tile intersects [first(q0), j(q1)]. Full: it lies inside [first(q1), j(q0)].
+    touched = (kv_end >= first_T[q0, None]) & (kv_start <= j_T[q1, None])
+    full = (kv_start >= first_T[q1, None]) & (kv_end <= j_T[q0, None])
+    return (*_first_sorted(touched & ~full), *_first_sorted(full))
+
+
+@functools.cache
+def _compiled_block_tables():
+    # A few dozen tiny integer ops: compiled they become one or two kernels instead of a launch each.
+    return torch.compile(block_tables, dynamic=False)
+
+
 def concept_block_mask(
     layout: ConceptLayout, tok: PackedSeqs, rows: int, block: int = BLOCK
 ) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
     """Block mask of the readable ``[T, rows]`` pairs; also returns per-query ``first`` and ``j`` rows."""
-    device = layout.concept_id_T.device
-    t = tok.total
     j_T = layout.concept_id_T
     first_T = layout.seqs.cu_seqlens.long()[tok.doc_id]
-    q_blocks, kv_blocks = math.ceil(t / block), math.ceil(rows / block)
-    q0 = torch.arange(q_blocks, device=device) * block
-    q1 = (q0 + block).clamp(max=t) - 1
-    kv = torch.arange(kv_blocks, device=device)[None, :]
-    kv_start, kv_end = kv * block, kv * block + block - 1
-    # Touched: the block intersects [first(q0), j(q1)]. Full: the block lies inside [first(q1), j(q0)].
-    touched = (kv_end >= first_T[q0, None]) & (kv_start <= j_T[q1, None])
-    full = (kv_start >= first_T[q1, None]) & (kv_end <= j_T[q0, None])
-    partial_count, partial_idx = _first_sorted(touched & ~full)
-    full_count, full_idx = _first_sorted(full)
+    build = _compiled_block_tables() if j_T.is_cuda else block_tables
+    tables = build(first_T, j_T, rows, block)
 
     def readable(b, h, q_idx, kv_idx):
         return (kv_idx >= first_T[q_idx]) & (kv_idx <= j_T[q_idx])
 
-    mask = BlockMask.from_kv_blocks(
-        partial_count, partial_idx, full_count, full_idx, BLOCK_SIZE=block, mask_mod=readable, seq_lengths=(t, rows)
-    )
+    mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=readable, seq_lengths=(tok.total, rows))
     return mask, first_T, j_T
 
 
@@ -79,12 +89,13 @@ def flex_concept_attention(
     pad = (0, 0, 0, 0, 0, rows - c)
     k_RKH, v_RKH = torch.nn.functional.pad(k_CKH, pad), torch.nn.functional.pad(v_CKH, pad)
     block_mask, _, j_T = concept_block_mask(layout, tok, rows)
-    start_R = torch.nn.functional.pad(layout.start_C, (0, rows - c))
     log_len_R = torch.nn.functional.pad(layout.length_C.float().log(), (0, rows - c))
+    # The only per-query bias is on the token's own row: precompute it so the kernel gathers, never takes logs.
+    rows_T = torch.arange(tok.total, device=j_T.device)
+    own_log_T = (rows_T - layout.start_C[j_T] + 1).float().log()
 
     def log_count(score, b, h, q_idx, kv_idx):
-        own = (q_idx - start_R[kv_idx] + 1).to(torch.float32).log()
-        return score + torch.where(kv_idx == j_T[q_idx], own, log_len_R[kv_idx])
+        return score + torch.where(kv_idx == j_T[q_idx], own_log_T[q_idx], log_len_R[kv_idx])
 
     kernel = _compiled_flex() if q_TNH.is_cuda else flex_attention
     out_1NTH = kernel(
