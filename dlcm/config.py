@@ -15,7 +15,7 @@ BoundaryMode = Literal["sample", "threshold"]
 RouterGrad = Literal["aux", "ste"]
 RatioScope = Literal["global", "batch", "sequence"]
 Smoothing = Literal["ema", "identity"]
-CrossImpl = Literal["replicate", "exact"]
+CrossImpl = Literal["auto", "replicate", "exact"]
 
 
 def require(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -98,7 +98,9 @@ class CrossConfig:
     n_heads: int
     n_kv_heads: int
     ffn_hidden: int
-    impl: CrossImpl = "replicate"  # replicate: paper Eq. 17; exact: L×C with explicit log-count bias
+    # replicate: paper Eq. 17; exact: L×C with explicit log-count bias (same function); auto: the faster of the two
+    # for the stream length on this device (bench/results/cross_attention_h200.json)
+    impl: CrossImpl = "auto"
 
 
 @dataclass

@@ -95,4 +95,5 @@ def test_flex_concept_attention_matches_dense_bf16_forward_and_backward(head_dim
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     grads_ref = torch.autograd.grad(ref.square().sum(), (q32, k32, v32))
     for a, b in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)
+        # Gradients sum over many rows in bf16: compare as a whole (relative Frobenius error), not elementwise.
+        assert (a.float() - b).norm() / b.norm() < 2e-2
