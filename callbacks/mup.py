@@ -8,13 +8,13 @@ the group table once to TensorBoard. Without the callback training uses ``dlcm.o
 
 Groups, with ``s_token = d_token/d_base`` and ``s_concept = d_concept/d_base``:
 
-    group           members                                              Adam lr             ε            wd
-    token_hidden    encoder/decoder/baseline matrices, parser W_q/W_k,   lr_token/s_token    ε/s_token    wd
-                    pooling W_up, Ψ W_Q/W_O and Ψ's SwiGLU (fan-in d_token)
-    concept_hidden  backbone matrices, Ψ W_K/W_V (fan-in d_concept)      lr_concept/s_concept ε/s_concept wd
-    embeddings      token embedding table                                lr_others           ε            wd
-    norms           RMSNorm gains, Ψ null concept                        lr_others           ε            0
-    readout         LM head                                              lr_readout          ε/s_token    wd
+    group           members                                                 Adam lr               ε            wd
+    token_hidden    encoder/decoder/baseline matrices, parser W_q/W_k,      lr_token/s_token      ε/s_token    wd
+                    pooling W_up, Ψ W_Q/W_O, Ψ's SwiGLU (fan-in d_token)
+    concept_hidden  backbone matrices, Ψ W_K/W_V (fan-in d_concept)         lr_concept/s_concept  ε/s_concept  wd
+    embeddings      token embedding table                                   lr_others             ε            wd
+    norms           RMSNorm gains, Ψ null concept                           lr_others             ε            0
+    readout         LM head                                                 lr_readout            ε/s_token    wd
 
 Choices the paper leaves open, decided here:
 
@@ -27,12 +27,14 @@ Choices the paper leaves open, decided here:
   would start to dominate Adam's denominator at large width.
 - **Embeddings and norms are width-independent in everything** (lr_others, unscaled ε): the paper's "others"
   keep a fixed η; their inits are fixed too (σ_base, ones). The norm group mixes token and concept widths, so no
-  single ``1/s`` would fit it; with ε = 1e-8 far below the gradient RMS the choice does not show (coord check).
+  single ``1/s`` would fit it; with ε = 1e-8 far below their gradient RMS the choice does not matter in practice.
 - **Weight decay**: matrices (hidden, readout) and the embedding table decay with ``weight_decay`` — the same
   classes ``default_param_groups`` decays, so switching μP on changes only what μP prescribes. Norm gains and the
-  null concept do not (decay would pull gains towards 0 rather than their init 1). ``torch.optim.AdamW`` decays by
-  ``lr·wd`` per step, so the per-step shrink follows each group's μP learning rate (microsoft/mup's
-  ``decoupled_wd=False`` behaviour). ``group_weight_decay`` overrides any group's value.
+  null concept do not (decay would pull gains towards 0 rather than their init 1). The value is not rescaled
+  with width: ``torch.optim.AdamW`` shrinks by ``lr·wd`` per step, and AdamW's equilibrium weight RMS
+  ≈ ``sqrt(lr/(2·wd))`` then scales as ``1/sqrt(s)``, like the μP init σ (microsoft/mup's ``decoupled_wd=True``;
+  its default ``wd × s`` keeps ``lr·wd`` fixed and would pull hidden weights to ``1/s``). ``group_weight_decay``
+  overrides any group's value.
 
 Rules match parameter *names* (FSDP2 keeps FQNs; Parameter attributes would be lost), after removing wrapper
 segments that ``torch.compile`` and activation checkpointing insert. The first matching rule wins; a parameter no
@@ -188,9 +190,7 @@ def group_table(
 ) -> dict[str, GroupHParams]:
     """Per-group lr, ε and weight decay (Eqs. 19–20; the readout/others choices of the module docstring)."""
     s_tok, s_cpt = widths.s_token, widths.s_concept
-    wd = {"token_hidden": weight_decay, "concept_hidden": weight_decay, "embeddings": weight_decay, "norms": 0.0}
-    wd["readout"] = weight_decay
-    wd.update(group_weight_decay or {})
+    wd = {name: 0.0 if name == "norms" else weight_decay for name in GROUPS} | (group_weight_decay or {})
     table = {
         "token_hidden": GroupHParams(lr_token / s_tok, eps / s_tok, wd["token_hidden"]),
         "embeddings": GroupHParams(lr_others, eps, wd["embeddings"]),
@@ -245,7 +245,7 @@ def check_optimizer_groups(
                 problems.append(f"{name!r} is in group {label!r}, the rules put it in {group_of(name)!r}")
             seen.setdefault(id(p), label)
     problems += [f"{name!r} is in no optimizer group" for pid, name in names.items() if pid not in seen]
-    if len({round(m, 12) for m in multipliers.values()}) > 1:
+    if multipliers and not math.isclose(max(multipliers.values()), min(multipliers.values()), rel_tol=1e-9):
         problems.append(f"groups run different schedule multipliers {multipliers}: schedules must be relative")
     if problems:
         shown = "\n  ".join(problems[:12]) + (f"\n  … and {len(problems) - 12} more" if len(problems) > 12 else "")

@@ -4,8 +4,8 @@ Logged on logging steps (``trainer.log_every_n_steps``), over the last ``window 
 
 - ``perf/tokens_per_sec`` (all ranks) and ``perf/tokens_per_sec_per_device``;
 - ``perf/model_flops_per_sec`` (all ranks) and ``perf/mfu`` = model FLOPs/s ÷ (devices × peak FLOPs per device);
-- ``perf/hardware_flops_per_sec`` and ``perf/hfu``: the same with Ψ counted as the concept-replication kernel runs
-  it (``Σ L_i²`` instead of ``Σ L_i·C_i`` pairs);
+- ``perf/hardware_flops_per_sec`` and ``perf/hfu``: the same with Ψ counted as its kernel runs it — ``Σ L_i²``
+  pairs for concept replication instead of the model's ``Σ L_i·C_i`` (equal when the exact L×C kernel runs);
 - ``perf/model_flops_per_token`` and ``perf/hardware_flops_per_token``: training FLOPs per token of the last
   interval (they move with document and concept lengths).
 
@@ -30,7 +30,7 @@ import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 
 from dlcm.config import DLCMConfig
-from dlcm.flops import LengthStats, flops_from_stats, packed_length_sums, resolve_config
+from dlcm.flops import CrossKernel, LengthStats, cross_kernel, flops_from_stats, packed_length_sums, resolve_config
 
 # Compute dtype of a Trainer precision, only for looking up Lightning's peak table when no peak is given.
 PRECISION_DTYPES = {
@@ -86,6 +86,7 @@ class FlopsThroughput(L.Callback):
 
     def _reset(self) -> None:
         self._pending: torch.Tensor | None = None  # length sums of the micro-batches since the last mark
+        self._kernel: CrossKernel | None = None  # Ψ kernel of this run (fixed: every micro-batch has T tokens)
         self._micro = 0
         self._step_seen = -1
         self._t0: float | None = None
@@ -156,6 +157,9 @@ class FlopsThroughput(L.Callback):
                     "a dict with 'layout' (as DLCMModule does)"
                 )
             cu_seqlens_cpt = layout.seqs.cu_seqlens
+            if self._kernel is None:
+                ids_T = batch["input_ids"]
+                self._kernel = cross_kernel(self._config, ids_T.device.type, ids_T.shape[0])
         return packed_length_sums(batch["cu_seqlens"], cu_seqlens_cpt)
 
     @staticmethod
@@ -186,7 +190,7 @@ class FlopsThroughput(L.Callback):
         else:
             share = 1  # this rank's work; Throughput scales it by the world size
         stats = LengthStats.from_sums(sums.tolist())
-        model = flops_from_stats(self._config, stats, training=True, causal_discount=self.causal_discount)
+        model = flops_from_stats(self._config, stats, True, self.causal_discount, self._kernel)
         self._totals = [
             self._totals[0] + micro,
             self._totals[1] + stats.documents / share,

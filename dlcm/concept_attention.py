@@ -28,7 +28,7 @@ from dlcm.pooling import ConceptLayout
 
 BLOCK = 128
 ROW_BUCKET = 256
-# Below this many tokens per micro-batch the per-step overhead (block tables, padding, launches) outweighs the
+# Below this document length (tokens) the per-step overhead (block tables, padding, launches) outweighs the
 # T×T work that replication wastes (H200 bf16, bench/results/cross_attention_h200.json); ``impl='auto'`` uses it.
 EXACT_MIN_TOKENS = 16384
 

@@ -125,7 +125,7 @@ class CrossAttentionBlock(nn.Module):
         v_CKH = self.wv(keys_CD).view(c, self.n_kv_heads, self.head_dim)
         impl = self.impl
         if impl == "auto":
-            impl = "exact" if q_TNH.is_cuda and tok.total >= EXACT_MIN_TOKENS else "replicate"
+            impl = "exact" if q_TNH.is_cuda and tok.max_seqlen >= EXACT_MIN_TOKENS else "replicate"
         if impl == "exact":
             # FlexAttention has no CPU backward: the dense [T, C] form is the CPU path (and the reference).
             exact = flex_concept_attention if q_TNH.is_cuda else exact_concept_attention

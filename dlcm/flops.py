@@ -12,10 +12,13 @@ and ``FlopCounterMode`` counts 0 for ``varlen_attn`` (SPEC §9). One convention 
   self-attention, ``Σ_i C_i²`` for the backbone, and the model's definition of Ψ — tokens against the unique
   concepts of their document — ``Σ_i L_i·C_i``. With one document of length ``seq`` this is the familiar
   ``12·layers·width·seq`` per training token.
-- **Hardware FLOPs** differ only for Ψ: concept replication (Eq. 17) runs a causal ``L×L`` kernel whose keys
-  are the replicated concepts, ``Σ_i L_i²`` pairs. ``causal_discount=True`` counts instead the pairs inside the
-  causal mask — ``L(L+1)/2`` per document, and ``L(C+1)/2`` for the L×C form (exact for equal-length concepts) —
-  which is closer to what a FlashAttention-style kernel executes.
+- **Hardware FLOPs** differ only for Ψ, and depend on the kernel that ran (:func:`cross_kernel`): concept
+  replication (Eq. 17) runs a causal ``L×L`` kernel whose keys are the replicated concepts, ``Σ_i L_i²`` pairs;
+  the exact kernel (``cross.impl='exact'``, or ``'auto'`` on CUDA from ``EXACT_MIN_TOKENS`` tokens per
+  micro-batch) scores the unique concepts, the model's ``Σ_i L_i·C_i`` (up to its 128-row tile granularity).
+- ``causal_discount=True`` counts only the pairs inside the causal mask — ``L(L+1)/2`` per document, and
+  ``L(C+1)/2`` for the L×C form (exact for equal-length concepts) — closer to what a FlashAttention-style kernel
+  executes; the default (no discount) is the MFU convention.
 - **Training** = 3 × forward (backward w.r.t. activations and weights), for matmuls and attention alike.
 
 Every count is linear in five length sums of a micro-batch (:class:`LengthStats`), so per-micro-batch sums can be
@@ -34,9 +37,11 @@ from typing import Any, Literal
 
 import torch
 
+from dlcm.concept_attention import EXACT_MIN_TOKENS
 from dlcm.config import BaselineConfig, DLCMConfig, StackConfig
 
 Stream = Literal["token", "concept", "cross", "none"]
+CrossKernel = Literal["replicate", "exact"]
 DLCM_STAGES = ("embedding", "encoder", "parser", "pooling", "backbone", "cross_attention", "decoder", "head")
 BASELINE_STAGES = ("embedding", "stack", "head")
 # Order of the entries of packed_length_sums / LengthStats.from_sums.
@@ -125,8 +130,8 @@ class StageFlops:
 class FlopsBreakdown:
     """FLOPs per stage of one count (a batch, or per token after :meth:`per_token`).
 
-    ``total`` is the model-FLOPs convention used for MFU; ``hardware_total`` replaces Ψ's L×C attention with the
-    replication kernel's L×L work (equal to ``total`` for the baseline and for ``cross.impl='exact'``).
+    ``total`` is the model-FLOPs convention used for MFU; ``hardware_total`` counts Ψ's attention as its kernel
+    ran it: the replication kernel's L×L work, or L×C for the exact kernel (then, as for the baseline, equal).
     """
 
     stages: dict[str, StageFlops]
@@ -224,8 +229,19 @@ def stack_cost(cfg: StackConfig, stream: Stream, rows: Literal["token", "concept
     )
 
 
-def stage_costs(cfg: DLCMConfig | BaselineConfig) -> dict[str, StageCost]:
-    """Per-stage coefficients of a config (no model is built, so the paper presets cost nothing)."""
+def cross_kernel(cfg: DLCMConfig, device_type: str = "cpu", tokens: int = 0) -> CrossKernel:
+    """The Ψ kernel a forward runs on ``tokens`` rows per micro-batch: ``cross.impl``, with ``'auto'`` resolved by
+    the rule of :meth:`dlcm.cross_attention.CrossAttentionBlock.attend`."""
+    if cfg.cross.impl != "auto":
+        return cfg.cross.impl
+    return "exact" if device_type == "cuda" and tokens >= EXACT_MIN_TOKENS else "replicate"
+
+
+def stage_costs(cfg: DLCMConfig | BaselineConfig, kernel: CrossKernel | None = None) -> dict[str, StageCost]:
+    """Per-stage coefficients of a config (no model is built, so the paper presets cost nothing).
+
+    ``kernel`` is the Ψ kernel for the hardware count (default: :func:`cross_kernel` on CPU).
+    """
     if isinstance(cfg, BaselineConfig):
         return {
             "embedding": StageCost(),
@@ -247,7 +263,7 @@ def stage_costs(cfg: DLCMConfig | BaselineConfig) -> dict[str, StageCost]:
             concept_params=2 * d_cpt * x.n_kv_heads * x_head_dim,  # W_K, W_V on the concept rows
             attn_width=x.n_heads * x_head_dim,
             stream="cross",
-            hardware_stream="token" if x.impl == "replicate" else "cross",
+            hardware_stream="token" if (kernel or cross_kernel(cfg)) == "replicate" else "cross",
         ),
         "decoder": stack_cost(cfg.decoder, "token", "token"),
         "head": StageCost(token_params=d_tok * cfg.vocab_size),
@@ -281,13 +297,17 @@ def pair_count(stats: LengthStats, stream: Stream, causal_discount: bool) -> flo
 
 
 def flops_from_stats(
-    network_or_config: Any, stats: LengthStats, training: bool = True, causal_discount: bool = False
+    network_or_config: Any,
+    stats: LengthStats,
+    training: bool = True,
+    causal_discount: bool = False,
+    kernel: CrossKernel | None = None,
 ) -> FlopsBreakdown:
     """FLOPs of the batch(es) summarised by ``stats`` (see the module docstring for the convention)."""
     cfg = resolve_config(network_or_config)
     passes = 3.0 if training else 1.0
     stages = {}
-    for name, cost in stage_costs(cfg).items():
+    for name, cost in stage_costs(cfg, kernel).items():
         matmul = 2.0 * (cost.token_params * stats.tokens + cost.concept_params * stats.concepts)
         per_pair = 4.0 * cost.attn_width  # QKᵀ and PV: 2 FLOPs per multiply-add each, all query heads
         attention = per_pair * pair_count(stats, cost.stream, causal_discount)
@@ -302,6 +322,7 @@ def model_flops(
     concept_doc_lengths: Sequence[int] | torch.Tensor | None = None,
     training: bool = True,
     causal_discount: bool = False,
+    kernel: CrossKernel | None = None,
 ) -> FlopsBreakdown:
     """FLOPs of one packed micro-batch from its per-document token counts and (DLCM) concept counts.
 
@@ -314,7 +335,7 @@ def model_flops(
     if isinstance(cfg, BaselineConfig):
         concept_doc_lengths = None
     stats = LengthStats.from_lengths(token_doc_lengths, concept_doc_lengths)
-    return flops_from_stats(cfg, stats, training, causal_discount)
+    return flops_from_stats(cfg, stats, training, causal_discount, kernel)
 
 
 def inference_flops_per_token(
@@ -322,6 +343,7 @@ def inference_flops_per_token(
     context_length: int,
     ratio: float | None = None,
     causal_discount: bool = False,
+    kernel: CrossKernel | None = None,
 ) -> FlopsBreakdown:
     """Forward FLOPs per token for documents of exactly ``context_length`` tokens and ``L/R`` concepts each.
 
@@ -340,7 +362,7 @@ def inference_flops_per_token(
     else:
         concepts = 0.0
     stats = LengthStats(length, concepts, length * length, concepts * concepts, length * concepts, 1.0)
-    return flops_from_stats(config, stats, training=False, causal_discount=causal_discount).per_token()
+    return flops_from_stats(config, stats, False, causal_discount, kernel).per_token()
 
 
 def _as_list(values: Sequence[float] | torch.Tensor) -> list:

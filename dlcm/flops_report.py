@@ -141,17 +141,22 @@ def report(
     """Inference FLOPs per token of ``model`` (and ``baseline``) at one context length, as plain numbers."""
 
     def entry(m: Model) -> tuple[dict[str, Any], FlopsBreakdown]:
-        flops = inference_flops_per_token(m.config, context, ratio, causal_discount)
+        # Hardware count: Ψ on the replication kernel unless the config pins the exact one ('auto' picks by device
+        # and micro-batch size, which an inference estimate does not know).
+        dlcm = isinstance(m.config, DLCMConfig)
+        kernel = "exact" if dlcm and m.config.cross.impl == "exact" else "replicate"
+        flops = inference_flops_per_token(m.config, context, ratio, causal_discount, kernel)
         tok, cpt = matmul_params(m.config)
         out: dict[str, Any] = {
             "name": m.name,
-            "kind": "dlcm" if isinstance(m.config, DLCMConfig) else "baseline",
+            "kind": "dlcm" if dlcm else "baseline",
             "vocab": m.vocab_note,
             "token_matmul_params": tok,
             "concept_matmul_params": cpt,
             "flops_per_token": flops.to_dict(),
         }
-        if isinstance(m.config, DLCMConfig):
+        if dlcm:
+            out["cross_kernel"] = kernel
             out["ratio"] = m.config.parser.target_ratio if ratio is None else ratio
             out["backbone_share"] = flops.share("backbone")
             out["backbone_share_matmul"] = flops.stages["backbone"].matmul / flops.matmul
@@ -209,7 +214,9 @@ def format_report(result: dict[str, Any]) -> str:
         row = " |".join(cells(m["flops_per_token"], m["flops_per_token"]["stages"].get(stage)) for m in models)
         lines.append(f"  {stage:<17}{row}".rstrip())
     lines += [rule, f"  {'total':<17}" + " |".join(cells(m["flops_per_token"], m["flops_per_token"]) for m in models)]
-    lines.append(f"  hardware total (Ψ as the replication kernel runs it): {mf['hardware_total'] / scale:.3f}")
+    if "cross_kernel" in model:
+        kernel, pairs = ("replication", "L×L") if model["cross_kernel"] == "replicate" else ("exact", "L×C")
+        lines.append(f"  hardware total (Ψ on the {kernel} kernel, {pairs}): {mf['hardware_total'] / scale:.3f}")
     if "backbone_share" in model:
         lines.append(
             f"  backbone share: {model['backbone_share']:.1%} of the model's FLOPs "

@@ -16,9 +16,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dlcm.callbacks.throughput import FlopsThroughput
 from dlcm.cli import run_cli
+from dlcm.concept_attention import EXACT_MIN_TOKENS
 from dlcm.config import DLCMConfig
 from dlcm.flops import (
     LengthStats,
+    cross_kernel,
     flops_from_stats,
     inference_flops_per_token,
     model_flops,
@@ -96,6 +98,11 @@ def test_worked_example_and_length_sums() -> None:
     causal = model_flops(tiny_dlcm(), [8], [2], training=False, causal_discount=True)
     assert causal.stages["cross_attention"].attention == 4 * width * 8 * 3 / 2
     assert causal.stages["encoder"].attention == 4 * 2 * 32 * 8 * 9 / 2
+    exact = model_flops(tiny_dlcm(), [8], [2], training=False, kernel="exact")
+    assert exact.hardware_total == exact.total == one.total
+    # impl='auto' runs the exact L×C kernel only on CUDA from EXACT_MIN_TOKENS tokens per micro-batch.
+    assert cross_kernel(tiny_dlcm(), "cuda", EXACT_MIN_TOKENS) == "exact"
+    assert cross_kernel(tiny_dlcm(), "cuda", EXACT_MIN_TOKENS - 1) == cross_kernel(tiny_dlcm()) == "replicate"
     with pytest.raises(ValueError, match="concept_doc_lengths"):
         model_flops(tiny_dlcm(), lengths)
 
@@ -189,10 +196,12 @@ class FakeClock(Callback):
 
     def __init__(self) -> None:
         self.now = 0.0
+        self.step = 0
         self.steps: dict[int, LengthStats] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.now += 1.0
+        self.step = trainer.global_step + 1  # the optimizer step this micro-batch contributes to
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.now += 100.0
@@ -201,8 +210,7 @@ class FakeClock(Callback):
         layout = outputs.get("layout")
         concepts = None if layout is None else layout.seqs.cu_seqlens.diff().tolist()
         stats = LengthStats.from_lengths(batch["cu_seqlens"].diff().tolist(), concepts)
-        step = trainer.global_step  # after the optimizer step of this micro-batch's group
-        self.steps[step] = self.steps[step] + stats if step in self.steps else stats
+        self.steps[self.step] = self.steps[self.step] + stats if self.step in self.steps else stats
 
 
 @pytest.mark.parametrize("recipe", ["dlcm_tiny_r4_defaultcorpus_cpu.yaml", "baseline_tiny_defaultcorpus_cpu.yaml"])
