@@ -38,24 +38,33 @@ def detached(obj: Any) -> Any:
 class LanguageModelModule(L.LightningModule):
     """Shared training logic: next-token CE on packed documents, validation metrics, AdamW + schedule.
 
-    Subclasses set ``self.network`` and implement ``run(batch) -> (logits_TV, extras)``. ``param_groups`` may
+    Subclasses pass their network and implement ``run(batch) -> (logits_TV, extras)``. ``param_groups_fn`` may
     be replaced (e.g. by the μP callback) before ``configure_optimizers`` runs.
     """
 
-    def __init__(self, optimizer: OptimizerConfig, schedule: ScheduleConfig, context_length: int, seed: int) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        config: DLCMConfig | BaselineConfig,
+        optimizer: OptimizerConfig | None,
+        schedule: ScheduleConfig | None,
+        context_length: int,
+        seed: int,
+    ) -> None:
         super().__init__()
         if context_length < 1:
             raise ValueError(f"context_length={context_length} is not allowed: a positive number of tokens")
-        self.optimizer_cfg = optimizer
-        self.schedule_cfg = schedule
+        self.save_hyperparameters(ignore=["network"])
+        self.network = network
+        self.config = config
+        self.optimizer_cfg = optimizer or OptimizerConfig()
+        self.schedule_cfg = schedule or ScheduleConfig()
         self.context_length = context_length
         self.seed = seed
         self.param_groups_fn = default_param_groups
         self.val_nats = torchmetrics.SumMetric()
         self.val_tokens = torchmetrics.SumMetric()
         self.val_bytes = torchmetrics.SumMetric()
-
-    network: nn.Module
 
     def run(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
@@ -170,10 +179,7 @@ class DLCMModule(LanguageModelModule):
         context_length: int = 2048,
         seed: int = 0,
     ) -> None:
-        super().__init__(optimizer or OptimizerConfig(), schedule or ScheduleConfig(), context_length, seed)
-        self.save_hyperparameters()
-        self.config = config
-        self.network = DLCM(config)
+        super().__init__(DLCM(config), config, optimizer, schedule, context_length, seed)
         self.val_boundaries = torchmetrics.SumMetric()
         self.val_all_tokens = torchmetrics.SumMetric()
 
@@ -233,10 +239,7 @@ class BaselineModule(LanguageModelModule):
         context_length: int = 2048,
         seed: int = 0,
     ) -> None:
-        super().__init__(optimizer or OptimizerConfig(), schedule or ScheduleConfig(), context_length, seed)
-        self.save_hyperparameters()
-        self.config = config
-        self.network = DenseBaseline(config)
+        super().__init__(DenseBaseline(config), config, optimizer, schedule, context_length, seed)
 
     def run(self, batch: dict[str, Any]) -> tuple[torch.Tensor, None]:
         return self.network(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"]), None
