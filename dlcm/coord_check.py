@@ -58,7 +58,7 @@ class CoordCheckConfig:
     tokens: int = 512  # tokens of the fixed batch
     doc_len: int = 128
     steps: int = 5  # Adam steps; scales are recorded after every step
-    lr: float = 1e-2  # base LR: SP uses it for every group, μP as lr_token = lr_concept = lr_others
+    lr: float = 3e-3  # base LR: SP uses it for every group, μP as lr_token = lr_concept = lr_others
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     init_std: float = 0.02  # σ_base
@@ -107,6 +107,7 @@ def model_config(cfg: CoordCheckConfig, width: int, parametrisation: Parametrisa
 def param_groups(
     model: nn.Module, model_cfg: DLCMConfig | BaselineConfig, cfg: CoordCheckConfig, parametrisation: Parametrisation
 ) -> list[dict]:
+    """SP: ``default_param_groups`` at one LR; μP: the named groups of :mod:`dlcm.callbacks.mup` (no weight decay)."""
     if parametrisation == "sp":
         return default_param_groups(model, OptimizerConfig(lr=cfg.lr, eps=cfg.eps, weight_decay=0.0))
     widths = width_multipliers(model_cfg, cfg.d_base)
@@ -173,8 +174,8 @@ def run_width(cfg: CoordCheckConfig, width: int, parametrisation: Parametrisatio
         return dict(captured)
 
     records: list[CoordRecord] = []
-    initial = measure()
     try:
+        initial = measure()
         for step in range(cfg.steps + 1):
             now = initial if step == 0 else measure()
             records += [
@@ -204,10 +205,17 @@ def coord_check(
     widths a single draw is noisy (±20% at width 64), the seed mean shows the trend.
     """
     cfg = cfg or CoordCheckConfig()
-    runs = [
-        [r for p in parametrisations for w in widths for r in run_width(replace(cfg, seed=s), w, p)]
-        for s in (seeds or (cfg.seed,))
-    ]
+    # One intra-op thread: these matmuls are too small to gain from more, and on a shared CPU every op would wait
+    # at a thread barrier for a descheduled worker (measured 10× slower on a loaded 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = [
+            [r for p in parametrisations for w in widths for r in run_width(replace(cfg, seed=s), w, p)]
+            for s in (seeds or (cfg.seed,))
+        ]
+    finally:
+        torch.set_num_threads(threads)
     return [
         replace(
             first,
