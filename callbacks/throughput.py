@@ -13,11 +13,12 @@ Convention (SPEC §10): model FLOPs are 3 × forward matmul and attention FLOPs 
 document of length ``seq`` per sequence this is ``(6·N_non-embedding + 12·layers·width·seq)·tokens``, the number
 the dense baseline reports, so DLCM and baseline MFU compare like for like.
 
-Cost: each micro-batch adds a 6-entry length-sum vector on the device (no host sync; the concept offsets are
-already in ``training_step``'s ``layout``). On logging steps the callback synchronises the device (the clock must
-time finished work), all-reduces that vector once over ranks (so unequal concept counts are counted exactly), and
-reads it back. Validation time inside ``fit`` is excluded, and so is the first optimizer step (allocation,
-compilation, autotuning): it only sets the reference point.
+Cost: each micro-batch adds its length sums (:func:`dlcm.flops.packed_length_sums`, a few tiny kernels) on the
+device, with no host sync: token offsets come from the batch, concept offsets from ``training_step``'s
+``layout``, and the Ψ kernel that ran from the host-side ``max_seqlen``. On logging steps the callback
+synchronises the device (the clock must time finished work), all-reduces the sums once over ranks (so unequal
+concept counts are counted exactly) and reads them back. Validation time inside ``fit`` is excluded, and so is the
+first optimizer step (allocation, compilation, autotuning): it only sets the reference point.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 
 from dlcm.config import DLCMConfig
-from dlcm.flops import CrossKernel, LengthStats, cross_kernel, flops_from_stats, packed_length_sums, resolve_config
+from dlcm.flops import LengthStats, cross_kernel, flops_from_stats, packed_length_sums, resolve_config
 
+# Rows of the pending sums: micro-batches whose Ψ ran on each kernel (with impl='auto' it can change per batch).
+KERNELS = ("replicate", "exact")
 # Compute dtype of a Trainer precision, only for looking up Lightning's peak table when no peak is given.
 PRECISION_DTYPES = {
     "bf16-mixed": torch.bfloat16,
@@ -85,8 +88,7 @@ class FlopsThroughput(L.Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._pending: torch.Tensor | None = None  # length sums of the micro-batches since the last mark
-        self._kernel: CrossKernel | None = None  # Ψ kernel of this run (fixed: every micro-batch has T tokens)
+        self._pending: torch.Tensor | None = None  # [kernel, sum] length sums of micro-batches since the last mark
         self._micro = 0
         self._step_seen = -1
         self._t0: float | None = None
@@ -148,7 +150,8 @@ class FlopsThroughput(L.Callback):
         self._val_start = None
 
     def _length_sums(self, outputs: Any, batch: Any) -> torch.Tensor:
-        cu_seqlens_cpt = None
+        """``[len(KERNELS), 6]``: this micro-batch's sums in the row of the Ψ kernel that ran (host-side choice)."""
+        cu_seqlens_cpt, kernel = None, "replicate"
         if isinstance(self._config, DLCMConfig):
             layout = outputs.get("layout") if isinstance(outputs, dict) else None
             if layout is None:
@@ -157,10 +160,13 @@ class FlopsThroughput(L.Callback):
                     "a dict with 'layout' (as DLCMModule does)"
                 )
             cu_seqlens_cpt = layout.seqs.cu_seqlens
-            if self._kernel is None:
-                ids_T = batch["input_ids"]
-                self._kernel = cross_kernel(self._config, ids_T.device.type, ids_T.shape[0])
-        return packed_length_sums(batch["cu_seqlens"], cu_seqlens_cpt)
+            ids_T = batch["input_ids"]
+            max_seqlen = batch.get("max_seqlen") or ids_T.shape[0]  # the model's default bound is T
+            kernel = cross_kernel(self._config, ids_T.device.type, max_seqlen)
+        sums = packed_length_sums(batch["cu_seqlens"], cu_seqlens_cpt)
+        rows = torch.zeros(len(KERNELS), sums.shape[0], dtype=sums.dtype, device=sums.device)
+        rows[KERNELS.index(kernel)] = sums
+        return rows
 
     @staticmethod
     def _synchronize(trainer: L.Trainer) -> None:
@@ -189,19 +195,25 @@ class FlopsThroughput(L.Callback):
             share = world  # all ranks' work: Throughput wants per-device amounts
         else:
             share = 1  # this rank's work; Throughput scales it by the world size
-        stats = LengthStats.from_sums(sums.tolist())
-        model = flops_from_stats(self._config, stats, True, self.causal_discount, self._kernel)
+        per_kernel = [LengthStats.from_sums(row) for row in sums.tolist()]
+        stats = per_kernel[0] + per_kernel[1]
+        counts = [
+            flops_from_stats(self._config, s, True, self.causal_discount, k)
+            for s, k in zip(per_kernel, KERNELS, strict=True)
+        ]
+        model_total = sum(c.total for c in counts)  # FLOPs are linear in the sums: add the kernels' counts
+        hardware_total = sum(c.hardware_total for c in counts)
         self._totals = [
             self._totals[0] + micro,
             self._totals[1] + stats.documents / share,
             self._totals[2] + stats.tokens / share,
         ]
         batches, docs, tokens = self._totals
-        for throughput, flops in ((self._model, model.total), (self._hardware, model.hardware_total)):
+        for throughput, flops in ((self._model, model_total), (self._hardware, hardware_total)):
             throughput.update(time=elapsed, batches=batches, samples=docs, lengths=tokens, flops=flops / share)
         out = {
-            "model_flops_per_token": model.total / stats.tokens,
-            "hardware_flops_per_token": model.hardware_total / stats.tokens,
+            "model_flops_per_token": model_total / stats.tokens,
+            "hardware_flops_per_token": hardware_total / stats.tokens,
         }
         m, h = self._model.compute(), self._hardware.compute()
         if "device/items_per_sec" in m and "device/flops_per_sec" in m:

@@ -1,4 +1,5 @@
-"""The ``dlcm`` command: LightningCLI subcommands ``fit``/``validate``/``test`` plus ``dlcm data …``.
+"""The ``dlcm`` command: LightningCLI subcommands ``fit``/``validate``/``test`` plus ``dlcm data …`` and
+``dlcm flops …`` (inference FLOPs per token of a recipe or preset).
 
 Recipes are YAML files for LightningCLI (``--config`` may be given several times and composes in order; OmegaConf
 interpolation is enabled). Arguments that must agree are linked rather than repeated: the tokenizer's vocabulary
@@ -16,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from dlcm.callbacks.boundary_stats import BoundaryStats
+from dlcm.callbacks.throughput import FlopsThroughput
 from dlcm.checkpoint_io import AtomicCheckpointIO
 from dlcm.data.datamodule import PackedDataModule
 from dlcm.lightning_modules import LanguageModelModule
@@ -41,6 +43,7 @@ class DLCMCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(BoundaryStats, "boundary_stats")
+        parser.add_lightning_class_args(FlopsThroughput, "throughput")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         plugins = config.get("plugins") or []
@@ -94,5 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         from dlcm.data.build_cli import main as data_main
 
         return data_main(words[1:])
+    if words and words[0] == "flops":
+        from dlcm.flops_report import main as flops_main
+
+        return flops_main(words[1:])
     run_cli(argv)  # None: LightningCLI reads sys.argv itself
     return 0

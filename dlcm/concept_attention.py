@@ -33,6 +33,13 @@ ROW_BUCKET = 256
 EXACT_MIN_TOKENS = 16384
 
 
+def resolve_cross_impl(impl: str, device_type: str, max_seqlen: int) -> str:
+    """The Ψ kernel that runs: ``impl`` itself, or for ``'auto'`` the exact kernel on CUDA for long documents."""
+    if impl != "auto":
+        return impl
+    return "exact" if device_type == "cuda" and max_seqlen >= EXACT_MIN_TOKENS else "replicate"
+
+
 def _first_sorted(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``flags [Q, K]``: how many are set, and their column indices first in ascending order."""
     count = flags.sum(dim=1, dtype=torch.int32)

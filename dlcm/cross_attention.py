@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcm.attention_backends import causal_attention
-from dlcm.concept_attention import EXACT_MIN_TOKENS, flex_concept_attention
+from dlcm.concept_attention import flex_concept_attention, resolve_cross_impl
 from dlcm.config import CrossConfig
 from dlcm.ffn import SwiGLU
 from dlcm.linear import Linear
@@ -123,10 +123,7 @@ class CrossAttentionBlock(nn.Module):
         q_TNH = self.q_norm(self.wq(h_TD).view(t, self.n_heads, self.head_dim))
         k_CKH = self.k_norm(self.wk(keys_CD).view(c, self.n_kv_heads, self.head_dim))
         v_CKH = self.wv(keys_CD).view(c, self.n_kv_heads, self.head_dim)
-        impl = self.impl
-        if impl == "auto":
-            impl = "exact" if q_TNH.is_cuda and tok.max_seqlen >= EXACT_MIN_TOKENS else "replicate"
-        if impl == "exact":
+        if resolve_cross_impl(self.impl, q_TNH.device.type, tok.max_seqlen) == "exact":
             # FlexAttention has no CPU backward: the dense [T, C] form is the CPU path (and the reference).
             exact = flex_concept_attention if q_TNH.is_cuda else exact_concept_attention
             return exact(q_TNH, k_CKH, v_CKH, layout, tok)

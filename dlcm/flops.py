@@ -14,8 +14,8 @@ and ``FlopCounterMode`` counts 0 for ``varlen_attn`` (SPEC §9). One convention 
   ``12·layers·width·seq`` per training token.
 - **Hardware FLOPs** differ only for Ψ, and depend on the kernel that ran (:func:`cross_kernel`): concept
   replication (Eq. 17) runs a causal ``L×L`` kernel whose keys are the replicated concepts, ``Σ_i L_i²`` pairs;
-  the exact kernel (``cross.impl='exact'``, or ``'auto'`` on CUDA from ``EXACT_MIN_TOKENS`` tokens per
-  micro-batch) scores the unique concepts, the model's ``Σ_i L_i·C_i`` (up to its 128-row tile granularity).
+  the exact kernel (``cross.impl='exact'``, or ``'auto'`` on CUDA for batches whose ``max_seqlen`` reaches
+  ``EXACT_MIN_TOKENS``) scores the unique concepts, the model's ``Σ_i L_i·C_i`` (up to its 128-row tiles).
 - ``causal_discount=True`` counts only the pairs inside the causal mask — ``L(L+1)/2`` per document, and
   ``L(C+1)/2`` for the L×C form (exact for equal-length concepts) — closer to what a FlashAttention-style kernel
   executes; the default (no discount) is the MFU convention.
@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 
-from dlcm.concept_attention import EXACT_MIN_TOKENS
+from dlcm.concept_attention import resolve_cross_impl
 from dlcm.config import BaselineConfig, DLCMConfig, StackConfig
 
 Stream = Literal["token", "concept", "cross", "none"]
@@ -229,12 +229,10 @@ def stack_cost(cfg: StackConfig, stream: Stream, rows: Literal["token", "concept
     )
 
 
-def cross_kernel(cfg: DLCMConfig, device_type: str = "cpu", tokens: int = 0) -> CrossKernel:
-    """The Ψ kernel a forward runs on ``tokens`` rows per micro-batch: ``cross.impl``, with ``'auto'`` resolved by
-    the rule of :meth:`dlcm.cross_attention.CrossAttentionBlock.attend`."""
-    if cfg.cross.impl != "auto":
-        return cfg.cross.impl
-    return "exact" if device_type == "cuda" and tokens >= EXACT_MIN_TOKENS else "replicate"
+def cross_kernel(cfg: DLCMConfig, device_type: str = "cpu", max_seqlen: int = 0) -> CrossKernel:
+    """The Ψ kernel a forward runs on a micro-batch whose ``max_seqlen`` (the host-side bound the model is given)
+    is this: the same rule the model applies (:func:`dlcm.concept_attention.resolve_cross_impl`)."""
+    return resolve_cross_impl(cfg.cross.impl, device_type, max_seqlen)
 
 
 def stage_costs(cfg: DLCMConfig | BaselineConfig, kernel: CrossKernel | None = None) -> dict[str, StageCost]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dlcm.config import BaselineConfig, DLCMConfig
-from dlcm.flops import FlopsBreakdown, inference_flops_per_token, stage_costs
+from dlcm.flops import FlopsBreakdown, cross_kernel, inference_flops_per_token, stage_costs
 from dlcm.presets import PRESETS, preset_config
 
 ModelConfig = DLCMConfig | BaselineConfig
@@ -141,10 +141,9 @@ def report(
     """Inference FLOPs per token of ``model`` (and ``baseline``) at one context length, as plain numbers."""
 
     def entry(m: Model) -> tuple[dict[str, Any], FlopsBreakdown]:
-        # Hardware count: Ψ on the replication kernel unless the config pins the exact one ('auto' picks by device
-        # and micro-batch size, which an inference estimate does not know).
+        # Hardware count: Ψ on the kernel a CUDA device runs for documents of this length (impl='auto' picks it).
         dlcm = isinstance(m.config, DLCMConfig)
-        kernel = "exact" if dlcm and m.config.cross.impl == "exact" else "replicate"
+        kernel = cross_kernel(m.config, "cuda", context) if dlcm else None
         flops = inference_flops_per_token(m.config, context, ratio, causal_discount, kernel)
         tok, cpt = matmul_params(m.config)
         out: dict[str, Any] = {

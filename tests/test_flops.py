@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ from dlcm.callbacks.throughput import FlopsThroughput
 from dlcm.cli import run_cli
 from dlcm.concept_attention import EXACT_MIN_TOKENS
 from dlcm.config import DLCMConfig
+from dlcm.data.shards import Manifest, build_shards
+from dlcm.data.sources import Document
+from dlcm.data.tokenizer import train_bpe
 from dlcm.flops import (
     LengthStats,
     cross_kernel,
@@ -27,7 +31,7 @@ from dlcm.flops import (
     packed_length_sums,
     stage_costs,
 )
-from dlcm.flops_report import format_report, load_recipe, main, report
+from dlcm.flops_report import format_report, load_preset, load_recipe, main, report
 from dlcm.linear import Linear
 from dlcm.presets import baseline_1_3b, build_model, dlcm_2_3b, tiny_baseline, tiny_dlcm
 from tests.conftest import random_cu_seqlens
@@ -100,7 +104,7 @@ def test_worked_example_and_length_sums() -> None:
     assert causal.stages["encoder"].attention == 4 * 2 * 32 * 8 * 9 / 2
     exact = model_flops(tiny_dlcm(), [8], [2], training=False, kernel="exact")
     assert exact.hardware_total == exact.total == one.total
-    # impl='auto' runs the exact L×C kernel only on CUDA from EXACT_MIN_TOKENS tokens per micro-batch.
+    # impl='auto' runs the exact L×C kernel only on CUDA, for batches whose max_seqlen reaches EXACT_MIN_TOKENS.
     assert cross_kernel(tiny_dlcm(), "cuda", EXACT_MIN_TOKENS) == "exact"
     assert cross_kernel(tiny_dlcm(), "cuda", EXACT_MIN_TOKENS - 1) == cross_kernel(tiny_dlcm()) == "replicate"
     with pytest.raises(ValueError, match="concept_doc_lengths"):
@@ -117,43 +121,37 @@ def test_stage_parameters_are_the_networks_matrices(make) -> None:
         name = prefix.get(stage, stage)
         weights = [m.weight for n, m in net.named_modules() if isinstance(m, Linear) and n.startswith(f"{name}.")]
         assert cost.token_params + cost.concept_params == sum(w.numel() for w in weights), stage
+    if isinstance(cfg, DLCMConfig):  # Ψ's concept rows go through W_K and W_V only
+        assert stage_costs(cfg)["cross_attention"].concept_params == net.cross.wk.weight.numel() * 2
     all_matrices = sum(m.weight.numel() for m in net.modules() if isinstance(m, Linear))
     assert sum(c.token_params + c.concept_params for c in stage_costs(cfg).values()) == all_matrices
 
 
 def test_paper_presets_backbone_share_and_flops_ratio() -> None:
-    # "About a third" (paper, R = 4) read as within ±20% of 1/3: [0.27, 0.40]. Table 3 leaves the FFN width of the
-    # token stacks ambiguous (SPEC picks 6144, the digest finds 30%; 4096 would give 34%), so both readings sit
-    # inside; the band excludes a quarter and a half. "Approximately matched" FLOPs: within ±10%.
-    dlcm, base = dlcm_2_3b(), baseline_1_3b()
-    rows = {}
+    # Bands. "About a third of inference compute in the backbone" (paper, R = 4) read as within ±20% of 1/3,
+    # [0.27, 0.40]: it holds both readings of Table 3's ambiguous token-stack FFN width (6144, ours: 30% of matmul
+    # FLOPs; 4096: 34%, paper digest §6.4) and excludes a quarter and a half. "Approximately matched" FLOPs: ±10%.
+    dlcm, base = load_preset("dlcm_2.3b"), load_preset("baseline_1.3b")
+    found = {}
     for context in (2048, 8192):
         for causal in (False, True):
-            d = inference_flops_per_token(dlcm, context, 4, causal)
-            b = inference_flops_per_token(base, context, causal_discount=causal)
-            rows[context, causal] = (d.share("backbone"), d.total / b.total)
-        print(format_report(report_for(context)))
-    d = inference_flops_per_token(dlcm, 2048, 4)
-    b = inference_flops_per_token(base, 2048)
+            result = report(dlcm, base, context, 4.0, causal)
+            found[context, causal] = (result["model"]["backbone_share"], result["flops_ratio"])
+            if not causal:
+                print(format_report(result))
+    print("(context, causal discount): (backbone share, DLCM/baseline FLOPs)", found)
+
     # Matmul part against the paper digest's hand count (§6.4): 2.29 vs 2.21 GFLOP/token, backbone ≈ 30%.
+    d, b = inference_flops_per_token(dlcm.config, 2048, 4), inference_flops_per_token(base.config, 2048)
     assert d.matmul == pytest.approx(2.29e9, rel=0.01) and b.matmul == pytest.approx(2.21e9, rel=0.01)
-    matmul_share = d.stages["backbone"].matmul / d.matmul
-    print({k: (round(s, 4), round(r, 4)) for k, (s, r) in rows.items()}, "matmul share", round(matmul_share, 4))
-    assert 0.27 <= matmul_share <= 0.40 and 0.9 <= d.matmul / b.matmul <= 1.1
+    assert 0.27 <= d.stages["backbone"].matmul / d.matmul <= 0.40 and 0.9 <= d.matmul / b.matmul <= 1.1
     for causal in (False, True):
-        share_2k, ratio_2k = rows[2048, causal]
-        share_8k, ratio_8k = rows[8192, causal]
-        assert 0.27 <= share_2k <= 0.40
-        assert 0.9 <= ratio_2k <= 1.1
-        # At 8k token-side attention grows ∝ L per token, the backbone's only ∝ L/R²: its share and the ratio drop.
-        assert 0.2 < share_8k < share_2k
-        assert 0.8 < ratio_8k < ratio_2k
-
-
-def report_for(context: int) -> dict:
-    from dlcm.flops_report import load_preset
-
-    return report(load_preset("dlcm_2.3b"), load_preset("baseline_1.3b"), context, 4.0, False)
+        share_2k, ratio_2k = found[2048, causal]
+        share_8k, ratio_8k = found[8192, causal]
+        assert 0.27 <= share_2k <= 0.40 and 0.9 <= ratio_2k <= 1.1
+        # At 8k, token-side attention grows ∝ L per token and the backbone's only ∝ L/R²: the backbone's share
+        # falls below the band and DLCM becomes cheaper than the baseline (32 token layers vs 16 + Ψ).
+        assert 0.2 < share_8k < share_2k and 0.8 < ratio_8k < ratio_2k
 
 
 def test_flops_subcommand_presets_json_and_every_recipe(capsys) -> None:
@@ -191,13 +189,41 @@ def test_flops_subcommand_errors(tmp_path: Path, capsys) -> None:
         main(["--preset", "dlcm_9b"])
 
 
-class FakeClock(Callback):
-    """1 s per training micro-batch and 100 s per validation batch; records each micro-batch's length sums."""
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few hundred documents of varied length (ragged ``cu_seqlens``), cheaper than the embedded corpus."""
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    docs = [
+        Document(f"doc{i}", " ".join(rng.choice(words) for _ in range(rng.randint(5, 300))), "prose")
+        for i in range(300)
+    ]
+    root = tmp_path_factory.mktemp("flops-data")
+    train_bpe((d.text for d in docs), 300, root / "tokenizer.json")
+    build_shards(docs, root / "tokenizer.json", root / "shards", val_fraction=0.1, progress=False)
+    return root / "shards"
 
-    def __init__(self) -> None:
+
+def test_recipe_vocabulary_comes_from_its_data_dir(tmp_path: Path, tiny_shards: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    text = (RECIPES / "dlcm_tiny_r4_defaultcorpus_cpu.yaml").read_text()
+    recipe.write_text(text.replace("data_dir: null", f"data_dir: {tiny_shards}"))
+    model = load_recipe(recipe)
+    assert model.config.vocab_size == Manifest.load(tiny_shards).vocab_size
+    assert "manifest.json" in model.vocab_note
+
+
+class FakeClock(Callback):
+    """1 s per training micro-batch and 100 s per validation batch; records each optimizer step's FLOPs.
+
+    ``kernels`` is the Ψ kernel the callback was told ran for each micro-batch (it sees the batch first).
+    """
+
+    def __init__(self, kernels: list[str]) -> None:
         self.now = 0.0
         self.step = 0
-        self.steps: dict[int, LengthStats] = {}
+        self.kernels = kernels
+        self.steps: dict[int, list[float]] = {}  # step -> [tokens, model FLOPs, hardware FLOPs]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.now += 1.0
@@ -210,20 +236,27 @@ class FakeClock(Callback):
         layout = outputs.get("layout")
         concepts = None if layout is None else layout.seqs.cu_seqlens.diff().tolist()
         stats = LengthStats.from_lengths(batch["cu_seqlens"].diff().tolist(), concepts)
-        self.steps[self.step] = self.steps[self.step] + stats if self.step in self.steps else stats
+        kernel = self.kernels[-1] if self.kernels else None
+        flops = flops_from_stats(pl_module.network, stats, training=True, kernel=kernel)
+        totals = self.steps.setdefault(self.step, [0.0, 0.0, 0.0])
+        for i, value in enumerate((stats.tokens, flops.total, flops.hardware_total)):
+            totals[i] += value
 
 
 @pytest.mark.parametrize("recipe", ["dlcm_tiny_r4_defaultcorpus_cpu.yaml", "baseline_tiny_defaultcorpus_cpu.yaml"])
-def test_throughput_callback_logs_consistent_perf_scalars(tmp_path: Path, recipe: str) -> None:
-    accumulate, steps, peak = 2, 5, 1e9
+def test_throughput_callback_logs_consistent_perf_scalars(
+    tmp_path: Path, tiny_shards: Path, recipe: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accumulate, steps, peak = 2, 4, 1e9
     cli = run_cli(
         [
             f"--config={RECIPES / recipe}",
+            f"--data.data_dir={tiny_shards}",
             "--data.tokens_per_batch=512",
             f"--trainer.max_steps={steps}",
             f"--trainer.accumulate_grad_batches={accumulate}",
-            "--trainer.val_check_interval=4",  # micro-batches: validation after steps 2 and 4 (excluded from time)
-            "--trainer.limit_val_batches=1",
+            "--trainer.val_check_interval=6",  # micro-batches: validation inside step 3 (excluded from the time)
+            "--trainer.limit_val_batches=2",
             "--trainer.log_every_n_steps=1",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
@@ -232,30 +265,39 @@ def test_throughput_callback_logs_consistent_perf_scalars(tmp_path: Path, recipe
         ],
         run=False,
     )
-    clock, monitor = FakeClock(), FlopsThroughput(peak_flops_per_device=peak)
+    # On CPU Ψ always replicates; pretend the kernel alternates per micro-batch (as impl='auto' may on CUDA when
+    # max_seqlen crosses EXACT_MIN_TOKENS) so the per-kernel accounting is exercised too.
+    kernels: list[str] = []
+
+    def alternating(cfg, device_type, max_seqlen) -> str:
+        kernels.append("exact" if len(kernels) % 2 == 0 else "replicate")
+        return kernels[-1]
+
+    monkeypatch.setattr("dlcm.callbacks.throughput.cross_kernel", alternating)
+    clock, monitor = FakeClock(kernels), FlopsThroughput(peak_flops_per_device=peak)
     monitor.clock = lambda: clock.now
-    cli.trainer.callbacks.extend([monitor, clock])
+    # The CLI adds its own FlopsThroughput (the `throughput` section); replace it by the instrumented one.
+    cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, FlopsThroughput)]
+    cli.trainer.callbacks.extend([monitor, clock])  # the monitor sees each batch before the clock records it
     cli.trainer.fit(cli.model, cli.datamodule)
 
     events = EventAccumulator(str(cli.trainer.logger.log_dir))
     events.Reload()
     logged = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if "perf/" in tag}
-    cfg = cli.model.network.cfg
-    # Step 1 is the reference point; steps 2…5 each cover `accumulate` micro-batches = `accumulate` fake seconds.
-    expected = [flops_from_stats(cfg, clock.steps[s]) for s in range(2, steps + 1)]
-    tokens = [clock.steps[s].tokens for s in range(2, steps + 1)]
-    assert tokens == [512.0 * accumulate] * (steps - 1)
+    # Step 1 is the reference point; steps 2…4 each cover `accumulate` micro-batches = `accumulate` fake seconds.
+    tokens, model, hardware = zip(*(clock.steps[s] for s in range(2, steps + 1)), strict=True)
+    assert list(tokens) == [512.0 * accumulate] * (steps - 1)
     assert logged["perf/tokens_per_sec"] == pytest.approx([512.0] * (steps - 1), rel=1e-6)
     assert logged["perf/tokens_per_sec_per_device"] == logged["perf/tokens_per_sec"]  # one device
-    assert logged["perf/model_flops_per_sec"] == pytest.approx([f.total / accumulate for f in expected], rel=1e-6)
-    hardware = [f.hardware_total / accumulate for f in expected]
-    assert logged["perf/hardware_flops_per_sec"] == pytest.approx(hardware, rel=1e-6)
-    assert logged["perf/mfu"] == pytest.approx([f.total / accumulate / peak for f in expected], rel=1e-6)
-    assert logged["perf/hfu"] == pytest.approx([h / peak for h in hardware], rel=1e-6)
-    per_token = [f.total / n for f, n in zip(expected, tokens, strict=True)]
+    assert logged["perf/model_flops_per_sec"] == pytest.approx([f / accumulate for f in model], rel=1e-6)
+    assert logged["perf/hardware_flops_per_sec"] == pytest.approx([f / accumulate for f in hardware], rel=1e-6)
+    assert logged["perf/mfu"] == pytest.approx([f / accumulate / peak for f in model], rel=1e-6)
+    assert logged["perf/hfu"] == pytest.approx([f / accumulate / peak for f in hardware], rel=1e-6)
+    per_token = [f / n for f, n in zip(model, tokens, strict=True)]
     assert logged["perf/model_flops_per_token"] == pytest.approx(per_token, rel=1e-6)
-    if isinstance(cfg, DLCMConfig):  # Ψ on the replication kernel scores L×L, more than the model's L×C
+    if isinstance(cli.model.network.cfg, DLCMConfig):  # replicated Ψ scores L×L, more than the model's L×C
+        assert len(kernels) == accumulate * steps
         assert all(h > m for h, m in zip(logged["perf/hfu"], logged["perf/mfu"], strict=True))
     else:
-        assert logged["perf/hfu"] == logged["perf/mfu"]
+        assert not kernels and logged["perf/hfu"] == logged["perf/mfu"]
     assert all(math.isfinite(v) and v > 0 for values in logged.values() for v in values)
