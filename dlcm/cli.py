@@ -1,5 +1,6 @@
 """The ``dlcm`` command: LightningCLI subcommands ``fit``/``validate``/``test`` plus ``dlcm data …`` and
-``dlcm flops …`` (inference FLOPs per token of a recipe or preset).
+``dlcm flops …`` (inference FLOPs per token of a recipe or preset) and ``dlcm eval …`` (zero-shot benchmarks of a
+checkpoint).
 
 Recipes are YAML files for LightningCLI (``--config`` may be given several times and composes in order; OmegaConf
 interpolation is enabled). Arguments that must agree are linked rather than repeated: the tokenizer's vocabulary
@@ -101,5 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         from dlcm.flops_report import main as flops_main
 
         return flops_main(words[1:])
+    if words and words[0] == "eval":
+        from dlcm.eval.cli import main as eval_main
+
+        return eval_main(words[1:])
     run_cli(argv)  # None: LightningCLI reads sys.argv itself
     return 0

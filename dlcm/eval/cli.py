@@ -1,0 +1,101 @@
+"""``dlcm eval``: zero-shot accuracy of a trained checkpoint on local benchmark files.
+
+Example::
+
+    dlcm eval --config recipes/dlcm_tiny_r4_defaultcorpus_cpu.yaml --ckpt_path runs/…/last.ckpt \\
+        --tasks arc_easy,piqa,lambada_openai --data-dir /path/to/eval --limit 500 --out results.json
+
+The recipe (and its data section, which names the tokenizer) must be the one the checkpoint was trained with: the
+model is rebuilt through the training CLI, so vocabulary size and context length come out exactly as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlcm.eval.scoring import evaluate_examples
+from dlcm.eval.tasks import TASKS, load_task
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dlcm eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", action="append", required=True, help="recipe YAML (repeatable, composes in order)")
+    p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", help="Lightning checkpoint; omit for init weights")
+    p.add_argument("--tasks", required=True, help=f"comma-separated, from: {', '.join(sorted(TASKS))}")
+    p.add_argument("--data-dir", required=True, help="directory holding <task>.jsonl files")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="packed tokens per forward pass")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--out", default=None, help="write results JSON here")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def build_from_recipe(configs: list[str]) -> tuple[Any, Any]:
+    """The LightningModule and the tokenizer a recipe describes, instantiated through the training CLI."""
+    from dlcm.cli import run_cli
+
+    # No logger: evaluation must not create run directories. LightningCLI warns that `args` overrides sys.argv,
+    # which is exactly the intent here (sys.argv holds the eval flags).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        cli = run_cli([f"--config={c}" for c in configs] + ["--trainer.logger=false"], run=False)
+    return cli.model, cli.datamodule.tokenizer
+
+
+def load_weights(module: torch.nn.Module, ckpt_path: str) -> None:
+    """Load a Lightning checkpoint's ``state_dict``, naming shape mismatches and missing/unexpected keys."""
+    # weights_only=False: Lightning checkpoints pickle the recipe's config dataclasses in their hyperparameters.
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if "state_dict" not in ckpt:
+        raise ValueError(f"{ckpt_path} has no 'state_dict': not a Lightning checkpoint of a dlcm model")
+    if hasattr(module, "on_load_checkpoint"):
+        module.on_load_checkpoint(ckpt)  # raises a ValueError that names mismatched shapes
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{ckpt_path} does not match the model of this recipe (use the recipe it was trained with): {err}"
+        ) from err
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """Plain-text table of every task's metrics (value ± standard error)."""
+    lines = [f"{'task':<16} {'n':>6}  {'acc':>16}  {'acc_norm':>16}  {'ppl':>10}"]
+    for task, r in results.items():
+        acc = f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}"
+        norm = f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}" if "acc_norm" in r else "-"
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
+        lines.append(f"{task:<16} {r['n']:>6}  {acc:>16}  {norm:>16}  {ppl:>10}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """Run ``dlcm eval``; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    # Load every task before building the model, so a typo or a malformed file fails in seconds.
+    examples = {t: load_task(t, args.data_dir, args.limit) for t in tasks}
+    module, tokenizer = build_from_recipe(args.config)
+    if args.ckpt_path:
+        load_weights(module, args.ckpt_path)
+    network = module.network.to(args.device)
+    results: dict[str, dict[str, float]] = {}
+    for task, items in examples.items():
+        start = time.perf_counter()
+        results[task] = evaluate_examples(
+            network, tokenizer, items, module.context_length, args.batch_tokens, progress=not args.no_progress
+        )
+        print(f"{task}: {len(items)} items in {time.perf_counter() - start:.1f} s")
+    print(format_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0

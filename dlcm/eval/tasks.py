@@ -1,0 +1,174 @@
+"""Loaders that turn local benchmark files into a uniform list of :class:`Example`.
+
+Formats read (one JSON object per line, blank lines skipped):
+
+==========================  ==============================================================  =====================
+tasks                       fields                                                          scoring
+==========================  ==============================================================  =====================
+arc_easy, arc_challenge,    ``query``, ``choices``, ``gold`` (LLM Foundry local data)       multiple choice
+piqa, boolq, openbook_qa,
+copa, commonsense_qa, siqa
+mmlu, mmlu_small            Foundry's ``query``/``choices``/``gold``/``category`` or the    multiple choice
+                            public ``question``/``choices``/``answer``/``subject`` layout
+winogrande                  ``context_options``, ``continuation``, ``gold``                 partial scoring
+hellaswag                   ``ctx``, ``endings``, ``label``, ``activity_label`` (standard)  multiple choice
+lambada_openai, lambada     ``context``, ``continuation``                                   cloze (greedy + ppl)
+==========================  ==============================================================  =====================
+
+Prompts follow the common zero-shot convention: a question ends in ``"\\nAnswer:"`` and every continuation starts
+with the single space that separates it from the context, so a byte-level BPE tokenises the context identically
+alone and with the continuation appended (the scorer relies on that to find the continuation's tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ANSWER_CUE = "\nAnswer:"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One item: a context, one continuation per option, and the index of the correct option.
+
+    ``option_contexts`` is set for partial scoring (Winogrande): option ``i`` is scored as the log-likelihood of
+    ``continuations[i]`` (the same suffix for every option) after ``option_contexts[i]``; ``context`` then holds
+    the first option's context for display only. ``kind='cloze'`` marks LAMBADA-style items with one continuation
+    whose tokens must all be the greedy prediction.
+    """
+
+    context: str
+    continuations: tuple[str, ...]
+    label: int
+    option_contexts: tuple[str, ...] | None = None
+    kind: str = "choice"
+
+    def requests(self) -> list[tuple[str, str]]:
+        """The ``(context, continuation)`` pairs to score, one per option."""
+        contexts = self.option_contexts or (self.context,) * len(self.continuations)
+        return list(zip(contexts, self.continuations, strict=True))
+
+
+Loader = Callable[[Path], list[Example]]
+
+
+def _read_jsonl(path: Path, parse: Callable[[dict[str, Any]], Example]) -> list[Example]:
+    """Parse every non-blank line; any error names the file and the 1-based line number."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                example = parse(row)
+            except (ValueError, KeyError, TypeError, IndexError) as err:
+                detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
+                raise ValueError(f"{path}:{lineno}: malformed line ({detail})") from err
+            examples.append(example)
+    return examples
+
+
+def _choice_example(context: str, choices: Any, gold: Any) -> Example:
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"choices must be a list of at least 2 strings, got {choices!r}")
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+        raise ValueError(f"gold/label {gold!r} is not an index into {len(choices)} choices")
+    if not isinstance(context, str) or not context.strip():
+        raise ValueError("the context is empty (the first token of a document is never predicted)")
+    return Example(context, tuple(" " + c.strip() for c in choices), gold)
+
+
+def _query_loader(answer_cue: bool) -> Loader:
+    """Foundry ``{"query","choices","gold"}``; ``answer_cue`` ends a bare question with ``"\\nAnswer:"``."""
+
+    def parse(row: dict[str, Any]) -> Example:
+        context = row["query"].rstrip()
+        if answer_cue and not context.endswith("Answer:"):
+            context += ANSWER_CUE
+        return _choice_example(context, row["choices"], row["gold"])
+
+    return lambda path: _read_jsonl(path, parse)
+
+
+def _parse_mmlu(row: dict[str, Any]) -> Example:
+    if "query" in row:  # Foundry: the question already lists "(A) … (B) …"; choices are the letters
+        return _choice_example(row["query"].rstrip() + ANSWER_CUE, row["choices"], row["gold"])
+    choices = row["choices"]  # public layout: option texts, scored as their letters like the Foundry form
+    if not isinstance(choices, list):
+        raise ValueError(f"choices must be a list, got {choices!r}")
+    letters = [chr(ord("A") + i) for i in range(len(choices))]
+    lines = [row["question"].strip(), *(f"{letter}. {text}" for letter, text in zip(letters, choices, strict=True))]
+    return _choice_example("\n".join(lines) + ANSWER_CUE, letters, row["answer"])
+
+
+def _parse_winogrande(row: dict[str, Any]) -> Example:
+    options, continuation = row["context_options"], row["continuation"]
+    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
+        raise ValueError(f"context_options must be a list of at least 2 non-empty strings, got {options!r}")
+    if not isinstance(continuation, str) or not continuation.strip():
+        raise ValueError("continuation is empty")
+    base = _choice_example(options[0], [continuation] * len(options), row["gold"])
+    return Example(options[0], base.continuations, base.label, tuple(o.rstrip() for o in options))
+
+
+def _hellaswag_text(text: str) -> str:
+    # WikiHow items carry "[header]"/"[title]"/"[step]" markup; a title marker ends a sentence, the rest is noise.
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return re.sub(r"\s{2,}", " ", text).strip()
+
+
+def _parse_hellaswag(row: dict[str, Any]) -> Example:
+    # ctx is ctx_a + " " + ctx_b; rebuilding it capitalises the sentence that ctx_b starts.
+    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize() if "ctx_a" in row and "ctx_b" in row else row["ctx"]
+    context = _hellaswag_text(f"{row['activity_label']}: {ctx}")
+    endings = row["endings"]
+    if not isinstance(endings, list):
+        raise ValueError(f"endings must be a list, got {endings!r}")
+    label = row["label"]
+    label = int(label) if isinstance(label, str) and label.isdigit() else label  # some dumps store "2"
+    return _choice_example(context, [_hellaswag_text(e) for e in endings], label)
+
+
+def _parse_lambada(row: dict[str, Any]) -> Example:
+    context, word = row["context"], row["continuation"]
+    if not isinstance(context, str) or not context.strip() or not isinstance(word, str) or not word.strip():
+        raise ValueError("context and continuation must be non-empty strings")
+    return Example(context.rstrip(), (" " + word.strip(),), 0, kind="cloze")
+
+
+TASKS: dict[str, Loader] = {
+    "arc_easy": _query_loader(answer_cue=True),
+    "arc_challenge": _query_loader(answer_cue=True),
+    "piqa": _query_loader(answer_cue=True),
+    "boolq": _query_loader(answer_cue=True),
+    "openbook_qa": _query_loader(answer_cue=False),
+    "copa": _query_loader(answer_cue=False),
+    "commonsense_qa": _query_loader(answer_cue=True),
+    "siqa": _query_loader(answer_cue=True),
+    "mmlu": lambda path: _read_jsonl(path, _parse_mmlu),
+    "mmlu_small": lambda path: _read_jsonl(path, _parse_mmlu),
+    "winogrande": lambda path: _read_jsonl(path, _parse_winogrande),
+    "hellaswag": lambda path: _read_jsonl(path, _parse_hellaswag),
+    "lambada_openai": lambda path: _read_jsonl(path, _parse_lambada),
+    "lambada": lambda path: _read_jsonl(path, _parse_lambada),
+}
+
+
+def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list[Example]:
+    """Examples of task ``name`` from ``data_dir/<name>.jsonl`` (the first ``limit`` if given)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: expected one of {', '.join(sorted(TASKS))}")
+    path = Path(data_dir) / f"{name}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"task {name!r} needs {path}, which does not exist")
+    examples = TASKS[name](path)
+    return examples if limit is None else examples[:limit]
