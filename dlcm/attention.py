@@ -37,11 +37,17 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else nn.Identity()
 
-    def forward(self, x_TD: torch.Tensor, seqs: PackedSeqs, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def project(
+        self, x_TD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated, normalised ``q_TNH``, ``k_TKH`` and ``v_TKH`` of the rows (shared with cached decoding)."""
         t = x_TD.shape[0]
         q_TNH = self.q_norm(self.wq(x_TD).view(t, self.n_heads, self.head_dim))
         k_TKH = self.k_norm(self.wk(x_TD).view(t, self.n_kv_heads, self.head_dim))
         v_TKH = self.wv(x_TD).view(t, self.n_kv_heads, self.head_dim)
-        q_TNH, k_TKH = apply_rope(q_TNH, *rope), apply_rope(k_TKH, *rope)
+        return apply_rope(q_TNH, *rope), apply_rope(k_TKH, *rope), v_TKH
+
+    def forward(self, x_TD: torch.Tensor, seqs: PackedSeqs, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q_TNH, k_TKH, v_TKH = self.project(x_TD, rope)
         o_TNH = causal_attention(q_TNH, k_TKH, v_TKH, seqs, self.backend)
-        return self.wo(o_TNH.reshape(t, -1))
+        return self.wo(o_TNH.reshape(x_TD.shape[0], -1))

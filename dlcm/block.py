@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -24,7 +26,12 @@ class TransformerBlock(nn.Module):
         self.ffn = SwiGLU(cfg.width, cfg.ffn_hidden, std)
 
     def forward(self, x_TD: torch.Tensor, seqs: PackedSeqs, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x_TD = x_TD + self.attn(self.attn_norm(x_TD), seqs, rope)
+        return self.residual(x_TD, lambda h_TD: self.attn(h_TD, seqs, rope))
+
+    def residual(self, x_TD: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The block around a given attention (``attend`` maps normed rows to attention output): cached
+        decoding reuses it with attention over a KV cache."""
+        x_TD = x_TD + attend(self.attn_norm(x_TD))
         return x_TD + self.ffn(self.ffn_norm(x_TD))
 
 

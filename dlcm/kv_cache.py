@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from dlcm.attention import SelfAttention
 from dlcm.block import TransformerBlock, TransformerStack
-from dlcm.rope import apply_rope, rope_angles
+from dlcm.rope import rope_angles
 
 
 def cached_attention(
@@ -26,10 +26,7 @@ def cached_attention(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Self-attention of ``n`` new rows over the cached rows and themselves; returns output and the grown cache."""
     n = x_ND.shape[0]
-    q_NnH = attn.q_norm(attn.wq(x_ND).view(n, attn.n_heads, attn.head_dim))
-    k_NKH = attn.k_norm(attn.wk(x_ND).view(n, attn.n_kv_heads, attn.head_dim))
-    v_NKH = attn.wv(x_ND).view(n, attn.n_kv_heads, attn.head_dim)
-    q_NnH, k_NKH = apply_rope(q_NnH, *rope), apply_rope(k_NKH, *rope)
+    q_NnH, k_NKH, v_NKH = attn.project(x_ND, rope)
     if past is not None:
         k_NKH, v_NKH = torch.cat([past[0], k_NKH]), torch.cat([past[1], v_NKH])
     total = k_NKH.shape[0]
@@ -66,7 +63,11 @@ class StackCache:
         rope: tuple[torch.Tensor, torch.Tensor],
         past: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        # Mirrors TransformerBlock.forward with the attention swapped for its cached form.
-        read_ND, kv = cached_attention(layer.attn, layer.attn_norm(x_ND), rope, past)
-        x_ND = x_ND + read_ND
-        return x_ND + layer.ffn(layer.ffn_norm(x_ND)), kv
+        grown: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def attend(h_ND: torch.Tensor) -> torch.Tensor:
+            read_ND, kv = cached_attention(layer.attn, h_ND, rope, past)
+            grown.append(kv)
+            return read_ND
+
+        return layer.residual(x_ND, attend), grown[0]
