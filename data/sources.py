@@ -10,9 +10,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+R = TypeVar("R")
 
 PROSE_SUFFIXES = frozenset({".txt", ".md", ".rst", ""})
 JSONL_SUFFIXES = frozenset({".jsonl"})
@@ -47,9 +50,9 @@ def iter_text_file(path: str | os.PathLike, domain: str | None = None) -> Iterat
         yield Document(p.as_posix(), text, domain or ("prose" if p.suffix in PROSE_SUFFIXES else "code"))
 
 
-def iter_jsonl(path: str | os.PathLike, domain: str | None = None) -> Iterator[Document]:
-    """One document per line ``{"text": ..., "id"?: ..., "domain"?: ...}``; ``domain`` is the default for lines
-    without a domain field ("prose" if None). Lines without an id get ``<path>:<line number>``."""
+def iter_jsonl_records(path: str | os.PathLike, parse: Callable[[int, dict[str, Any]], R | None]) -> Iterator[R]:
+    """``parse(line_number, object)`` of every non-blank line (``None`` results are skipped). Any error — bad JSON,
+    not an object, a missing field, a bad value — stops with one message naming the file and the line."""
     p = Path(path)
     with open(p, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -59,17 +62,31 @@ def iter_jsonl(path: str | os.PathLike, domain: str | None = None) -> Iterator[D
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                text = obj["text"]
-                if not isinstance(text, str):
-                    raise ValueError(f'"text" must be a string, got {type(text).__name__}')
-                text.encode("utf-8")  # lone surrogates ("\ud800") parse as JSON but cannot be tokenized or counted
-            except KeyError:
-                raise ValueError(f'{p}, line {line_no}: missing the "text" field') from None
-            except (ValueError, UnicodeEncodeError) as err:
+                record = parse(line_no, obj)
+            except KeyError as err:
+                raise ValueError(f"{p}, line {line_no}: malformed JSONL record (missing the {err} field)") from None
+            except (ValueError, TypeError, IndexError, UnicodeEncodeError) as err:
                 raise ValueError(f"{p}, line {line_no}: malformed JSONL record ({err})") from err
-            if text.strip():
-                doc_id = str(obj.get("id", f"{p.as_posix()}:{line_no}"))
-                yield Document(doc_id, text, str(obj.get("domain") or domain or "prose"))
+            if record is not None:
+                yield record
+
+
+def iter_jsonl(path: str | os.PathLike, domain: str | None = None) -> Iterator[Document]:
+    """One document per line ``{"text": ..., "id"?: ..., "domain"?: ...}``; ``domain`` is the default for lines
+    without a domain field ("prose" if None). Lines without an id get ``<path>:<line number>``."""
+    p = Path(path)
+
+    def document(line_no: int, obj: dict[str, Any]) -> Document | None:
+        text = obj["text"]
+        if not isinstance(text, str):
+            raise ValueError(f'"text" must be a string, got {type(text).__name__}')
+        text.encode("utf-8")  # lone surrogates ("\ud800") parse as JSON but cannot be tokenized or counted
+        if not text.strip():
+            return None
+        doc_id = str(obj.get("id", f"{p.as_posix()}:{line_no}"))
+        return Document(doc_id, text, str(obj.get("domain") or domain or "prose"))
+
+    return iter_jsonl_records(p, document)
 
 
 def _iter_file(path: Path, domain: str | None) -> Iterator[Document]:

@@ -106,9 +106,8 @@ def packed_length_sums(cu_seqlens_tok: torch.Tensor, cu_seqlens_cpt: torch.Tenso
     )
 
 
-@dataclass(frozen=True)
-class StageFlops:
-    """FLOPs of one stage: matmuls, attention scores as the model defines them, and as the kernel runs them."""
+class _Totals:
+    """``total`` (model FLOPs) and ``hardware_total`` from ``matmul``, ``attention`` and ``hardware_attention``."""
 
     matmul: float
     attention: float
@@ -122,12 +121,21 @@ class StageFlops:
     def hardware_total(self) -> float:
         return self.matmul + self.hardware_attention
 
+
+@dataclass(frozen=True)
+class StageFlops(_Totals):
+    """FLOPs of one stage: matmuls, attention scores as the model defines them, and as the kernel runs them."""
+
+    matmul: float
+    attention: float
+    hardware_attention: float
+
     def scaled(self, factor: float) -> StageFlops:
         return StageFlops(self.matmul * factor, self.attention * factor, self.hardware_attention * factor)
 
 
 @dataclass(frozen=True)
-class FlopsBreakdown:
+class FlopsBreakdown(_Totals):
     """FLOPs per stage of one count (a batch, or per token after :meth:`per_token`).
 
     ``total`` is the model-FLOPs convention used for MFU; ``hardware_total`` counts Ψ's attention as its kernel
@@ -151,14 +159,6 @@ class FlopsBreakdown:
     @property
     def hardware_attention(self) -> float:
         return sum(s.hardware_attention for s in self.stages.values())
-
-    @property
-    def total(self) -> float:
-        return self.matmul + self.attention
-
-    @property
-    def hardware_total(self) -> float:
-        return self.matmul + self.hardware_attention
 
     def share(self, stage: str) -> float:
         """Fraction of the model FLOPs ``total`` spent in ``stage``."""

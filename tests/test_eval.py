@@ -106,7 +106,7 @@ def test_limit(tmp_path: Path) -> None:
     ("task", "bad", "why"),
     [
         ("piqa", "{not json", "malformed"),
-        ("piqa", json.dumps({"query": "q", "choices": ["a", "b"]}), "missing field 'gold'"),
+        ("piqa", json.dumps({"query": "q", "choices": ["a", "b"]}), "missing the 'gold' field"),
         ("piqa", json.dumps({"query": "q", "choices": ["a", "b"], "gold": 2}), "not an index"),
         ("winogrande", json.dumps({"context_options": ["a"], "continuation": "b", "gold": 0}), "at least 2"),
         ("lambada_openai", json.dumps({"context": "a", "continuation": ""}), "non-empty"),
@@ -119,7 +119,7 @@ def test_malformed_line_names_file_and_line(tmp_path: Path, task: str, bad: str,
         "lambada_openai": {"context": "a", "continuation": "b"},
     }[task]
     path = write_jsonl(tmp_path / f"{task}.jsonl", [good, bad])
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:2: .*{why}"):
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 2: .*{why}"):
         load_task(task, tmp_path)
 
 

@@ -91,7 +91,7 @@ def test_sources_errors_name_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: malformed JSONL"):
         list(iter_documents([bad]))
     bad.write_text('{"id": 3}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl, line 1: missing the \"text\" field"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 1: malformed JSONL record \(missing the 'text' field\)"):
         list(iter_documents([bad]))
     with pytest.raises(FileNotFoundError, match=r"missing\.txt.*does not exist"):
         iter_documents([tmp_path / "missing.txt"])  # checked before any document is read

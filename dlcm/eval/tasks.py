@@ -22,12 +22,13 @@ alone and with the continuation appended (the scorer relies on that to find the 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dlcm.data.sources import iter_jsonl_records
 
 ANSWER_CUE = "\nAnswer:"
 
@@ -59,21 +60,7 @@ Loader = Callable[[Path], list[Example]]
 
 def _read_jsonl(path: Path, parse: Callable[[dict[str, Any]], Example]) -> list[Example]:
     """Parse every non-blank line; any error names the file and the 1-based line number."""
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                example = parse(row)
-            except (ValueError, KeyError, TypeError, IndexError) as err:
-                detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
-                raise ValueError(f"{path}:{lineno}: malformed line ({detail})") from err
-            examples.append(example)
-    return examples
+    return list(iter_jsonl_records(path, lambda _, row: parse(row)))
 
 
 def _choice_example(context: str, choices: Any, gold: Any) -> Example:
