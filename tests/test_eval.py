@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from dlcm.data.tokenizer import train_bpe, vocab_size
-from dlcm.eval.cli import format_table, load_weights
+from dlcm.eval.cli import format_table, load_weights, markdown_table, write_tensorboard
 from dlcm.eval.scoring import (
     Request,
     encode_request,
@@ -96,6 +97,88 @@ def test_lambada_cloze(tmp_path: Path) -> None:
     assert load_task("lambada_openai", tmp_path) == [Example("the cat sat on the", (" mat",), 0, kind="cloze")]
 
 
+def test_race_both_layouts(tmp_path: Path) -> None:
+    flat = {
+        "article": "Tom has a dog. ",
+        "question": "What does Tom have?",
+        "options": ["a cat", "a dog"],
+        "answer": "B",
+    }
+    original = {
+        "id": "high1.txt",
+        "article": "It rained.",
+        "questions": ["What happened?", "The ground was _ ."],
+        "options": [["rain", "sun", "snow", "wind"], ["wet", "dry", "hot", "red"]],
+        "answers": ["A", "a"],
+    }
+    write_jsonl(tmp_path / "race.jsonl", [flat, original])
+    a, b, c = load_task("race", tmp_path)
+    assert a == Example("Article: Tom has a dog.\n\nQuestion: What does Tom have?\nAnswer:", (" a cat", " a dog"), 1)
+    assert b.context == "Article: It rained.\n\nQuestion: What happened?\nAnswer:" and b.label == 0
+    assert c.context.endswith("Question: The ground was _ .\nAnswer:") and c.continuations[0] == " wet" and c.label == 0
+    assert len(load_task("race", tmp_path, limit=2)) == 2  # the limit counts questions, not articles
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+LETTERED = Example("1+1=?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:", (" A", " B", " C", " D"), 1)
+
+
+def test_ceval_cmmlu_jsonl_and_csv(tmp_path: Path) -> None:
+    row = {"id": 0, "question": "1+1=?", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "B", "explanation": ""}
+    write_jsonl(tmp_path / "ceval.jsonl", [row])
+    assert load_task("ceval", tmp_path) == [LETTERED]  # the MMLU prompt: lettered options, letters scored
+    # C-Eval CSV: id and a multi-line quoted explanation; CMMLU CSV: unnamed index column, capitalised names.
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    header = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
+    write_csv(csv_dir / "ceval.csv", header, [["0", "1+1=?", "1", "2", "3", "4", "B", "1+1\n=2"]] * 2)
+    assert load_task("ceval", csv_dir) == [LETTERED] * 2
+    write_csv(
+        csv_dir / "cmmlu.csv", ["", "Question", "A", "B", "C", "D", "Answer"], [["0", "1+1=?", "1", "2", "3", "4", "B"]]
+    )
+    assert load_task("cmmlu", csv_dir) == [LETTERED]
+    # Per-subject directory, as the datasets ship: files read in sorted order, CSV and JSONL mixed.
+    subjects = tmp_path / "dir" / "cmmlu"
+    subjects.mkdir(parents=True)
+    write_csv(subjects / "b_physics.csv", ["Question", "A", "B", "Answer"], [["Hot?", "ice", "fire", "B"]])
+    write_jsonl(subjects / "a_math.jsonl", [row])
+    (subjects / "README.md").write_text("not data")
+    assert load_task("cmmlu", tmp_path / "dir") == [
+        LETTERED,
+        Example("Hot?\nA. ice\nB. fire\nAnswer:", (" A", " B"), 1),
+    ]
+    with pytest.raises(FileNotFoundError, match=r"cmmlu\.jsonl.*cmmlu\.csv.*cmmlu"):
+        load_task("cmmlu", tmp_path / "csv" / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("row", "why"),
+    [
+        (["1", "q", "a", "b", "c", "d", "E", ""], "not an index"),
+        (["2", "q", "a", "b", "c", "d", "", ""], "must be a letter"),
+        (["3", "", "a", "b", "c", "d", "A", ""], "question is empty"),
+        (["4", "q", "a", "b", "c"], "expected 8 columns"),
+    ],
+)
+def test_malformed_csv_row_names_file_and_line(tmp_path: Path, row: list[str], why: str) -> None:
+    header = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
+    # The first record spans lines 2-3, so the bad one starts on line 4: lines, not records, are counted.
+    path = write_csv(tmp_path / "ceval.csv", header, [["0", "q", "a", "b", "c", "d", "A", "two\nlines"], row])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 4: malformed CSV record .*{why}"):
+        load_task("ceval", tmp_path)
+
+
+def test_csv_missing_column_names_the_column(tmp_path: Path) -> None:
+    write_csv(tmp_path / "ceval.csv", ["id", "question", "A", "B", "C", "D"], [["0", "q", "a", "b", "c", "d"]])
+    with pytest.raises(ValueError, match=r"line 2: .*missing the 'answer' column"):
+        load_task("ceval", tmp_path)
+
+
 def test_limit(tmp_path: Path) -> None:
     rows = [{"query": f"q{i}", "choices": ["a", "b"], "gold": 0} for i in range(5)]
     write_jsonl(tmp_path / "piqa.jsonl", rows)
@@ -110,6 +193,10 @@ def test_limit(tmp_path: Path) -> None:
         ("piqa", json.dumps({"query": "q", "choices": ["a", "b"], "gold": 2}), "not an index"),
         ("winogrande", json.dumps({"context_options": ["a"], "continuation": "b", "gold": 0}), "at least 2"),
         ("lambada_openai", json.dumps({"context": "a", "continuation": ""}), "non-empty"),
+        ("race", json.dumps({"article": "t", "question": "q", "options": ["a", "b"], "answer": "C"}), "not an index"),
+        ("race", json.dumps({"article": "t", "questions": ["q"], "options": [], "answers": ["A"]}), "same length"),
+        ("cmmlu", json.dumps({"question": "q", "A": "a", "B": "b", "answer": "AB"}), "must be a letter"),
+        ("cmmlu", json.dumps({"question": "q", "A": "a", "B": 2, "answer": "A"}), "must be strings"),
     ],
 )
 def test_malformed_line_names_file_and_line(tmp_path: Path, task: str, bad: str, why: str) -> None:
@@ -117,6 +204,8 @@ def test_malformed_line_names_file_and_line(tmp_path: Path, task: str, bad: str,
         "piqa": {"query": "q", "choices": ["a", "b"], "gold": 0},
         "winogrande": {"context_options": ["a", "b"], "continuation": "c", "gold": 0},
         "lambada_openai": {"context": "a", "continuation": "b"},
+        "race": {"article": "t", "question": "q", "options": ["a", "b"], "answer": "A"},
+        "cmmlu": {"question": "q", "A": "a", "B": "b", "answer": "A"},
     }[task]
     path = write_jsonl(tmp_path / f"{task}.jsonl", [good, bad])
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 2: .*{why}"):
@@ -128,7 +217,9 @@ def test_unknown_task_lists_known(tmp_path: Path) -> None:
         load_task("arc_hard", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"boolq\.jsonl"):
         load_task("boolq", tmp_path)
-    assert {"arc_easy", "piqa", "winogrande", "hellaswag", "lambada_openai", "mmlu"} <= set(TASKS)
+    assert {"arc_easy", "piqa", "winogrande", "hellaswag", "lambada_openai", "mmlu", "race", "ceval", "cmmlu"} <= set(
+        TASKS
+    )
 
 
 # --- scoring -------------------------------------------------------------------------------------------------
@@ -237,6 +328,39 @@ def test_cloze_accuracy_and_perplexity(tokenizer) -> None:
         evaluate_examples(network, tokenizer, [], context_length=64)
 
 
+# --- TensorBoard -------------------------------------------------------------------------------------------
+
+
+def read_tensorboard(log_dir: Path) -> tuple[str, int, dict[str, tuple[int, float]]]:
+    """The ``eval/results`` text, its step, and every scalar tag → (step, value), read back from the event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    (text,) = acc.Tensors("eval/results/text_summary")
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert all(len(v) == 1 for v in scalars.values())
+    return text.tensor_proto.string_val[0].decode(), text.step, {tag: v[0] for tag, v in scalars.items()}
+
+
+def test_tensorboard_results_table_and_scalars(tmp_path: Path) -> None:
+    results = {
+        "piqa": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.75, "acc_norm_stderr": 0.05, "n": 20},
+        "lambada_openai": {"acc": 0.25, "acc_stderr": 0.2, "ppl": 123.456, "n": 4},
+    }
+    write_tensorboard(results, tmp_path / "tb", step=7)
+    text, step, scalars = read_tensorboard(tmp_path / "tb")
+    assert text == markdown_table(results) and step == 7
+    assert text.splitlines()[2:] == [
+        "| piqa | 20 | 0.5000 ± 0.1000 | 0.7500 ± 0.0500 | - |",
+        "| lambada_openai | 4 | 0.2500 ± 0.2000 | - | 123.46 |",
+    ]
+    expected = {f"eval/{task}/{m}": (7, v) for task, r in results.items() for m, v in r.items() if m != "n"}
+    assert scalars.keys() == expected.keys()
+    for tag, (s, v) in expected.items():
+        assert scalars[tag][0] == s and scalars[tag][1] == pytest.approx(v)
+
+
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 
@@ -286,7 +410,8 @@ def test_dlcm_eval_end_to_end_on_a_tiny_fit(tmp_path: Path, capsys) -> None:
     write_jsonl(data / "lambada_openai.jsonl", [{"context": "And God said, Let there be", "continuation": "light"}])
     out = tmp_path / "results.json"
     argv = ["--config", recipe, "--ckpt_path", ckpt, "--tasks", "copa,lambada_openai", "--data-dir", str(data)]
-    assert main([*argv, "--limit", "2", "--out", str(out), "--no-progress"]) == 0
+    tb = tmp_path / "tb"
+    assert main([*argv, "--limit", "2", "--out", str(out), "--tensorboard", str(tb), "--no-progress"]) == 0
     results = json.loads(out.read_text())
     assert set(results) == {"copa", "lambada_openai"} and results["copa"]["n"] == 2
     assert set(results["copa"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}
@@ -296,3 +421,6 @@ def test_dlcm_eval_end_to_end_on_a_tiny_fit(tmp_path: Path, capsys) -> None:
     )
     assert results["lambada_openai"]["ppl"] == pytest.approx(direct["ppl"], rel=1e-4)
     assert "lambada_openai" in capsys.readouterr().out
+    text, step, scalars = read_tensorboard(tb)  # logged at the checkpoint's training step
+    assert step == 3 and "| copa | 2 |" in text
+    assert scalars["eval/lambada_openai/ppl"] == (3, pytest.approx(results["lambada_openai"]["ppl"]))

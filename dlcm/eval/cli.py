@@ -3,7 +3,8 @@
 Example::
 
     dlcm eval --config recipes/dlcm_tiny_r4_defaultcorpus_cpu.yaml --ckpt_path runs/…/last.ckpt \\
-        --tasks arc_easy,piqa,lambada_openai --data-dir /path/to/eval --limit 500 --out results.json
+        --tasks arc_easy,piqa,lambada_openai --data-dir /path/to/eval --limit 500 --out results.json \\
+        --tensorboard runs/…/tensorboard
 
 The recipe (and its data section, which names the tokenizer) must be the one the checkpoint was trained with: the
 model is rebuilt through the training CLI, so vocabulary size and context length come out exactly as in training.
@@ -29,11 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", required=True, help="recipe YAML (repeatable, composes in order)")
     p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", help="Lightning checkpoint; omit for init weights")
     p.add_argument("--tasks", required=True, help=f"comma-separated, from: {', '.join(sorted(TASKS))}")
-    p.add_argument("--data-dir", required=True, help="directory holding <task>.jsonl files")
+    p.add_argument("--data-dir", required=True, help="directory holding <task>.jsonl (ceval/cmmlu: also .csv or dir)")
     p.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="packed tokens per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--out", default=None, help="write results JSON here")
+    p.add_argument(
+        "--tensorboard", default=None, metavar="DIR", help="also log a results table and per-metric scalars here"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -50,8 +54,11 @@ def build_from_recipe(configs: list[str]) -> tuple[Any, Any]:
     return cli.model, cli.datamodule.tokenizer
 
 
-def load_weights(module: torch.nn.Module, ckpt_path: str) -> None:
-    """Load a Lightning checkpoint's ``state_dict``, naming shape mismatches and missing/unexpected keys."""
+def load_weights(module: torch.nn.Module, ckpt_path: str) -> int:
+    """Load a Lightning checkpoint's ``state_dict``, naming shape mismatches and missing/unexpected keys.
+
+    Returns the checkpoint's ``global_step`` (0 if absent), the step at which its evaluation is logged.
+    """
     # weights_only=False: Lightning checkpoints pickle the recipe's config dataclasses in their hyperparameters.
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if "state_dict" not in ckpt:
@@ -64,6 +71,7 @@ def load_weights(module: torch.nn.Module, ckpt_path: str) -> None:
         raise ValueError(
             f"{ckpt_path} does not match the model of this recipe (use the recipe it was trained with): {err}"
         ) from err
+    return int(ckpt.get("global_step", 0))
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -77,6 +85,32 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(results: dict[str, dict[str, float]]) -> str:
+    """The results as a markdown table (TensorBoard's text tab renders markdown); missing metrics show as "-"."""
+    lines = ["| task | n | acc | acc_norm | ppl |", "|---|---:|---:|---:|---:|"]
+    for task, r in results.items():
+        acc = f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}"
+        norm = f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}" if "acc_norm" in r else "-"
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
+        lines.append(f"| {task} | {int(r['n'])} | {acc} | {norm} | {ppl} |")
+    return "\n".join(lines)
+
+
+def write_tensorboard(results: dict[str, dict[str, float]], log_dir: str | Path, step: int = 0) -> None:
+    """Log ``eval/results`` (markdown table) and one scalar ``eval/<task>/<metric>`` per metric at ``step``."""
+    from torch.utils.tensorboard import SummaryWriter  # imported here: only this option needs tensorboard
+
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        writer.add_text("eval/results", markdown_table(results), step)
+        for task, r in results.items():
+            for metric, value in r.items():
+                if metric != "n":  # the item count is in the table; as a curve it says nothing
+                    writer.add_scalar(f"eval/{task}/{metric}", value, step)
+    finally:
+        writer.close()
+
+
 def main(argv: list[str]) -> int:
     """Run ``dlcm eval``; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -84,8 +118,7 @@ def main(argv: list[str]) -> int:
     # Load every task before building the model, so a typo or a malformed file fails in seconds.
     examples = {t: load_task(t, args.data_dir, args.limit) for t in tasks}
     module, tokenizer = build_from_recipe(args.config)
-    if args.ckpt_path:
-        load_weights(module, args.ckpt_path)
+    step = load_weights(module, args.ckpt_path) if args.ckpt_path else 0
     network = module.network.to(args.device)
     results: dict[str, dict[str, float]] = {}
     for task, items in examples.items():
@@ -98,4 +131,6 @@ def main(argv: list[str]) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    if args.tensorboard:
+        write_tensorboard(results, args.tensorboard, step)
     return 0

@@ -10,10 +10,19 @@ piqa, boolq, openbook_qa,
 copa, commonsense_qa, siqa
 mmlu, mmlu_small            Foundry's ``query``/``choices``/``gold``/``category`` or the    multiple choice
                             public ``question``/``choices``/``answer``/``subject`` layout
+race                        ``article``/``question``/``options``/``answer`` (one line per   multiple choice
+                            question), or the original per-article ``article``/
+                            ``questions``/``options``/``answers`` parallel lists
+ceval, cmmlu                ``question``, ``A``…``D``, ``answer`` letter; JSONL or CSV      multiple choice
+                            (C-Eval's ``id``/``explanation``, CMMLU's index column and
+                            capitalised ``Question``/``Answer`` are accepted)
 winogrande                  ``context_options``, ``continuation``, ``gold``                 partial scoring
 hellaswag                   ``ctx``, ``endings``, ``label``, ``activity_label`` (standard)  multiple choice
 lambada_openai, lambada     ``context``, ``continuation``                                   cloze (greedy + ppl)
 ==========================  ==============================================================  =====================
+
+``ceval`` and ``cmmlu`` are read from ``<name>.jsonl``, ``<name>.csv`` or a directory ``<name>/`` of per-subject
+``*.csv``/``*.jsonl`` files (the datasets ship one CSV per subject); every other task from ``<name>.jsonl``.
 
 Prompts follow the common zero-shot convention: a question ends in ``"\\nAnswer:"`` and every continuation starts
 with the single space that separates it from the context, so a byte-level BPE tokenises the context identically
@@ -22,6 +31,7 @@ alone and with the continuation appended (the scorer relies on that to find the 
 
 from __future__ import annotations
 
+import csv
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,6 +106,87 @@ def _parse_mmlu(row: dict[str, Any]) -> Example:
     return _choice_example("\n".join(lines) + ANSWER_CUE, letters, row["answer"])
 
 
+def _letter_index(answer: Any) -> int:
+    """``"B"`` (any case, surrounding spaces ignored) → 1; a bare int index passes through for the bounds check."""
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        return answer
+    if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().isalpha():
+        return ord(answer.strip().upper()) - ord("A")
+    raise ValueError(f"answer must be a letter A, B, …, got {answer!r}")
+
+
+def _race_example(article: Any, question: Any, options: Any, answer: Any) -> Example:
+    if not isinstance(article, str) or not isinstance(question, str):
+        raise ValueError("article and question must be strings")
+    context = f"Article: {article.strip()}\n\nQuestion: {question.strip()}{ANSWER_CUE}"
+    return _choice_example(context, options, _letter_index(answer))
+
+
+def _parse_race(row: dict[str, Any]) -> list[Example]:
+    if "questions" not in row:  # one (article, question) pair per line, as in the Hugging Face export
+        return [_race_example(row["article"], row["question"], row["options"], row["answer"])]
+    questions, options, answers = row["questions"], row["options"], row["answers"]
+    if not all(isinstance(x, list) for x in (questions, options, answers)) or not (
+        len(questions) == len(options) == len(answers)
+    ):
+        raise ValueError("questions, options and answers must be lists of the same length")
+    return [_race_example(row["article"], *qoa) for qoa in zip(questions, options, answers, strict=True)]
+
+
+def _load_race(path: Path) -> list[Example]:
+    # The original layout holds every question of an article on one line, so a line yields several examples.
+    return [ex for group in iter_jsonl_records(path, lambda _, row: _parse_race(row)) for ex in group]
+
+
+def _parse_lettered(row: dict[str, Any]) -> Example:
+    """C-Eval / CMMLU: ``question``, option columns ``A``, ``B``, …, ``answer`` letter, in the MMLU prompt."""
+    # CMMLU capitalises "Question"/"Answer"; option keys "A".."D" lower-case to "a".."d" without clashing.
+    fields = {k.strip().lower(): v for k, v in row.items() if isinstance(k, str)}
+    question = fields["question"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question is empty")
+    letters: list[str] = []
+    while chr(ord("a") + len(letters)) in fields:
+        letters.append(chr(ord("A") + len(letters)))
+    options = [fields[letter.lower()] for letter in letters]
+    if not all(isinstance(o, str) for o in options):
+        raise ValueError(f"options must be strings, got {options!r}")
+    lines = [question.strip(), *(f"{letter}. {text.strip()}" for letter, text in zip(letters, options, strict=True))]
+    return _choice_example("\n".join(lines) + ANSWER_CUE, letters, _letter_index(fields["answer"]))
+
+
+def _read_csv(path: Path, parse: Callable[[dict[str, Any]], Example]) -> list[Example]:
+    """Parse every row of a headed CSV; any error names the file and the line the row starts on."""
+    examples: list[Example] = []
+    # utf-8-sig: C-Eval's CSVs may start with a byte-order mark that would otherwise glue onto the first column name.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []  # reads the header, so line_num now points at its last line
+        start = reader.line_num + 1  # quoted fields (C-Eval explanations) can span lines, so track each row's start
+        for row in reader:
+            try:
+                if None in row or None in row.values():
+                    raise ValueError(f"expected {len(columns)} columns")
+                examples.append(parse(row))
+            except KeyError as err:
+                raise ValueError(f"{path}, line {start}: malformed CSV record (missing the {err} column)") from None
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{path}, line {start}: malformed CSV record ({err})") from err
+            start = reader.line_num + 1
+    return examples
+
+
+def _load_lettered(path: Path) -> list[Example]:
+    """One ``.jsonl`` or ``.csv`` file, or a directory of them (sorted, so the order and ``--limit`` are stable)."""
+    files = sorted(f for f in path.iterdir() if f.suffix in (".csv", ".jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .csv or .jsonl files")
+    examples: list[Example] = []
+    for f in files:
+        examples += _read_csv(f, _parse_lettered) if f.suffix == ".csv" else _read_jsonl(f, _parse_lettered)
+    return examples
+
+
 def _parse_winogrande(row: dict[str, Any]) -> Example:
     options, continuation = row["context_options"], row["continuation"]
     if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
@@ -143,19 +234,33 @@ TASKS: dict[str, Loader] = {
     "siqa": _query_loader(answer_cue=True),
     "mmlu": lambda path: _read_jsonl(path, _parse_mmlu),
     "mmlu_small": lambda path: _read_jsonl(path, _parse_mmlu),
+    "race": _load_race,
+    "ceval": _load_lettered,
+    "cmmlu": _load_lettered,
     "winogrande": lambda path: _read_jsonl(path, _parse_winogrande),
     "hellaswag": lambda path: _read_jsonl(path, _parse_hellaswag),
     "lambada_openai": lambda path: _read_jsonl(path, _parse_lambada),
     "lambada": lambda path: _read_jsonl(path, _parse_lambada),
 }
 
+# Where each task may live under the data directory, in order of preference ("/" marks a directory).
+_LOCATIONS: dict[str, tuple[str, ...]] = {
+    "ceval": ("ceval.jsonl", "ceval.csv", "ceval/"),
+    "cmmlu": ("cmmlu.jsonl", "cmmlu.csv", "cmmlu/"),
+}
+
 
 def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list[Example]:
-    """Examples of task ``name`` from ``data_dir/<name>.jsonl`` (the first ``limit`` if given)."""
+    """Examples of task ``name`` from ``data_dir/<name>.jsonl`` or another accepted location (the first ``limit``)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}: expected one of {', '.join(sorted(TASKS))}")
-    path = Path(data_dir) / f"{name}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"task {name!r} needs {path}, which does not exist")
-    examples = TASKS[name](path)
+    candidates = [
+        (Path(data_dir) / loc.rstrip("/"), loc.endswith("/")) for loc in _LOCATIONS.get(name, (f"{name}.jsonl",))
+    ]
+    found = [path for path, is_dir in candidates if (path.is_dir() if is_dir else path.is_file())]
+    if not found:
+        raise FileNotFoundError(
+            f"task {name!r} needs one of {', '.join(str(p) for p, _ in candidates)}, none of which exists"
+        )
+    examples = TASKS[name](found[0])
     return examples if limit is None else examples[:limit]
