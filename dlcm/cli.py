@@ -52,6 +52,8 @@ class DLCMCLI(LightningCLI):
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins.append(AtomicCheckpointIO())
         config["plugins"] = plugins
+        if config.get("logger") is False:  # LearningRateMonitor refuses to run without a logger
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:
