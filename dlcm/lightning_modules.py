@@ -19,6 +19,7 @@ from torch import nn
 
 from dlcm.baseline import DenseBaseline
 from dlcm.config import BaselineConfig, DLCMConfig
+from dlcm.execution import ExecutionConfig, apply_execution, compiled_graphs
 from dlcm.loss import IGNORE_INDEX, next_token_targets
 from dlcm.model import DLCM, DLCMOutput
 from dlcm.optim import OptimizerConfig, ScheduleConfig, build_optimizer, default_param_groups
@@ -50,6 +51,7 @@ class LanguageModelModule(L.LightningModule):
         schedule: ScheduleConfig | None,
         context_length: int,
         seed: int,
+        execution: ExecutionConfig | None = None,
     ) -> None:
         super().__init__()
         if context_length < 1:
@@ -59,12 +61,21 @@ class LanguageModelModule(L.LightningModule):
         self.config = config
         self.optimizer_cfg = optimizer or OptimizerConfig()
         self.schedule_cfg = schedule or ScheduleConfig()
+        self.execution_cfg = execution or ExecutionConfig()
         self.context_length = context_length
         self.seed = seed
         self.param_groups_fn = default_param_groups
         self.val_nats = torchmetrics.SumMetric()
         self.val_tokens = torchmetrics.SumMetric()
         self.val_bytes = torchmetrics.SumMetric()
+
+    def configure_model(self) -> None:
+        apply_execution(self.network, self.execution_cfg)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.execution_cfg.compile_blocks:
+            # Growth of this count after the first steps means recompilation (e.g. new concept-stream lengths).
+            self.log("compile/graphs", float(compiled_graphs()))
 
     def run(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
@@ -178,8 +189,9 @@ class DLCMModule(LanguageModelModule):
         schedule: ScheduleConfig | None = None,
         context_length: int = 2048,
         seed: int = 0,
+        execution: ExecutionConfig | None = None,
     ) -> None:
-        super().__init__(DLCM(config), config, optimizer, schedule, context_length, seed)
+        super().__init__(DLCM(config), config, optimizer, schedule, context_length, seed, execution)
         self.val_boundaries = torchmetrics.SumMetric()
         self.val_all_tokens = torchmetrics.SumMetric()
 
@@ -238,8 +250,9 @@ class BaselineModule(LanguageModelModule):
         schedule: ScheduleConfig | None = None,
         context_length: int = 2048,
         seed: int = 0,
+        execution: ExecutionConfig | None = None,
     ) -> None:
-        super().__init__(DenseBaseline(config), config, optimizer, schedule, context_length, seed)
+        super().__init__(DenseBaseline(config), config, optimizer, schedule, context_length, seed, execution)
 
     def run(self, batch: dict[str, Any]) -> tuple[torch.Tensor, None]:
         return self.network(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"]), None
