@@ -74,13 +74,19 @@ def load_weights(module: torch.nn.Module, ckpt_path: str) -> int:
     return int(ckpt.get("global_step", 0))
 
 
+def _cells(r: dict[str, float]) -> tuple[str, str, str]:
+    """acc ± stderr, acc_norm ± stderr and ppl of one task, "-" where the task has no such metric."""
+    acc = f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}"
+    norm = f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}" if "acc_norm" in r else "-"
+    ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
+    return acc, norm, ppl
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
     """Plain-text table of every task's metrics (value ± standard error)."""
     lines = [f"{'task':<16} {'n':>6}  {'acc':>16}  {'acc_norm':>16}  {'ppl':>10}"]
     for task, r in results.items():
-        acc = f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}"
-        norm = f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}" if "acc_norm" in r else "-"
-        ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
+        acc, norm, ppl = _cells(r)
         lines.append(f"{task:<16} {r['n']:>6}  {acc:>16}  {norm:>16}  {ppl:>10}")
     return "\n".join(lines)
 
@@ -89,9 +95,7 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
     """The results as a markdown table (TensorBoard's text tab renders markdown); missing metrics show as "-"."""
     lines = ["| task | n | acc | acc_norm | ppl |", "|---|---:|---:|---:|---:|"]
     for task, r in results.items():
-        acc = f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}"
-        norm = f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}" if "acc_norm" in r else "-"
-        ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
+        acc, norm, ppl = _cells(r)
         lines.append(f"| {task} | {int(r['n'])} | {acc} | {norm} | {ppl} |")
     return "\n".join(lines)
 
