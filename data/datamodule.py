@@ -18,6 +18,9 @@ Validation reads every ``world``-th document per rank (in the training process, 
 Resume. The position (epoch, batches processed in it) is saved in the checkpoint through the data module's
 ``state_dict``; the next training iterator skips exactly those batches. Exact continuation needs the same
 ``seed``, ``tokens_per_batch``, ``max_seq_len``, world size and ``num_workers``.
+
+Mixtures. With ``mixture`` the stream interleaves several shard directories by token share
+(:mod:`dlcm.data.mixture`); everything above holds for it unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dlcm.data.packing import pack_documents
@@ -131,7 +135,7 @@ class PackedLoader:
         if self.split == "train":
             epoch, skip = self.datamodule.consume_position()
             spec = replace(spec, epoch=epoch, skip=skip)
-        stream = PackedStream(spec)
+        stream = self.datamodule.stream(spec)
         if spec.num_workers == 0:
             yield from stream
         else:
@@ -149,6 +153,8 @@ class PackedDataModule(L.LightningDataModule):
         seed: data-order seed.
         num_workers: DataLoader worker processes per rank (0: load in the training process).
         val_batches: cap on validation micro-batches per rank; ``None``: the whole validation split once.
+        mixture: ``{source: token share}`` (shares sum to 1): read the shard directories ``data_dir/<source>`` as
+            one weighted stream (:mod:`dlcm.data.mixture`); ``None``: ``data_dir`` is itself a shard directory.
     """
 
     def __init__(
@@ -159,6 +165,7 @@ class PackedDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         val_batches: int | None = None,
+        mixture: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         from dlcm.data.corpus import ensure_default_corpus
@@ -172,8 +179,16 @@ class PackedDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers={num_workers} is not allowed: 0 or more worker processes")
         if val_batches is not None and val_batches < 1:
             raise ValueError(f"data.val_batches={val_batches} is not allowed: None or at least 1")
-        self.data_dir = Path(data_dir) if data_dir is not None else ensure_default_corpus()
-        self.manifest = Manifest.load(self.data_dir)
+        self.mixture = None
+        if mixture is not None:
+            from dlcm.data.mixture import Mixture
+
+            # A Mixture reads like a Manifest over its sources (tokenizer, domains, split totals, shard paths).
+            self.mixture = Mixture.load(data_dir, mixture)
+            self.data_dir = self.mixture.directory
+        else:
+            self.data_dir = Path(data_dir) if data_dir is not None else ensure_default_corpus()
+        self.manifest = self.mixture if self.mixture is not None else Manifest.load(self.data_dir)
         tokenizer = load_tokenizer(self.manifest.tokenizer_path)
         self.tokenizer = tokenizer  # callbacks decode validation text with it
         self.vocab_size = vocab_size(tokenizer)
@@ -237,6 +252,14 @@ class PackedDataModule(L.LightningDataModule):
             self._val_split_tokens[world] = totals
         return self._val_split_tokens[world]
 
+    def stream(self, spec: StreamSpec) -> PackedStream:
+        """The iterable ``spec`` describes: this directory's stream, or the mixture's."""
+        if self.mixture is None:
+            return PackedStream(spec)
+        from dlcm.data.mixture import MixtureStream
+
+        return MixtureStream(spec, self.mixture.stream_sources())
+
     def consume_position(self) -> tuple[int, int]:
         """(epoch, batches to skip) for the training iterator about to start."""
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
@@ -260,8 +283,22 @@ class PackedDataModule(L.LightningDataModule):
             return {}
         # `processed` counts batches whose optimizer work is done, also when saving inside on_train_batch_end.
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_done": done}
+        state = {"epoch": trainer.current_epoch, "batches_done": done}
+        if self.mixture is not None:
+            state["mixture"] = self.mixture.weights
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
+            saved, now = state_dict.get("mixture"), self.mixture.weights if self.mixture is not None else None
+            if saved != now:
+                rank_zero_warn(
+                    f"the checkpoint's data position was saved reading {_describe(saved)}, this run reads "
+                    f"{_describe(now)}: training continues from the saved batch index, but not with the data "
+                    "order the saved run would have seen"
+                )
             self.restored_position = (state_dict["epoch"], state_dict["batches_done"])
+
+
+def _describe(mixture: dict[str, float] | None) -> str:
+    return f"the mixture {mixture}" if mixture is not None else "one shard directory"
