@@ -216,12 +216,12 @@ class PackedDataModule(L.LightningDataModule):
                 f"the {split} split of {self.data_dir} is empty; rebuild the shards with a larger --val-fraction"
             )
         rank, world = self._world()
-        if split == "val":
+        if split == "val" and self.mixture is None:
             batches = max(min(self._val_tokens_per_rank(world)) // self.tokens_per_batch, 1)
-            if self.val_batches is not None:
-                batches = min(batches, self.val_batches)
-        else:
+        else:  # a mixture's sources cycle, so its validation pass needs no per-rank count (no read of the split)
             batches = max(info.tokens // (self.tokens_per_batch * world), 1)
+        if split == "val" and self.val_batches is not None:
+            batches = min(batches, self.val_batches)
         return StreamSpec(
             shards=tuple(self.manifest.shard_paths(split)),
             domains={name: i for i, name in enumerate(self.manifest.domains)},

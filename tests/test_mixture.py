@@ -278,6 +278,14 @@ def test_validation_is_unshuffled_and_the_same_every_epoch(root: Path) -> None:
     np.testing.assert_array_equal(first, ids[: len(first)])
 
 
+def test_the_validation_pass_is_sized_without_reading_the_split(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # At pre-training scale a validation split holds billions of tokens; counting them per rank would read it all.
+    monkeypatch.setattr(PackedDataModule, "_val_tokens_per_rank", lambda *_: pytest.fail("read the split"))
+    dm = module(root)
+    assert dm.stream_spec("val").batches == dm.manifest.splits["val"].tokens // TOKENS_PER_BATCH
+    assert module(root, val_batches=2).stream_spec("val").batches == 2
+
+
 # --- errors ---
 
 
