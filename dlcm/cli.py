@@ -1,6 +1,7 @@
 """The ``dlcm`` command: LightningCLI subcommands ``fit``/``validate``/``test`` plus ``dlcm data …`` and
 ``dlcm flops …`` (inference FLOPs per token of a recipe or preset), ``dlcm eval …`` (zero-shot benchmarks of a
-checkpoint) and ``dlcm scaling fit …`` (the compression-aware scaling law, Eq. 22).
+checkpoint), ``dlcm scaling fit …`` (the compression-aware scaling law, Eq. 22) and ``dlcm sweep …`` (sweeps of
+``dlcm fit`` runs, the μP transfer and (R, P) protocols).
 
 Recipes are YAML files for LightningCLI (``--config`` may be given several times and composes in order; OmegaConf
 interpolation is enabled). Arguments that must agree are linked rather than repeated: the tokenizer's vocabulary
@@ -108,9 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         from dlcm.eval.cli import main as eval_main
 
         return eval_main(words[1:])
+    if words and words[0] == "consolidate":
+        from dlcm.consolidate import main as consolidate_main
+
+        return consolidate_main(words[1:])
     if words and words[0] == "scaling":
         from dlcm.scaling_cli import main as scaling_main
 
         return scaling_main(words[1:])
+    if words and words[0] == "sweep":
+        from dlcm.sweep import main as sweep_main
+
+        return sweep_main(words[1:])
     run_cli(argv)  # None: LightningCLI reads sys.argv itself
     return 0

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dlcm.run_metrics import event_files, read_scalars
+
 ArrayLike = float | np.ndarray  # N, D, R, P arguments broadcast like numpy arrays
 PARAM_NAMES = ("E0", "A_tok", "t_tok", "delta1", "A_con", "t_con", "delta2", "gamma", "A_data", "t_data", "alpha")
 CSV_COLUMNS = ("N", "D", "R", "P", "loss")
@@ -168,23 +170,15 @@ def _read_sidecar(run_dir: Path) -> dict:
 
 def read_runs(run_dirs: Sequence[str | Path]) -> Observations:
     """Observations from TensorBoard runs: ``scaling.json`` gives N, R, P, tokens per step; events give the loss."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     parts = []
     for run in map(Path, run_dirs):
         meta = _read_sidecar(run)
         tag = meta.get("tag", "val/loss")
-        points: dict[int, float] = {}
-        event_files = sorted(run.rglob("events.out.tfevents.*"))
-        for ev in event_files:
-            acc = EventAccumulator(str(ev), size_guidance={"scalars": 0})  # 0: keep every point, no reservoir
-            acc.Reload()
-            if tag in acc.Tags().get("scalars", []):
-                # A resumed run logs some steps twice; the later file wins.
-                points.update({e.step: e.value for e in acc.Scalars(tag)})
+        # A resumed run logs some steps twice; the later event file wins (read_scalars merges in file order).
+        points = read_scalars(run, [tag]).get(tag, {})
         points = {s: v for s, v in points.items() if s > 0}  # step 0 is D = 0, before any training
         if not points:
-            raise ValueError(f"{run}: no '{tag}' scalars at step > 0 in {len(event_files)} event file(s)")
+            raise ValueError(f"{run}: no '{tag}' scalars at step > 0 in {len(event_files(run))} event file(s)")
         steps = np.asarray(sorted(points), dtype=np.float64)
         loss = np.asarray([points[int(s)] for s in steps], dtype=np.float64)
         for s, v in zip(steps, loss, strict=True):
