@@ -57,12 +57,27 @@ def concept_bias(layout: ConceptLayout, tok: PackedSeqs) -> torch.Tensor:
     cid_T = layout.concept_id_T
     cols_C = torch.arange(layout.num_concepts, device=cid_T.device)
     readable_TC = (layout.seqs.doc_id[None, :] == tok.doc_id[:, None]) & (cols_C[None, :] <= cid_T[:, None])
-    count_TC = torch.where(
-        cols_C[None, :] < cid_T[:, None],
-        layout.length_C[None, :],
-        rows_T[:, None] - layout.start_C[None, :] + 1,
+    return log_count_bias(
+        cols_C[None, :], cid_T[:, None], rows_T[:, None], layout.start_C[None, :], layout.length_C[None, :], readable_TC
     )
-    return torch.where(readable_TC, count_TC.clamp(min=1).double().log(), float("-inf"))
+
+
+def log_count_bias(
+    col: torch.Tensor,
+    own: torch.Tensor,
+    position: torch.Tensor,
+    start: torch.Tensor,
+    length: torch.Tensor,
+    readable: torch.Tensor,
+) -> torch.Tensor:
+    """fp64 ``log n`` where ``readable``, else ``−inf`` (arguments broadcast; decoding shares it with the forward).
+
+    Key row ``col`` is replicated at every token of concept ``col``, which starts at ``start`` and has ``length``
+    tokens; a query at ``position`` in concept ``own`` sees all of them for ``col < own``, and ``position − start +
+    1`` of them on its own row.
+    """
+    count = torch.where(col < own, length, position - start + 1)
+    return torch.where(readable, count.clamp(min=1).double().log(), float("-inf"))
 
 
 def exact_concept_attention(
@@ -116,13 +131,19 @@ class CrossAttentionBlock(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.null_concept, mean=0.0, std=self.null_std)
 
+    def queries(self, h_TD: torch.Tensor) -> torch.Tensor:
+        """``q_TNH = RMSNorm(H W_Q)`` per head, for rows of any leading shape (decoding reuses it)."""
+        return self.q_norm(self.wq(h_TD).unflatten(-1, (self.n_heads, self.head_dim)))
+
+    def keys_values(self, keys_CD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``K = RMSNorm(Z' W_K)`` and ``V = Z' W_V`` per KV head of the (shifted) concept rows."""
+        k_CKH = self.k_norm(self.wk(keys_CD).unflatten(-1, (self.n_kv_heads, self.head_dim)))
+        return k_CKH, self.wv(keys_CD).unflatten(-1, (self.n_kv_heads, self.head_dim))
+
     def attend(self, h_TD: torch.Tensor, z_CD: torch.Tensor, layout: ConceptLayout, tok: PackedSeqs) -> torch.Tensor:
         """Multi-head attention output (before W_O) of every token over its readable concepts."""
-        t, c = h_TD.shape[0], z_CD.shape[0]
-        keys_CD = shift_concepts(z_CD, self.null_concept, layout)
-        q_TNH = self.q_norm(self.wq(h_TD).view(t, self.n_heads, self.head_dim))
-        k_CKH = self.k_norm(self.wk(keys_CD).view(c, self.n_kv_heads, self.head_dim))
-        v_CKH = self.wv(keys_CD).view(c, self.n_kv_heads, self.head_dim)
+        q_TNH = self.queries(h_TD)
+        k_CKH, v_CKH = self.keys_values(shift_concepts(z_CD, self.null_concept, layout))
         if resolve_cross_impl(self.impl, q_TNH.device.type, tok.max_seqlen) == "exact":
             # FlexAttention has no CPU backward: the dense [T, C] form is the CPU path (and the reference).
             exact = flex_concept_attention if q_TNH.is_cuda else exact_concept_attention
@@ -138,8 +159,14 @@ class CrossAttentionBlock(nn.Module):
         tok: PackedSeqs,
         confidence_T: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        read_TD = self.wo(self.attend(h_TD, z_CD, layout, tok).reshape(h_TD.shape[0], -1))
+        return self.finish(h_TD, self.attend(h_TD, z_CD, layout, tok), confidence_T)
+
+    def finish(
+        self, h_TD: torch.Tensor, attn_TNH: torch.Tensor, confidence_T: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``W_O``, the optional straight-through confidence, the residual to H (Eq. 14) and the FFN."""
+        read_TD = self.wo(attn_TNH.flatten(-2))
         if confidence_T is not None:
-            read_TD = read_TD * confidence_T[:, None].to(read_TD.dtype)
+            read_TD = read_TD * confidence_T[..., None].to(read_TD.dtype)
         x_TD = h_TD + read_TD
         return x_TD + self.ffn(self.ffn_norm(x_TD))

@@ -1,14 +1,21 @@
-"""Incremental decoding for DLCM and the dense baseline (SPEC §7), and a sampling loop on top of it.
+"""Batched incremental decoding for DLCM and the dense baseline (SPEC §7), and a sampling loop on top of it.
 
-DLCM decoding state of one document, after ``t`` tokens (boundaries thresholded at ``p ≥ 0.5``, i.e. eval mode):
+A decoder holds ``B`` documents of different lengths and runs one forward per call for all of them: a prompt chunk
+(``counts[b]`` new tokens for document ``b``, padded to the longest) or one generated token each. Its logits equal
+those of a full eval-mode forward pass of each document on its own (boundaries thresholded at ``p ≥ 0.5``).
 
-- encoder and decoder KV caches over tokens (RoPE position = token position);
+DLCM decoding state per document, after ``t`` tokens:
+
+- encoder and decoder KV caches over tokens (:class:`~dlcm.kv_cache.StackCache`, RoPE position = token position);
 - the parser's last query ``q_{t−1}``, so ``p_t`` needs only the new encoder state;
-- the open concept's encoder states (it is pooled once the next boundary shows it is complete);
+- the encoder states and ``p`` of its tokens (a concept is pooled once the next boundary shows it is complete, and
+  the EMA reads ``p`` at the concept's first token);
 - a backbone KV cache over *completed* concepts (RoPE position = concept index): one backbone step per concept,
-  which keeps the FLOPs saving at decode time;
+  which keeps the FLOPs saving at decode time. Only the documents whose concept completed in a call step the
+  backbone, batched together;
 - the EMA state ``z̃`` of the last completed concept;
-- Ψ's key/value rows of the shifted concept sequence: row 0 the null concept, row ``j`` concept ``j − 1``.
+- Ψ's key/value rows of the shifted concept sequence: row 0 the null concept, row ``c + 1`` concept ``c``; and every
+  concept's first token and length, which give the replication log-count bias.
 
 A boundary at token ``t`` completes concept ``j − 1``: pool, ``W_up``, backbone step, smooth, append row ``j``.
 Token ``t`` (first of concept ``j``) then reads rows ``0 … j``, so the concept that just completed is exactly the
@@ -20,9 +27,10 @@ newest row. Replication (Eq. 17) is computed on the unique rows with its log-cou
     rows read          ∅    ∅    ∅,z̃0   ∅,z̃0   ∅,z̃0
     bias (log n)       0    l2   l2,0    l2,l2   l2,l3   (lk = log k)
 
-Prompts are processed as one chunk (``extend`` accepts any number of new tokens), generation one token at a time;
-both give the logits of a full forward pass of the document in eval mode. Prompts of a batch run one after the
-other (:func:`generate_batch`); there is no padded batching.
+Every step reads the new tokens' boundary decisions back to the host once (which documents completed a concept,
+and so which shapes the backbone step has); nothing else in a step waits for the device. The modules' own
+step methods do the maths (:meth:`GlobalParser.scan_projections`, :meth:`ConceptSmoothing.resume`,
+:meth:`CrossAttentionBlock.keys_values` …), so decoding and the training forward share one definition.
 """
 
 from __future__ import annotations
@@ -35,178 +43,359 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcm.baseline import DenseBaseline
-from dlcm.kv_cache import StackCache
+from dlcm.cross_attention import log_count_bias
+from dlcm.kv_cache import StackCache, host_to_device
 from dlcm.model import DLCM
-from dlcm.smoothing import P_MIN
+from dlcm.pooling import mean_pool
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 
-class BaselineDecoder:
-    """KV-cached decoding of one document through the dense baseline."""
+def _counts(ids_Bn: torch.Tensor, counts: Sequence[int] | None) -> list[int]:
+    b, n = ids_Bn.shape
+    counts = [n] * b if counts is None else list(counts)
+    if len(counts) != b or any(not 0 <= c <= n for c in counts):
+        raise ValueError(f"counts={counts} is not allowed: {b} integers in [0, {n}] (new tokens per document)")
+    return counts
 
-    def __init__(self, model: DenseBaseline) -> None:
+
+def _last_rows(x_BnD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``[B, D]``: each document's last new row."""
+    if min(counts) < 1:
+        raise ValueError(f"last_only needs at least one new token per document, got counts={counts}")
+    last_B = host_to_device([c - 1 for c in counts], x_BnD.device)
+    return x_BnD[torch.arange(x_BnD.shape[0], device=x_BnD.device), last_B]
+
+
+class BaselineDecoder:
+    """KV-cached decoding of a batch of documents through the dense baseline."""
+
+    def __init__(self, model: DenseBaseline, batch: int, capacity: int) -> None:
+        param = next(model.parameters())
         self.model = model
-        self.stack = StackCache(model.stack)
+        self.stack = StackCache(model.stack, batch, capacity, param.device, param.dtype)
 
     @property
-    def position(self) -> int:
-        return self.stack.length
+    def lengths(self) -> list[int]:
+        """Tokens of each document seen so far."""
+        return self.stack.lengths
 
-    def extend(self, ids_N: torch.Tensor) -> torch.Tensor:
-        """Logits ``[n, V]`` of ``n`` new tokens appended to the document."""
-        return self.model.head(self.stack.extend(self.model.embed(ids_N)))
+    def extend(
+        self, ids_Bn: torch.Tensor, counts: Sequence[int] | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits ``[B, n, V]`` of ``counts[b]`` new tokens per document (padding rows are junk), or ``[B, V]`` of
+        each document's last new token with ``last_only``."""
+        counts = _counts(ids_Bn, counts)
+        h_BnD = self.stack.extend(self.model.embed(ids_Bn), counts)
+        return self.model.head(_last_rows(h_BnD, counts) if last_only else h_BnD)
 
 
 class DLCMDecoder:
-    """KV-cached decoding of one document through DLCM (thresholded boundaries, the eval-mode model)."""
+    """KV-cached decoding of a batch of documents through DLCM (thresholded boundaries, the eval-mode model)."""
 
-    def __init__(self, model: DLCM) -> None:
+    def __init__(self, model: DLCM, batch: int, capacity: int) -> None:
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        acc = torch.promote_types(dtype, torch.float32)
         self.model = model
-        self.encoder = StackCache(model.encoder)
-        self.backbone = StackCache(model.backbone)
-        self.decoder = StackCache(model.decoder)
-        self.position = 0  # tokens seen so far
-        self.prev_q_1S: torch.Tensor | None = None  # parser query of the last token, (at least) fp32
-        self.open_h_LD: torch.Tensor | None = None  # encoder states of the open (last, incomplete) concept
-        self.starts: list[int] = []  # first token of every started concept
-        self.start_probs: list[torch.Tensor] = []  # p at each concept's first token (the EMA's P_k)
-        self.z_smooth_1D: torch.Tensor | None = None  # z̃ of the last completed concept
+        self.encoder = StackCache(model.encoder, batch, capacity, device, dtype)
+        self.backbone = StackCache(model.backbone, batch, capacity, device, dtype)  # concepts ≤ tokens
+        self.decoder = StackCache(model.decoder, batch, capacity, device, dtype)
+        self.starts: list[list[int]] = [[] for _ in range(batch)]  # first token of every started concept
+        self.capacity = capacity
+        self.h_BLD = torch.zeros(batch, capacity, model.cfg.d_token, device=device, dtype=dtype)
+        self.prob_BL = torch.zeros(batch, capacity, device=device, dtype=acc)
+        self.prev_q_BS = torch.zeros(batch, model.parser.wq.weight.shape[0], device=device, dtype=acc)
+        self.smooth_BD = torch.zeros(batch, model.cfg.d_concept, device=device, dtype=acc)
+        # Per concept (= Ψ key row, see the module docstring): first token and length, for the log-count bias.
+        self.start_BR = torch.zeros(batch, capacity + 1, device=device, dtype=torch.int64)
+        self.length_BR = torch.zeros_like(self.start_BR)
         cross = model.cross
-        null_1D = cross.null_concept[None, :]
-        self.cross_k_RKH = cross.k_norm(cross.wk(null_1D).view(1, cross.n_kv_heads, cross.head_dim))
-        self.cross_v_RKH = cross.wv(null_1D).view(1, cross.n_kv_heads, cross.head_dim)
+        null_k, null_v = cross.keys_values(cross.null_concept.to(dtype))
+        self.cross_k_BRKH = null_k.expand(batch, capacity + 1, *null_k.shape).clone()
+        self.cross_v_BRKH = null_v.expand(batch, capacity + 1, *null_v.shape).clone()
 
     @property
-    def num_concepts(self) -> int:
-        """Concepts started so far (the open one included), as a full forward would count them."""
-        return len(self.starts)
+    def lengths(self) -> list[int]:
+        """Tokens of each document seen so far."""
+        return self.encoder.lengths
 
-    def extend(self, ids_N: torch.Tensor) -> torch.Tensor:
-        """Logits ``[n, V]`` of ``n`` new tokens appended to the document."""
-        m, n, pos0 = self.model, ids_N.shape[0], self.position
-        h_ND = self.encoder.extend(m.embed(ids_N))
-        prob_N = self._boundary_prob(h_ND)
-        boundary_N = prob_N >= 0.5
-        if pos0 == 0:
-            boundary_N[0] = True  # document start (prob is already 1 there; forced as in the parser)
-        new = boundary_N.nonzero().flatten().tolist()
-        base = self.starts[-1] if self.starts else pos0  # token position of h_LD's first row
-        h_LD = h_ND if self.open_h_LD is None else torch.cat([self.open_h_LD, h_ND])
-        first_done = max(len(self.starts) - 1, 0)
-        self.starts += [pos0 + i for i in new]
-        self.start_probs += [prob_N[i] for i in new]
-        self._complete(h_LD, base, first_done, len(self.starts) - 1)
-        self.open_h_LD = h_LD[self.starts[-1] - base :]
-        self.position += n
-        x_ND = self._cross(h_ND, prob_N, boundary_N, pos0)
-        return m.head(self.decoder.extend(x_ND))
+    @property
+    def num_concepts(self) -> list[int]:
+        """Concepts started in each document (the open one included), as a full forward would count them."""
+        return [len(s) for s in self.starts]
 
-    def _boundary_prob(self, h_ND: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as GlobalParser.boundary_prob, with q_{t−1} carried over from the previous call.
-        wq, wk = self.model.parser.wq.weight, self.model.parser.wk.weight
-        with torch.autocast(device_type=h_ND.device.type, enabled=False):
-            acc = torch.promote_types(h_ND.dtype, torch.float32)
-            q_NS = F.linear(h_ND.to(acc), wq.to(acc))
-            k_NS = F.linear(h_ND.to(acc), wk.to(acc))
-            prev_NS = torch.cat([q_NS[:1] if self.prev_q_1S is None else self.prev_q_1S, q_NS[:-1]])
-            cos_N = F.cosine_similarity(prev_NS, k_NS, dim=-1, eps=1e-8)
-            prob_N = ((1.0 - cos_N) / 2.0).clamp(0.0, 1.0)
-        if self.prev_q_1S is None:
-            prob_N[0] = 1.0
-        self.prev_q_1S = q_NS[-1:]
-        return prob_N
-
-    def _complete(self, h_LD: torch.Tensor, base: int, first: int, stop: int) -> None:
-        """Pool concepts ``first … stop−1`` (now complete), run them through the backbone, smooth, add Ψ rows."""
-        if stop <= first:
+    def _reserve(self, tokens: int) -> None:
+        if tokens <= self.capacity:
             return
-        m = self.model
-        acc = torch.promote_types(h_LD.dtype, torch.float32)
-        pooled = [
-            h_LD[self.starts[k] - base : self.starts[k + 1] - base].to(acc).mean(dim=0) for k in range(first, stop)
-        ]
-        z_MD = self.backbone.extend(m.pooling.w_up(torch.stack(pooled).to(h_LD.dtype)))
-        rows = []
-        for i, k in enumerate(range(first, stop)):
-            z_1D = z_MD[i : i + 1]
-            if m.smoothing.kind != "identity":
-                # z̃_k = P_k z_k + (1 − P_k) z̃_{k−1}, restarted (P = 1) on the document's first concept.
-                keep = 1.0 if k == 0 else self.start_probs[k].to(acc).clamp(P_MIN, 1.0 - P_MIN)
-                prev = 0.0 if self.z_smooth_1D is None else (1.0 - keep) * self.z_smooth_1D
-                self.z_smooth_1D = keep * z_1D.to(acc) + prev  # the state stays in acc, like ema_scan
-                z_1D = self.z_smooth_1D.to(z_MD.dtype)
-            rows.append(z_1D)
-        cross, keys_MD = m.cross, torch.cat(rows)
-        k_MKH = cross.k_norm(cross.wk(keys_MD).view(-1, cross.n_kv_heads, cross.head_dim))
-        v_MKH = cross.wv(keys_MD).view(-1, cross.n_kv_heads, cross.head_dim)
-        self.cross_k_RKH = torch.cat([self.cross_k_RKH, k_MKH])
-        self.cross_v_RKH = torch.cat([self.cross_v_RKH, v_MKH])
+        grow = max(tokens, 2 * self.capacity) - self.capacity
+        self.h_BLD = F.pad(self.h_BLD, (0, 0, 0, grow))
+        self.prob_BL = F.pad(self.prob_BL, (0, grow))
+        self.start_BR = F.pad(self.start_BR, (0, grow))
+        self.length_BR = F.pad(self.length_BR, (0, grow))
+        self.cross_k_BRKH = F.pad(self.cross_k_BRKH, (0, 0, 0, 0, 0, grow))
+        self.cross_v_BRKH = F.pad(self.cross_v_BRKH, (0, 0, 0, 0, 0, grow))
+        self.capacity += grow
 
-    def _cross(self, h_ND: torch.Tensor, prob_N: torch.Tensor, boundary_N: torch.Tensor, pos0: int) -> torch.Tensor:
+    def extend(
+        self, ids_Bn: torch.Tensor, counts: Sequence[int] | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits ``[B, n, V]`` of ``counts[b]`` new tokens per document (padding rows are junk), or ``[B, V]`` of
+        each document's last new token with ``last_only``."""
+        m, (b, n), device = self.model, ids_Bn.shape, ids_Bn.device
+        counts = _counts(ids_Bn, counts)
+        before, concepts_before = list(self.lengths), self.num_concepts
+        self._reserve(max(before) + n)
+        batch_B1 = torch.arange(b, device=device)[:, None]
+        position_Bn = host_to_device(before, device)[:, None] + torch.arange(n, device=device)[None, :]
+        valid_Bn = torch.arange(n, device=device)[None, :] < host_to_device(counts, device)[:, None]
+        h_BnD = self.encoder.extend(m.embed(ids_Bn), counts)
+        self.h_BLD[batch_B1, position_Bn] = h_BnD
+
+        q_BnS, k_BnS = m.parser.scan_projections(h_BnD)
+        prev_BnS = torch.cat([self.prev_q_BS[:, None], q_BnS[:, :-1]], dim=1)
+        doc_start_Bn = position_Bn == 0
+        prob_Bn = torch.where(doc_start_Bn, 1.0, m.parser.neighbour_prob(prev_BnS, k_BnS))
+        boundary_Bn = ((prob_Bn >= 0.5) | doc_start_Bn) & valid_Bn
+        self.prob_BL[batch_B1, position_Bn] = prob_Bn
+        last_B = host_to_device([max(c - 1, 0) for c in counts], device)
+        has_new_B1 = host_to_device(counts, device)[:, None] > 0
+        self.prev_q_BS = torch.where(has_new_B1, q_BnS[batch_B1[:, 0], last_B], self.prev_q_BS)
+
+        flags = boundary_Bn.tolist()  # the step's one device→host read: which concepts start (and so complete)
+        self._add_concepts(flags, before, counts)
+        x_BnD = self._cross(h_BnD, prob_Bn, boundary_Bn, position_Bn, concepts_before)
+        out_BnD = self.decoder.extend(x_BnD, counts)
+        return m.head(_last_rows(out_BnD, counts) if last_only else out_BnD)
+
+    def _add_concepts(self, flags: list[list[bool]], before: list[int], counts: list[int]) -> None:
+        """Record the new concept starts; pool the concepts they complete, step the backbone, smooth, add Ψ rows."""
+        device = self.h_BLD.device
+        new_doc, new_index, new_start, completed = [], [], [], []
+        for d, starts in enumerate(self.starts):
+            first_done = max(len(starts) - 1, 0)
+            for i in range(counts[d]):
+                if flags[d][i]:
+                    new_doc.append(d)
+                    new_index.append(len(starts))
+                    new_start.append(before[d] + i)
+                    starts.append(before[d] + i)
+            completed.append(range(first_done, len(starts) - 1))
+        if new_doc:
+            self.start_BR[host_to_device(new_doc, device), host_to_device(new_index, device)] = host_to_device(
+                new_start, device
+            )
+        docs = [d for d in range(len(self.starts)) if completed[d]]
+        if not docs:
+            return
+        # Concept i of the s-th stepping document goes to slot s·M + i of a padded [S, M] layout; a padding slot
+        # pools nothing (length 1 keeps it finite) and is never written back.
+        m_max = max(len(completed[d]) for d in docs)
+        row_doc, row_pos, row_slot = [], [], []
+        slot_len, slot_doc, slot_start, slot_first = [1] * (len(docs) * m_max), [], [], []
+        valid_slots, valid_doc, valid_concept, valid_len = [], [], [], []
+        for s, d in enumerate(docs):
+            starts = self.starts[d]
+            for i in range(m_max):
+                k = completed[d][i] if i < len(completed[d]) else completed[d][-1]
+                slot_doc.append(d)
+                slot_start.append(starts[k])
+                slot_first.append(k == 0)
+                if i >= len(completed[d]):
+                    continue
+                a, e = starts[k], starts[k + 1]
+                row_doc += [d] * (e - a)
+                row_pos += range(a, e)
+                row_slot += [s * m_max + i] * (e - a)
+                slot_len[s * m_max + i] = e - a
+                valid_slots.append(s * m_max + i)
+                valid_doc.append(d)
+                valid_concept.append(k)
+                valid_len.append(e - a)
+        m, dtype = self.model, self.h_BLD.dtype
+        docs_S = host_to_device(docs, device)
+        slot_doc_T, slot_start_T = host_to_device(slot_doc, device), host_to_device(slot_start, device)
+        h_TD = self.h_BLD[host_to_device(row_doc, device), host_to_device(row_pos, device)]
+        pooled_SMD = m.pooling.w_up(
+            mean_pool(h_TD, host_to_device(row_slot, device), host_to_device(slot_len, device))
+        ).view(len(docs), m_max, -1)
+        z_SMD = self.backbone.extend(pooled_SMD, [len(completed[d]) for d in docs], docs)
+        smooth_SMD = m.smoothing.resume(
+            self.smooth_BD[docs_S],
+            z_SMD,
+            self.prob_BL[slot_doc_T, slot_start_T].view(len(docs), m_max),
+            host_to_device(slot_first, device).bool().view(len(docs), m_max),
+        )
+        last_S = host_to_device([len(completed[d]) - 1 for d in docs], device)
+        self.smooth_BD[docs_S] = smooth_SMD[torch.arange(len(docs), device=device), last_S]
+        k_VKH, v_VKH = m.cross.keys_values(smooth_SMD.flatten(0, 1)[host_to_device(valid_slots, device)].to(dtype))
+        doc_V, concept_V = host_to_device(valid_doc, device), host_to_device(valid_concept, device)
+        self.cross_k_BRKH[doc_V, concept_V + 1] = k_VKH
+        self.cross_v_BRKH[doc_V, concept_V + 1] = v_VKH
+        self.length_BR[doc_V, concept_V] = host_to_device(valid_len, device)
+
+    def _cross(
+        self,
+        h_BnD: torch.Tensor,
+        prob_Bn: torch.Tensor,
+        boundary_Bn: torch.Tensor,
+        position_Bn: torch.Tensor,
+        concepts_before: list[int],
+    ) -> torch.Tensor:
         """Ψ for the new tokens over the unique concept rows, with the replication log-count bias."""
-        cross, n, dev = self.model.cross, h_ND.shape[0], h_ND.device
-        starts_R = torch.tensor(self.starts, device=dev)
-        length_R = F.pad(starts_R.diff(), (0, 1), value=1)  # the open concept's length is never read
-        t_N = torch.arange(pos0, pos0 + n, device=dev)
-        j_N = torch.searchsorted(starts_R, t_N, right=True) - 1
-        cols_R = torch.arange(starts_R.shape[0], device=dev)
-        count_NR = torch.where(cols_R[None, :] < j_N[:, None], length_R[None, :], t_N[:, None] - starts_R[None, :] + 1)
-        bias_NR = torch.where(cols_R[None, :] <= j_N[:, None], count_NR.clamp(min=1).double().log(), float("-inf"))
-        q_NnH = cross.q_norm(cross.wq(h_ND).view(n, cross.n_heads, cross.head_dim))
-        out_nNH = F.scaled_dot_product_attention(
-            q_NnH.transpose(0, 1),
-            self.cross_k_RKH.transpose(0, 1),
-            self.cross_v_RKH.transpose(0, 1),
-            attn_mask=bias_NR.to(q_NnH.dtype),
+        m, device = self.model, h_BnD.device
+        rows = max(*self.num_concepts, 1)  # a token of concept j reads rows 0 … j
+        own_Bn = host_to_device(concepts_before, device)[:, None] - 1 + boundary_Bn.cumsum(dim=1)
+        cols_R = torch.arange(rows, device=device)
+        # Padding rows of a document that has not started have own = −1: let them read the null row (no NaN).
+        readable_BnR = cols_R <= own_Bn.clamp(min=0)[..., None]
+        bias_BnR = log_count_bias(
+            cols_R,
+            own_Bn[..., None],
+            position_Bn[..., None],
+            self.start_BR[:, None, :rows],
+            self.length_BR[:, None, :rows],
+            readable_BnR,
+        )
+        q_BnNH = m.cross.queries(h_BnD)
+        out_BNnH = F.scaled_dot_product_attention(
+            q_BnNH.transpose(1, 2),
+            self.cross_k_BRKH[:, :rows].transpose(1, 2),
+            self.cross_v_BRKH[:, :rows].transpose(1, 2),
+            attn_mask=bias_BnR[:, None].to(q_BnNH.dtype),
             enable_gqa=True,
         )
-        read_ND = cross.wo(out_nNH.transpose(0, 1).reshape(n, -1))
-        if self.model.cfg.parser.router_grad == "ste":
-            # The straight-through confidence reads 1 in the forward pass; reproduce its rounding exactly.
-            chosen_N = torch.where(boundary_N, prob_N, 1.0 - prob_N)
-            read_ND = read_ND * (chosen_N + (1.0 - chosen_N))[:, None].to(read_ND.dtype)
-        x_ND = h_ND + read_ND
-        return x_ND + cross.ffn(cross.ffn_norm(x_ND))
+        confidence_Bn = m.parser.confidence(prob_Bn, boundary_Bn) if m.cfg.parser.router_grad == "ste" else None
+        return m.cross.finish(h_BnD, out_BNnH.transpose(1, 2), confidence_Bn)
 
 
-def incremental_decoder(model: nn.Module) -> DLCMDecoder | BaselineDecoder:
-    """A fresh single-document decoder for ``model``; the model must be in eval mode (thresholded boundaries)."""
+def incremental_decoder(model: nn.Module, batch: int = 1, capacity: int = 256) -> DLCMDecoder | BaselineDecoder:
+    """A fresh decoder for ``batch`` documents of ``model`` (which must be in eval mode: thresholded boundaries).
+
+    ``capacity`` (tokens per document) sizes the caches up front; they grow (by copying) when a document outgrows it.
+    """
     if model.training:
         raise ValueError("incremental decoding reproduces the eval-mode model: call model.eval() first")
+    if batch < 1 or capacity < 1:
+        raise ValueError(f"batch={batch}, capacity={capacity} are not allowed: both must be positive")
     if isinstance(model, DLCM):
-        return DLCMDecoder(model)
+        return DLCMDecoder(model, batch, capacity)
     if isinstance(model, DenseBaseline):
-        return BaselineDecoder(model)
+        return BaselineDecoder(model, batch, capacity)
     raise TypeError(f"no incremental decoder for {type(model).__name__}: expected DLCM or DenseBaseline")
 
 
-def sample_token(
-    logits_V: torch.Tensor,
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise a ``ValueError`` naming a sampling option outside its range."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} is not allowed: 0 (greedy) or a positive number")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} is not allowed: None or a positive integer")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} is not allowed: None or a number in (0, 1]")
+
+
+def sample_tokens(
+    logits_BV: torch.Tensor,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-) -> int:
-    """Next token: argmax at ``temperature = 0``, else a draw from the tempered, top-k / top-p filtered softmax."""
+) -> torch.Tensor:
+    """Next token of every row (int64 ``[B]``, on the logits' device): argmax at ``temperature = 0``, else a draw
+    from the tempered, top-k / top-p filtered softmax (``generator`` must live on the same device)."""
     if temperature <= 0.0:
-        return int(logits_V.argmax())
-    logits_V = logits_V.float() / temperature
+        return logits_BV.argmax(dim=-1)
+    logits_BV = logits_BV.float() / temperature
     if top_k is not None:
-        kth = torch.topk(logits_V, min(top_k, logits_V.shape[0])).values[-1]
-        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+        kth_B1 = torch.topk(logits_BV, min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_V, order_V = torch.sort(logits_V, descending=True)
-        probs_V = sorted_V.softmax(dim=-1)
+        sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
+        probs_BV = sorted_BV.softmax(dim=-1)
         # Drop a token once the mass before it already reaches top_p; the most likely token always stays.
-        drop_V = probs_V.cumsum(dim=-1) - probs_V >= top_p
-        logits_V = logits_V.scatter(0, order_V, sorted_V.masked_fill(drop_V, float("-inf")))
-    probs_V = logits_V.softmax(dim=-1)
-    return int(torch.multinomial(probs_V.cpu(), 1, generator=generator))
+        drop_BV = probs_BV.cumsum(dim=-1) - probs_BV >= top_p
+        logits_BV = logits_BV.scatter(-1, order_BV, sorted_BV.masked_fill(drop_BV, float("-inf")))
+    return torch.multinomial(logits_BV.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def fit_to_context(
+    prompts: Sequence[Sequence[int]], max_new_tokens: int, context_length: int, truncate: bool = False
+) -> list[list[int]]:
+    """Prompts that leave room for ``max_new_tokens`` within ``context_length`` (the longest document the model was
+    trained on): unchanged, or with ``truncate`` cut to their last tokens; otherwise a ``ValueError`` naming lengths."""
+    room = context_length - max_new_tokens
+    if room < 1:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} is not allowed: it leaves no room for a prompt within the model's "
+            f"context_length={context_length}"
+        )
+    fitted = []
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > room and not truncate:
+            raise ValueError(
+                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} at most {room} fit in "
+                f"the model's context_length={context_length}. Shorten it, lower max_new_tokens, or truncate (keep "
+                f"the last {room} prompt tokens)"
+            )
+        fitted.append(list(prompt)[-room:])
+    return fitted
 
 
 @torch.no_grad()
+def generate_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Continue every prompt (a non-empty document prefix) by up to ``max_new_tokens`` tokens, all in one batch.
+
+    Returns the new tokens of each prompt. A prompt's decoding halts after a token of ``stop_tokens`` (which ends
+    its list) or once ``should_stop(index, new_tokens)`` is true; the batch stops when all have halted. A halted
+    document keeps its row (its draws are discarded). ``generator`` (on the model's device) makes sampling
+    reproducible for a given batch; draws depend on the batch's composition. Without stop criteria the loop reads
+    nothing back from the device except DLCM's boundary decisions.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is not allowed: a non-negative integer")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} is empty: a prompt needs at least one token (there is no start token)")
+    if not prompts or max_new_tokens == 0:
+        return [[] for _ in prompts]
+    device = next(model.parameters()).device
+    lengths = [len(p) for p in prompts]
+    decoder = incremental_decoder(model, len(prompts), max(lengths) + max_new_tokens)
+    ids_BP = torch.zeros(len(prompts), max(lengths), dtype=torch.int64)
+    for d, prompt in enumerate(prompts):
+        ids_BP[d, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.int64)
+    logits_BV = decoder.extend(ids_BP.to(device), lengths, last_only=True)
+    watch = bool(stop_tokens) or should_stop is not None
+    stops, new, done, drawn = set(stop_tokens), [[] for _ in prompts], [False] * len(prompts), []
+    for step in range(max_new_tokens):
+        token_B = sample_tokens(logits_BV, temperature, top_k, top_p, generator)
+        if watch:
+            for d, token in enumerate(token_B.tolist()):
+                if not done[d]:
+                    new[d].append(token)
+                    done[d] = token in stops or (should_stop is not None and should_stop(d, new[d]))
+            if all(done):
+                break
+        else:
+            drawn.append(token_B)
+        if step + 1 < max_new_tokens:
+            logits_BV = decoder.extend(token_B[:, None], last_only=True)
+    return new if watch else torch.stack(drawn, dim=1).tolist()
+
+
 def generate(
     model: nn.Module,
     prompt_ids: Sequence[int],
@@ -218,41 +407,52 @@ def generate(
     should_stop: Callable[[list[int]], bool] | None = None,
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """Continue one prompt (a non-empty document prefix) by up to ``max_new_tokens`` tokens.
-
-    Returns the new tokens only. Decoding halts after a token of ``stop_tokens`` (which ends the returned list) or
-    once ``should_stop(new_tokens)`` is true. ``generator`` (CPU) makes sampling reproducible.
-    """
-    if len(prompt_ids) == 0:
-        raise ValueError("prompt_ids must hold at least one token (the model has no implicit start token)")
-    decoder = incremental_decoder(model)
-    device = next(model.parameters()).device
-    logits_V = decoder.extend(torch.tensor(list(prompt_ids), dtype=torch.int64, device=device))[-1]
-    stops, new = set(stop_tokens), []
-    for _ in range(max_new_tokens):
-        token = sample_token(logits_V, temperature, top_k, top_p, generator)
-        new.append(token)
-        if token in stops or (should_stop is not None and should_stop(new)):
-            break
-        logits_V = decoder.extend(torch.tensor([token], dtype=torch.int64, device=device))[0]
+    """:func:`generate_batch` for one prompt; ``should_stop(new_tokens)``."""
+    stop = None if should_stop is None else (lambda _, ids: should_stop(ids))
+    (new,) = generate_batch(
+        model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, stop_tokens, stop, generator
+    )
     return new
 
 
-def generate_batch(
+def first_stop(text: str, stop_strings: Sequence[str]) -> int:
+    """Index of the earliest occurrence of any of ``stop_strings`` in ``text``, or −1."""
+    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def generate_texts(
     model: nn.Module,
-    prompts: Sequence[Sequence[int]],
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
     max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """:func:`generate` for prompts of any lengths, one after the other (no padded batching)."""
-    return [
-        generate(model, prompt, max_new_tokens, temperature, top_k, top_p, stop_tokens, None, generator)
-        for prompt in prompts
-    ]
+    context_length: int | None = None,
+    truncate: bool = False,
+) -> list[str]:
+    """Text continuations of ``prompts`` decoded as one batch, each cut before the first of ``stop_strings``.
+
+    Prompts are tokenised as training documents are (no special tokens). With ``context_length`` a prompt that
+    leaves no room for ``max_new_tokens`` is an error, or with ``truncate`` loses its first tokens
+    (:func:`fit_to_context`).
+    """
+    from dlcm.data.tokenizer import encode_documents
+
+    ids = encode_documents(tokenizer, list(prompts))
+    if context_length is not None:
+        ids = fit_to_context(ids, max_new_tokens, context_length, truncate)
+    stop = (lambda _, new: first_stop(tokenizer.decode(new), stop_strings) >= 0) if stop_strings else None
+    texts = []
+    for new in generate_batch(model, ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, stop, generator):
+        text = tokenizer.decode(new)
+        cut = first_stop(text, stop_strings)
+        texts.append(text if cut < 0 else text[:cut])
+    return texts
 
 
 def generate_text(
@@ -267,23 +467,7 @@ def generate_text(
     stop_tokens: Sequence[int] = (),
     generator: torch.Generator | None = None,
 ) -> str:
-    """Text continuation of ``prompt``, cut before the first of ``stop_strings`` it produces."""
-
-    def first_stop(text: str) -> int:
-        hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
-        return min(hits) if hits else -1
-
-    new = generate(
-        model,
-        tokenizer.encode(prompt).ids,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        stop_tokens,
-        (lambda ids: first_stop(tokenizer.decode(ids)) >= 0) if stop_strings else None,
-        generator,
-    )
-    text = tokenizer.decode(new)
-    cut = first_stop(text)
-    return text if cut < 0 else text[:cut]
+    """:func:`generate_texts` for one prompt."""
+    return generate_texts(
+        model, tokenizer, [prompt], max_new_tokens, stop_strings, temperature, top_k, top_p, stop_tokens, generator
+    )[0]

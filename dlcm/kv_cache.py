@@ -1,73 +1,122 @@
-"""Per-layer KV cache for one document running through a :class:`~dlcm.block.TransformerStack` incrementally.
+"""Per-layer KV cache of a batch of documents running through a :class:`~dlcm.block.TransformerStack` incrementally.
 
-The stack's own ``forward`` takes a whole packed stream; decoding instead feeds a few new rows at a time (a prompt
-chunk, one token, or one completed concept for the backbone). :class:`StackCache` replays the block's pre-norm
-computation on those rows with the stack's weights, appending each layer's rotated keys and values so later rows
-attend to every earlier row of the same document. Positions continue from the cache length, which is the token
-position for the encoder/decoder/baseline and the concept index for the backbone (the same RoPE positions as a
-full forward of one document).
+The stack's own ``forward`` takes a whole packed stream; decoding instead feeds a few new rows per document at a
+time (a prompt, one token, or the concepts that just completed for the backbone). :class:`StackCache` replays the
+block's pre-norm computation on those rows with the stack's weights and keeps every layer's rotated keys and values
+in padded buffers ``[B, capacity, K, H]``, one row of the batch per document, with each document's length on the
+host. Positions continue from that length: the token position for the encoder/decoder/baseline, the concept index
+for the backbone (the same RoPE positions as a full forward of the document).
+
+New rows come padded, ``x_BnD`` with ``counts[b] ≤ n`` real rows for document ``b``:
+
+    document   length   counts   cache index written          keys read by new row i
+    0          5        3        5 6 7 (+ padding row 8)      0 … 5 + i
+    1          2        1        2     (+ padding rows 3, 4)  0 … 2 + i
+
+A padding row is computed and written like a real one, but past the document's new length: nothing reads it
+(every key index a real row reads is at most its own position) and the document's next rows overwrite it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from dlcm.attention import SelfAttention
-from dlcm.block import TransformerBlock, TransformerStack
+from dlcm.block import TransformerStack
 from dlcm.rope import rope_angles
 
 
-def cached_attention(
-    attn: SelfAttention,
-    x_ND: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor],
-    past: tuple[torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Self-attention of ``n`` new rows over the cached rows and themselves; returns output and the grown cache."""
-    n = x_ND.shape[0]
-    q_NnH, k_NKH, v_NKH = attn.project(x_ND, rope)
-    if past is not None:
-        k_NKH, v_NKH = torch.cat([past[0], k_NKH]), torch.cat([past[1], v_NKH])
-    total = k_NKH.shape[0]
-    # New row i sits at cache index total − n + i and reads keys up to it (causal, top-left aligned on the cache).
-    rows = torch.arange(total - n, total, device=x_ND.device)
-    mask_NL = rows[:, None] >= torch.arange(total, device=x_ND.device)[None, :]
-    out_nNH = F.scaled_dot_product_attention(
-        q_NnH.transpose(0, 1), k_NKH.transpose(0, 1), v_NKH.transpose(0, 1), attn_mask=mask_NL, enable_gqa=True
-    )
-    return attn.wo(out_nNH.transpose(0, 1).reshape(n, -1)), (k_NKH, v_NKH)
+def host_to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """int64 tensor of host integers on ``device``, copied without waiting for queued device work.
+
+    A plain ``torch.tensor(values, device='cuda')`` synchronises the stream; a copy from pinned memory with
+    ``non_blocking=True`` does not (the caching host allocator keeps the pinned block alive until the copy ran).
+    """
+    host = torch.tensor(list(values), dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class _Call(NamedTuple):
+    """What every layer of one ``extend`` call shares."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    rows: torch.Tensor  # batch rows of the cache the call's documents occupy
+    position_Bn: torch.Tensor  # cache index (= RoPE position) of every new row
+    mask_B1nL: torch.Tensor
+    span: int  # cache rows read
+    whole_batch: bool
 
 
 class StackCache:
-    """KV cache of one document through one stack: ``extend(x)`` runs the new rows and returns their outputs."""
+    """KV cache of ``batch`` documents through one stack: ``extend(x, counts)`` runs new rows, returns their outputs.
 
-    def __init__(self, stack: TransformerStack) -> None:
+    ``docs`` restricts a call to some documents (the backbone steps only those whose concept just completed);
+    ``lengths`` (host integers) is each document's number of cached rows.
+    """
+
+    def __init__(
+        self, stack: TransformerStack, batch: int, capacity: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.stack = stack
-        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(stack.layers)
-        self.length = 0  # rows seen so far = RoPE position of the next row
+        first = stack.layers[0].attn if len(stack.layers) else None
+        heads = (first.n_kv_heads, first.head_dim) if first is not None else (0, 0)
+        self.keys = [torch.zeros(batch, capacity, *heads, device=device, dtype=dtype) for _ in stack.layers]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.lengths = [0] * batch
+        self.capacity = capacity
+        self.all_docs = torch.arange(batch, device=device)
 
-    def extend(self, x_ND: torch.Tensor) -> torch.Tensor:
-        n = x_ND.shape[0]
-        position = torch.arange(self.length, self.length + n, device=x_ND.device)
-        rope = rope_angles(position, self.stack.head_dim, self.stack.rope_theta)
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        grow = max(needed, 2 * self.capacity) - self.capacity
+        pad = (0, 0, 0, 0, 0, grow)
+        self.keys = [F.pad(k, pad) for k in self.keys]
+        self.values = [F.pad(v, pad) for v in self.values]
+        self.capacity += grow
+
+    def extend(self, x_BnD: torch.Tensor, counts: Sequence[int], docs: Sequence[int] | None = None) -> torch.Tensor:
+        """Outputs ``[B', n, D]`` of the new rows (``B'`` = ``len(docs)``, or the whole batch when ``docs`` is None)."""
+        b, n = x_BnD.shape[:2]
+        device = x_BnD.device
+        chosen = range(len(self.lengths)) if docs is None else docs
+        before = [self.lengths[d] for d in chosen]
+        if len(before) != b or len(counts) != b:
+            raise ValueError(f"x has {b} documents but counts has {len(counts)} and docs {len(before)}")
+        span = max(before) + n  # cache rows the new rows may read (and padding rows may write)
+        self._reserve(span)
+        rows = self.all_docs if docs is None else host_to_device(docs, device)
+        position_Bn = host_to_device(before, device)[:, None] + torch.arange(n, device=device)[None, :]
+        rope = rope_angles(position_Bn.flatten(), self.stack.head_dim, self.stack.rope_theta)
+        # Key index s is visible to new row i when s ≤ its position (causal; older rows are all this document's).
+        mask_B1nL = (torch.arange(span, device=device)[None, None, :] <= position_Bn[:, :, None])[:, None]
+        call = _Call(rope, rows, position_Bn, mask_B1nL, span, docs is None)
         for i, layer in enumerate(self.stack.layers):
-            x_ND, self.layers[i] = self._block(layer, x_ND, rope, self.layers[i])
-        self.length += n
-        return self.stack.norm(x_ND)
+            x_BnD = layer.residual(x_BnD, lambda h_BnD, i=i: self._attend(i, h_BnD, call))
+        for d, count in zip(chosen, counts, strict=True):
+            self.lengths[d] += count
+        return self.stack.norm(x_BnD)
 
-    @staticmethod
-    def _block(
-        layer: TransformerBlock,
-        x_ND: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        past: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        grown: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-        def attend(h_ND: torch.Tensor) -> torch.Tensor:
-            read_ND, kv = cached_attention(layer.attn, h_ND, rope, past)
-            grown.append(kv)
-            return read_ND
-
-        return layer.residual(x_ND, attend), grown[0]
+    def _attend(self, i: int, h_BnD: torch.Tensor, call: _Call) -> torch.Tensor:
+        """Layer ``i``'s attention of the new (normed) rows: write their keys/values, read the cache."""
+        b, n = h_BnD.shape[:2]
+        attn, keys, values, rows = self.stack.layers[i].attn, self.keys[i], self.values[i], call.rows
+        q_TNH, k_TKH, v_TKH = attn.project(h_BnD.flatten(0, 1), call.rope)
+        keys[rows[:, None], call.position_Bn] = k_TKH.unflatten(0, (b, n))
+        values[rows[:, None], call.position_Bn] = v_TKH.unflatten(0, (b, n))
+        # The whole batch reads a view; a subset gathers its documents' rows (a copy of what attention reads anyway).
+        k_BLKH = keys[:, : call.span] if call.whole_batch else keys[rows, : call.span]
+        v_BLKH = values[:, : call.span] if call.whole_batch else values[rows, : call.span]
+        out_BNnH = F.scaled_dot_product_attention(
+            q_TNH.unflatten(0, (b, n)).transpose(1, 2),
+            k_BLKH.transpose(1, 2),
+            v_BLKH.transpose(1, 2),
+            attn_mask=call.mask_B1nL,
+            enable_gqa=True,
+        )
+        return attn.wo(out_BNnH.transpose(1, 2).flatten(2))

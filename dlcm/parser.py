@@ -54,13 +54,28 @@ class GlobalParser(nn.Module):
         self.wq = Linear(d_token, d_scan, std=0.0, identity_init=True)
         self.wk = Linear(d_token, d_scan, std=0.0, identity_init=True)
 
-    def boundary_prob(self, h_TD: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
+    def scan_projections(self, h_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q = W_q h`` and ``k = W_k h`` in (at least) fp32, for rows of any leading shape (decoding reuses it)."""
         with torch.autocast(device_type=h_TD.device.type, enabled=False):
             acc = torch.promote_types(h_TD.dtype, torch.float32)
-            q_TS = F.linear(h_TD.to(acc), self.wq.weight.to(acc))
-            k_TS = F.linear(h_TD.to(acc), self.wk.weight.to(acc))
-            cos_T = F.cosine_similarity(q_TS[:-1], k_TS[1:], dim=-1, eps=1e-8)
-            prob_T = F.pad(((1.0 - cos_T) / 2.0).clamp(0.0, 1.0), (1, 0), value=1.0)
+            return F.linear(h_TD.to(acc), self.wq.weight.to(acc)), F.linear(h_TD.to(acc), self.wk.weight.to(acc))
+
+    @staticmethod
+    def neighbour_prob(prev_q_TS: torch.Tensor, k_TS: torch.Tensor) -> torch.Tensor:
+        """``p = clamp((1 − cos(q_{t−1}, k_t)) / 2, 0, 1)`` for aligned rows of previous queries and keys (Eq. 5)."""
+        with torch.autocast(device_type=k_TS.device.type, enabled=False):
+            cos_T = F.cosine_similarity(prev_q_TS, k_TS, dim=-1, eps=1e-8)
+            return ((1.0 - cos_T) / 2.0).clamp(0.0, 1.0)
+
+    @staticmethod
+    def confidence(prob_T: torch.Tensor, boundary_T: torch.Tensor) -> torch.Tensor:
+        """H-Net's ``c = p if b else 1 − p``, made to read 1 in the forward pass with its gradient into ``p``."""
+        chosen_T = torch.where(boundary_T, prob_T, 1.0 - prob_T)
+        return chosen_T + (1.0 - chosen_T).detach()
+
+    def boundary_prob(self, h_TD: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
+        q_TS, k_TS = self.scan_projections(h_TD)
+        prob_T = F.pad(self.neighbour_prob(q_TS[:-1], k_TS[1:]), (1, 0), value=1.0)
         return torch.where(seqs.position == 0, torch.ones_like(prob_T), prob_T)
 
     def forward(
@@ -74,8 +89,5 @@ class GlobalParser(nn.Module):
             boundary_T = (uniform_T < sharpen(prob_T.detach(), self.cfg.sharpen_alpha)) | doc_start_T
         else:
             boundary_T = threshold_T
-        confidence_T = None
-        if self.cfg.router_grad == "ste":
-            chosen_T = torch.where(boundary_T, prob_T, 1.0 - prob_T)
-            confidence_T = chosen_T + (1.0 - chosen_T).detach()
+        confidence_T = self.confidence(prob_T, boundary_T) if self.cfg.router_grad == "ste" else None
         return ParserOutput(prob_T, boundary_T, threshold_T, confidence_T)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dlcm.pooling import ConceptLayout
@@ -40,12 +41,36 @@ class ConceptSmoothing(nn.Module):
         super().__init__()
         self.kind = kind
 
+    @staticmethod
+    def keep_weights(start_prob_C: torch.Tensor, doc_start_C: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        """``P_k``: the clamped, detached ``p`` at each concept's first token; 1 on a document's first concept."""
+        keep_C = start_prob_C.detach().to(acc).clamp(P_MIN, 1.0 - P_MIN)
+        return torch.where(doc_start_C, torch.ones_like(keep_C), keep_C)
+
     def forward(self, z_CD: torch.Tensor, prob_T: torch.Tensor, layout: ConceptLayout) -> torch.Tensor:
         if self.kind == "identity":
             return z_CD
-        doc_start_C = layout.seqs.position == 0
         acc = torch.promote_types(z_CD.dtype, torch.float32)
-        keep_C = prob_T.detach()[layout.start_C].to(acc).clamp(P_MIN, 1.0 - P_MIN)
-        keep_C = torch.where(doc_start_C, torch.ones_like(keep_C), keep_C)
+        keep_C = self.keep_weights(prob_T[layout.start_C], layout.seqs.position == 0, acc)
         smoothed = ema_scan(z_CD.to(acc), keep_C, 1.0 - keep_C, layout.seqs.max_seqlen)
         return smoothed.to(z_CD.dtype)
+
+    def resume(
+        self, state_BD: torch.Tensor, z_BMD: torch.Tensor, start_prob_BM: torch.Tensor, doc_start_BM: torch.Tensor
+    ) -> torch.Tensor:
+        """Smooth ``M`` further concepts of each of ``B`` documents, continuing from ``z̃`` of their last concept.
+
+        Decoding's form of :meth:`forward`: ``state_BD`` (in the accumulation dtype, ignored where a row is a
+        document's first concept) is put in front of each document's rows as a row that the scan passes through
+        unchanged (keep 1, decay 0). Returns ``[B, M, D]`` in the accumulation dtype (the next state is a row of it).
+        """
+        acc = state_BD.dtype
+        if self.kind == "identity":
+            return z_BMD.to(acc)
+        b, m, d = z_BMD.shape
+        keep_BM = self.keep_weights(start_prob_BM, doc_start_BM, acc)
+        rows_BM1D = torch.cat([state_BD[:, None], z_BMD.to(acc)], dim=1)
+        keep_BM1 = F.pad(keep_BM, (1, 0), value=1.0)
+        decay_BM1 = F.pad(1.0 - keep_BM, (1, 0), value=0.0)
+        smoothed = ema_scan(rows_BM1D.reshape(-1, d), keep_BM1.reshape(-1), decay_BM1.reshape(-1), m + 1)
+        return smoothed.view(b, m + 1, d)[:, 1:]

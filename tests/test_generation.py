@@ -1,22 +1,36 @@
-"""Incremental decoding reproduces the full eval-mode forward pass; the sampling loop honours its options."""
+"""Batched incremental decoding reproduces the full eval-mode forward pass of every document; the sampling loop
+honours its options."""
 
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
+import random
+import warnings
 
 import pytest
 import torch
 
 from dlcm.config import ParserConfig
-from dlcm.generation import generate, generate_batch, generate_text, incremental_decoder, sample_token
+from dlcm.data.tokenizer import train_bpe
+from dlcm.generation import (
+    fit_to_context,
+    generate,
+    generate_batch,
+    generate_text,
+    generate_texts,
+    incremental_decoder,
+    sample_tokens,
+)
 from dlcm.presets import build_model, tiny_baseline, tiny_dlcm
 
 VOCAB = 64
-LENGTH = 72
+PROMPTS = [1, 23, 7, 40]  # prompt lengths of the batch
+STEPS = 12  # tokens decoded one at a time after the prompts
 
 
-def make_dlcm(smoothing: str = "ema", router_grad: str = "aux", perturb: bool = True) -> torch.nn.Module:
+def make_dlcm(
+    smoothing: str = "ema", router_grad: str = "aux", perturb: bool = True, dtype: torch.dtype = torch.float64
+) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = tiny_dlcm(VOCAB)
     cfg = dataclasses.replace(
@@ -25,129 +39,243 @@ def make_dlcm(smoothing: str = "ema", router_grad: str = "aux", perturb: bool = 
         smoothing=smoothing,
         parser=ParserConfig(boundary_mode="threshold", router_grad=router_grad),
     )
-    model = build_model(cfg).double().eval()
+    model = build_model(cfg).to(dtype).eval()
     if perturb:
         # Identity-initialised W_q/W_k score raw neighbour similarity; random ones give a trained-like mix of
         # short and long concepts, and an EMA with P_k away from 0/1.
         g = torch.Generator().manual_seed(3)
         for w in (model.parser.wq.weight, model.parser.wk.weight):
-            w.data.copy_(torch.randn(w.shape, generator=g, dtype=w.dtype))
+            w.data.copy_(torch.randn(w.shape, generator=g, dtype=torch.float64).to(dtype))
     return model
 
 
-def make_baseline() -> torch.nn.Module:
+def make_baseline(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(dataclasses.replace(tiny_baseline(VOCAB), attn_backend="sdpa")).double().eval()
+    return build_model(dataclasses.replace(tiny_baseline(VOCAB), attn_backend="sdpa")).to(dtype).eval()
+
+
+def full_output(model: torch.nn.Module, ids_T: torch.Tensor):
+    return model(ids_T, torch.tensor([0, ids_T.shape[0]], dtype=torch.int32))
 
 
 def full_logits(model: torch.nn.Module, ids_T: torch.Tensor) -> torch.Tensor:
-    out = model(ids_T, torch.tensor([0, ids_T.shape[0]], dtype=torch.int32))
+    out = full_output(model, ids_T)
     return out if isinstance(out, torch.Tensor) else out.logits_TV
 
 
-def incremental_logits(model: torch.nn.Module, ids_T: torch.Tensor, prefill: int) -> torch.Tensor:
-    decoder = incremental_decoder(model)
-    chunks = [decoder.extend(ids_T[:prefill])] + [decoder.extend(ids_T[t : t + 1]) for t in range(prefill, len(ids_T))]
-    return torch.cat(chunks)
+def documents(seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (p + STEPS,), generator=g) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("prefill", [1, 23])
-@pytest.mark.parametrize(
-    ("smoothing", "router_grad", "perturb"),
-    [("ema", "aux", True), ("identity", "aux", True), ("ema", "ste", True), ("ema", "aux", False)],
-)
+def padded(chunks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    width = max(max(len(c) for c in chunks), 1)
+    ids = torch.zeros(len(chunks), width, dtype=torch.int64)
+    for d, c in enumerate(chunks):
+        ids[d, : len(c)] = c
+    return ids, [len(c) for c in chunks]
+
+
+def decode_in_chunks(decoder, docs: list[torch.Tensor], schedule: list[list[int]]) -> list[torch.Tensor]:
+    """Feed each document the number of tokens ``schedule[call][doc]`` per call; its logits, concatenated."""
+    fed, out = [0] * len(docs), [[] for _ in docs]
+    for sizes in schedule:
+        chunks = [doc[f : f + k] for doc, f, k in zip(docs, fed, sizes, strict=True)]
+        ids, counts = padded(chunks)
+        logits = decoder.extend(ids, counts)
+        for d, k in enumerate(counts):
+            out[d].append(logits[d, :k])
+            fed[d] += k
+    assert fed == [len(doc) for doc in docs]
+    return [torch.cat(o) for o in out]
+
+
+def prompt_then_tokens() -> list[list[int]]:
+    return [PROMPTS] + [[1] * len(PROMPTS)] * STEPS
+
+
+def irregular_schedule() -> list[list[int]]:
+    """Chunks of different sizes per document, with calls where a document receives nothing."""
+    rng, left, schedule = random.Random(5), [p + STEPS for p in PROMPTS], []
+    while any(left):
+        sizes = [min(n, rng.choice([0, 1, 1, 3, 9])) for n in left]
+        if any(sizes):
+            schedule.append(sizes)
+            left = [n - k for n, k in zip(left, sizes, strict=True)]
+    return schedule
+
+
+DLCM_VARIANTS = [("ema", "aux", True), ("identity", "aux", True), ("ema", "ste", True), ("ema", "aux", False)]
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float64, 1e-9), (torch.float32, 2e-5)])
+@pytest.mark.parametrize(("smoothing", "router_grad", "perturb"), DLCM_VARIANTS)
 @torch.no_grad()
-def test_dlcm_incremental_equals_full_forward(smoothing: str, router_grad: str, perturb: bool, prefill: int) -> None:
-    model = make_dlcm(smoothing, router_grad, perturb)
-    ids_T = torch.randint(0, VOCAB, (LENGTH,), generator=torch.Generator().manual_seed(1))
-    out = model(ids_T, torch.tensor([0, LENGTH], dtype=torch.int32))
-    lengths = out.layout.length_C
-    assert out.layout.num_concepts > 3 and int(lengths.max()) > 1, lengths.tolist()  # several non-trivial concepts
-    decoder = incremental_decoder(model)
-    logits = [decoder.extend(ids_T[:prefill])]
-    logits += [decoder.extend(ids_T[t : t + 1]) for t in range(prefill, LENGTH)]
-    assert decoder.num_concepts == out.layout.num_concepts
-    assert decoder.starts == out.layout.start_C.tolist()
-    torch.testing.assert_close(torch.cat(logits), out.logits_TV, atol=1e-9, rtol=0)
+def test_dlcm_batched_decoding_equals_full_forward(
+    smoothing: str, router_grad: str, perturb: bool, dtype: torch.dtype, atol: float
+) -> None:
+    model = make_dlcm(smoothing, router_grad, perturb, dtype)
+    docs = documents()
+    outs = [full_output(model, doc) for doc in docs]
+    concepts = [o.layout.num_concepts for o in outs]
+    assert min(concepts[1:]) > 3 and max(int(o.layout.length_C.max()) for o in outs) > 1, concepts
+    # Small capacity: the caches must also grow on the way.
+    for schedule in (prompt_then_tokens(), irregular_schedule()):
+        decoder = incremental_decoder(model, batch=len(docs), capacity=8)
+        got = decode_in_chunks(decoder, docs, schedule)
+        assert decoder.starts == [o.layout.start_C.tolist() for o in outs]
+        assert decoder.num_concepts == concepts
+        for d in range(len(docs)):
+            torch.testing.assert_close(got[d], outs[d].logits_TV, atol=atol, rtol=0)
+    # The batch changes nothing: each document alone through a one-document decoder gives the same logits.
+    for d, doc in enumerate(docs):
+        alone = decode_in_chunks(incremental_decoder(model), [doc], [[PROMPTS[d]]] + [[1]] * STEPS)[0]
+        torch.testing.assert_close(alone, got[d], atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("prefill", [1, 30])
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float64, 1e-9), (torch.float32, 2e-5)])
 @torch.no_grad()
-def test_baseline_incremental_equals_full_forward(prefill: int) -> None:
-    model = make_baseline()
-    ids_T = torch.randint(0, VOCAB, (LENGTH,), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(incremental_logits(model, ids_T, prefill), full_logits(model, ids_T), atol=1e-9, rtol=0)
+def test_baseline_batched_decoding_equals_full_forward(dtype: torch.dtype, atol: float) -> None:
+    model = make_baseline(dtype)
+    docs = documents()
+    for schedule in (prompt_then_tokens(), irregular_schedule()):
+        got = decode_in_chunks(incremental_decoder(model, len(docs), capacity=8), docs, schedule)
+        for d, doc in enumerate(docs):
+            torch.testing.assert_close(got[d], full_logits(model, doc), atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["dlcm", "baseline"])
 @torch.no_grad()
-def test_greedy_generate_equals_repeated_full_forward_argmax(family: str) -> None:
+def test_last_only_returns_each_documents_last_new_row(family: str) -> None:
     model = make_dlcm() if family == "dlcm" else make_baseline()
-    ids = torch.randint(0, VOCAB, (17,), generator=torch.Generator().manual_seed(2)).tolist()
-    expected, seq = [], list(ids)
-    for _ in range(8):
-        token = int(full_logits(model, torch.tensor(seq))[-1].argmax())
-        expected.append(token)
-        seq.append(token)
-    assert generate(model, ids, max_new_tokens=8) == expected
+    ids, counts = padded([doc[:p] for doc, p in zip(documents(), PROMPTS, strict=True)])
+    every = incremental_decoder(model, len(counts)).extend(ids, counts)
+    last = incremental_decoder(model, len(counts)).extend(ids, counts, last_only=True)
+    torch.testing.assert_close(last, every[torch.arange(len(counts)), torch.tensor(counts) - 1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["dlcm", "baseline"])
+@torch.no_grad()
+def test_greedy_batch_equals_repeated_full_forward_argmax(family: str) -> None:
+    model = make_dlcm() if family == "dlcm" else make_baseline()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (17, 3, 30)]
+    expected = []
+    for prompt in prompts:
+        seq = list(prompt)
+        for _ in range(8):
+            seq.append(int(full_logits(model, torch.tensor(seq))[-1].argmax()))
+        expected.append(seq[len(prompt) :])
+    assert generate_batch(model, prompts, max_new_tokens=8) == expected
+    assert [generate(model, p, max_new_tokens=8) for p in prompts] == expected
 
 
 @torch.no_grad()
 def test_sampling_options() -> None:
     model = make_dlcm()
-    prompt = list(range(5, 20))
-    greedy = generate(model, prompt, max_new_tokens=10)
-    top1 = generate(model, prompt, 10, temperature=1.3, top_k=1, generator=torch.Generator().manual_seed(0))
-    nucleus = generate(model, prompt, 10, temperature=1.3, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    prompts = [list(range(5, 20)), [7, 8]]
+    greedy = generate_batch(model, prompts, max_new_tokens=10)
+    seeded = torch.Generator().manual_seed
+    top1 = generate_batch(model, prompts, 10, temperature=1.3, top_k=1, generator=seeded(0))
+    nucleus = generate_batch(model, prompts, 10, temperature=1.3, top_p=1e-6, generator=seeded(0))
     assert top1 == greedy and nucleus == greedy
     # Same generator seed, same draws; a full-vocabulary draw is a valid token sequence of the requested length.
-    a = generate(model, prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(7))
-    b = generate(model, prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(7))
-    assert a == b and len(a) == 10 and all(0 <= t < VOCAB for t in a)
+    a = generate_batch(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    b = generate_batch(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    assert a == b and all(len(x) == 10 and all(0 <= t < VOCAB for t in x) for x in a)
 
 
 def test_top_k_top_p_filtering() -> None:
-    logits_V = torch.tensor([0.0, 3.0, 2.9, -1.0])
-    draws = {sample_token(logits_V, 1.0, top_k=2, generator=torch.Generator().manual_seed(s)) for s in range(50)}
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]]).repeat(200, 1)
+    draws = set(sample_tokens(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(0)).tolist())
     assert draws == {1, 2}
     # Mass of token 1 alone is < 0.9, tokens 1 and 2 together exceed it: only they survive.
-    draws = {sample_token(logits_V, 1.0, top_p=0.9, generator=torch.Generator().manual_seed(s)) for s in range(50)}
+    draws = set(sample_tokens(logits, 1.0, top_p=0.9, generator=torch.Generator().manual_seed(0)).tolist())
     assert draws == {1, 2}
+    assert set(sample_tokens(logits, 1.0, generator=torch.Generator().manual_seed(0)).tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [({"temperature": -1.0}, "temperature=-1.0"), ({"top_k": 0}, "top_k=0"), ({"top_p": 1.5}, "top_p=1.5")],
+)
+def test_bad_sampling_options_are_named(option: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        generate_batch(make_baseline(), [[1, 2]], 3, **option)
 
 
 @torch.no_grad()
-def test_stop_token_halts() -> None:
+def test_stops_halt_each_document_on_its_own() -> None:
     model = make_dlcm()
-    prompt = list(range(5, 20))
-    greedy = generate(model, prompt, max_new_tokens=10)
-    stop = greedy[3]
-    first = greedy.index(stop)
-    assert generate(model, prompt, 10, stop_tokens=[stop]) == greedy[: first + 1]
-    assert generate(model, prompt, 10, should_stop=lambda new: len(new) == 4) == greedy[:4]
+    prompts = [list(range(5, 20)), [3, 4, 5, 6]]
+    greedy = generate_batch(model, prompts, max_new_tokens=10)
+    stop = greedy[0][3]
+    expected = [g[: g.index(stop) + 1] if stop in g else g for g in greedy]
+    assert generate_batch(model, prompts, 10, stop_tokens=[stop]) == expected
+    assert generate_batch(model, prompts, 10, should_stop=lambda d, new: len(new) == 4 - d) == [
+        greedy[0][:4],
+        greedy[1][:3],
+    ]
+    assert generate(model, prompts[0], 10, should_stop=lambda new: len(new) == 4) == greedy[0][:4]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    rng = random.Random(0)
+    words = ["the", "cat", "dog", "sat", "on", "a", "mat", "sun", "rain", "water", "fire", "tree", "house", "ran"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + "." for _ in range(300)]
+    return train_bpe(texts, 300, tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
 
 @torch.no_grad()
-def test_batch_of_different_lengths_equals_single_prompts() -> None:
-    model = make_dlcm()
-    prompts = [[3, 4, 5], list(range(10, 40)), [7]]
-    assert generate_batch(model, prompts, 5) == [generate(model, p, 5) for p in prompts]
+def test_generate_texts_cut_at_stop_strings(tokenizer) -> None:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_baseline(tokenizer.get_vocab_size()), attn_backend="sdpa")
+    model = build_model(cfg).double().eval()
+    prompts = ["the cat sat", "rain"]
+    full = generate_texts(model, tokenizer, prompts, 12)
+    stop = full[0][4:6]
+    cut = generate_texts(model, tokenizer, prompts, 12, stop_strings=[stop])
+    assert cut == [t[: t.find(stop)] if stop in t else t for t in full]
+    assert generate_text(model, tokenizer, prompts[0], 12, stop_strings=[stop]) == cut[0]
+    with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens; with max_new_tokens=12 at most 1 fit"):
+        generate_texts(model, tokenizer, prompts, 12, context_length=13)
 
 
-@torch.no_grad()
-def test_generate_text_cuts_at_stop_string() -> None:
-    model = make_baseline()
-    # A character-level stand-in with the two methods generate_text uses from a `tokenizers.Tokenizer`.
-    alphabet = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?0123456789"
-    tokenizer = SimpleNamespace(
-        encode=lambda text: SimpleNamespace(ids=[alphabet.index(c) for c in text]),
-        decode=lambda ids: "".join(alphabet[i] for i in ids),
-    )
-    full = tokenizer.decode(generate(model, tokenizer.encode("hello").ids, 12))
-    stop = full[4:6]
-    cut = generate_text(model, tokenizer, "hello", 12, stop_strings=[stop])
-    assert cut == full[: full.find(stop)]
+def test_fit_to_context() -> None:
+    assert fit_to_context([[1, 2, 3], [4]], 2, 5) == [[1, 2, 3], [4]]
+    with pytest.raises(ValueError, match=r"prompt 0 has 4 tokens; with max_new_tokens=2 at most 3 fit .*=5"):
+        fit_to_context([[1, 2, 3, 4]], 2, 5)
+    assert fit_to_context([[1, 2, 3, 4], [5]], 2, 5, truncate=True) == [[2, 3, 4], [5]]
+    with pytest.raises(ValueError, match="max_new_tokens=5 is not allowed"):
+        fit_to_context([[1]], 5, 5, truncate=True)
 
 
-def test_training_mode_is_rejected() -> None:
+def test_bad_calls_are_rejected() -> None:
     with pytest.raises(ValueError, match="eval"):
         incremental_decoder(make_dlcm().train())
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate_batch(make_dlcm(), [[1], []], 3)
+    with pytest.raises(ValueError, match="counts="):
+        incremental_decoder(make_baseline(), 2).extend(torch.zeros(2, 3, dtype=torch.int64), [4, 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("family", "syncs"), [("dlcm", 1), ("baseline", 0)])
+@torch.no_grad()
+def test_one_decode_step_reads_back_at_most_the_boundaries(family: str, syncs: int) -> None:
+    model = (make_dlcm(dtype=torch.float32) if family == "dlcm" else make_baseline(torch.float32)).cuda()
+    decoder = incremental_decoder(model, batch=3, capacity=64)
+    ids, counts = padded([doc[:p].cuda() for doc, p in zip(documents(), PROMPTS[:3], strict=True)])
+    token = sample_tokens(decoder.extend(ids.cuda(), counts, last_only=True))
+    decoder.extend(token[:, None], last_only=True)  # warm-up (allocator, pinned blocks)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            token = sample_tokens(decoder.extend(token[:, None], last_only=True))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) == syncs, [str(w.message) for w in caught]
