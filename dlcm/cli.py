@@ -1,7 +1,8 @@
 """The ``dlcm`` command: LightningCLI subcommands ``fit``/``validate``/``test`` plus ``dlcm data …`` and
 ``dlcm flops …`` (inference FLOPs per token of a recipe or preset), ``dlcm eval …`` (zero-shot benchmarks of a
-checkpoint), ``dlcm scaling fit …`` (the compression-aware scaling law, Eq. 22) and ``dlcm sweep …`` (sweeps of
-``dlcm fit`` runs, the μP transfer and (R, P) protocols).
+checkpoint), ``dlcm scaling fit …`` (the compression-aware scaling law, Eq. 22), ``dlcm sweep …`` (sweeps of
+``dlcm fit`` runs, the μP transfer and (R, P) protocols), ``dlcm analyze …`` (loss by position inside a concept)
+and ``dlcm plot …`` (figures of runs, PNG and TensorBoard).
 
 Recipes are YAML files for LightningCLI (``--config`` may be given several times and composes in order; OmegaConf
 interpolation is enabled). Arguments that must agree are linked rather than repeated: the tokenizer's vocabulary
@@ -121,5 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         from dlcm.sweep import main as sweep_main
 
         return sweep_main(words[1:])
+    if words and words[0] == "analyze":
+        from dlcm.concept_analysis import main as analyze_main
+
+        return analyze_main(words[1:])
+    if words and words[0] == "plot":
+        from dlcm.plots import main as plot_main
+
+        return plot_main(words[1:])
     run_cli(argv)  # None: LightningCLI reads sys.argv itself
     return 0

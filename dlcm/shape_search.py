@@ -108,11 +108,12 @@ def config_overrides(config: DLCMConfig | BaselineConfig, prefix: str = "model.i
 
 
 def matmul_parameters(config: DLCMConfig | BaselineConfig) -> dict[str, int]:
-    """Matmul parameters (LM head included, embedding table not): ``total`` and ``backbone``."""
+    """Parameters without embedding and LM head (``N``, the count of Eq. 22 and :mod:`dlcm.presets`) and the
+    backbone's part of them."""
     costs = stage_costs(config)
-    total = sum(c.token_params + c.concept_params for c in costs.values())
+    body = sum(c.token_params + c.concept_params for name, c in costs.items() if name != "head")
     backbone = costs["backbone"].concept_params if "backbone" in costs else 0
-    return {"total": total, "backbone": backbone}
+    return {"N": body, "backbone": backbone}
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,8 @@ class BudgetShape:
             "flops_per_token": self.flops_per_token,
             "flops_error": self.flops_error,
             "backbone_share": self.backbone_share,
-            "matmul_params": params["total"],
-            "backbone_param_fraction": params["backbone"] / params["total"],
+            "params": params["N"],  # without embedding and head
+            "backbone_param_fraction": params["backbone"] / params["N"],
         }
 
 

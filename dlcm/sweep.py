@@ -33,7 +33,8 @@ Protocols:
   Output ``mup_transfer.json``: the loss-vs-LR tables and whether the wider models' minima fall on the proxy's.
 - ``ratio-fraction``: for each compression ratio R and backbone share P, a DLCM shape that meets one inference-FLOPs
   budget per token (:func:`dlcm.shape_search.budget_shape`), listed with its FLOPs before anything runs; each run
-  also gets a ``scaling.json`` sidecar so ``dlcm scaling fit --runs <out>/*`` fits Eq. 22 to the results.
+  also gets a ``scaling.json`` sidecar (N without embedding and head, P the backbone's share of N, as in
+  :mod:`dlcm.presets`) so ``dlcm scaling fit --runs <out>/*`` fits Eq. 22 to the results.
 """
 
 from __future__ import annotations
@@ -546,7 +547,7 @@ def ratio_fraction_runs(spec: SweepSpec) -> tuple[list[Run], list[dict[str, Any]
             shape = budget_shape(base, ratio, fraction, budget, context, rf.tolerance, rf.share_tolerance)
             row = {"context": context, "budget": budget, **shape.describe()}
             params = matmul_parameters(shape.config)
-            sidecar = {"N": params["total"], "R": ratio, "P": params["backbone"] / params["total"]}
+            sidecar = {"N": params["N"], "R": ratio, "P": params["backbone"] / params["N"]}
             name = f"R{ratio:g}_P{round(fraction * 100)}"
             runs.append(Run(name, cli_args(spec.configs, spec.overrides, config_overrides(shape.config)), row, sidecar))
             table.append({"name": name, **row})
@@ -564,7 +565,7 @@ def format_shape_table(table: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['name']:<10}{r['d_token']:>6}{r['encoder_layers']:>4}{r['decoder_layers']:>4}{r['d_concept']:>6}"
             f"{r['backbone_layers']:>4}{r['flops_per_token']:>12.4g}{r['flops_error']:>+10.1%}"
-            f"{r['backbone_share']:>9.3f}{r['matmul_params'] / 1e6:>9.2f}M{r['backbone_param_fraction']:>10.1%}"
+            f"{r['backbone_share']:>9.3f}{r['params'] / 1e6:>9.2f}M{r['backbone_param_fraction']:>10.1%}"
         )
     return "\n".join(lines)
 
