@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         from dlcm.consolidate import main as consolidate_main
 
         return consolidate_main(words[1:])
+    if words and words[0] == "generate":
+        from dlcm.generate_cli import main as generate_main
+
+        return generate_main(words[1:])
     if words and words[0] == "scaling":
         from dlcm.scaling_cli import main as scaling_main
 

@@ -59,6 +59,8 @@ def load_weights(module: torch.nn.Module, ckpt_path: str) -> int:
 
     Returns the checkpoint's ``global_step`` (0 if absent), the step at which its evaluation is logged.
     """
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist (pass the .ckpt file that `dlcm fit` wrote)")
     # weights_only=False: Lightning checkpoints pickle the recipe's config dataclasses in their hyperparameters.
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if "state_dict" not in ckpt:
