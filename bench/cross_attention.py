@@ -4,8 +4,7 @@ segments of ~6 tokens. Methods, each timed with its own per-step metadata constr
 - ``replicate_varlen``: the paper's path (Eq. 17): gather concept K/V to tokens, causal ``varlen_attn``;
 - ``flex_create_block_mask``: the paper's baseline: FlexAttention L×C with ``create_block_mask`` every step;
 - ``ours``: :func:`dlcm.concept_attention.flex_concept_attention` (block tables from concept offsets, the exact
-  replication function with its log-count bias);
-- ``ours_no_bias``: the same kernel without the bias, to show what the bias costs.
+  replication function with its log-count bias, one compiled graph per step).
 
 Run on a CUDA machine: ``python bench/cross_attention.py --out bench/results/cross_attention_h200.json``.
 ``--warm-only`` compiles every shape once (run several in parallel with ``--hidden`` to fill Inductor's cache).
@@ -14,6 +13,7 @@ Run on a CUDA machine: ``python bench/cross_attention.py --out bench/results/cro
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -66,25 +66,12 @@ def flex_create_block_mask(q, k, v, layout, tok):
     return out[0].transpose(0, 1)
 
 
-def ours_no_bias(q, k, v, layout, tok):
-    from dlcm.concept_attention import ROW_BUCKET, _compiled_flex, concept_block_mask
-
-    c = k.shape[0]
-    rows = -(-c // ROW_BUCKET) * ROW_BUCKET
-    pad = (0, 0, 0, 0, 0, rows - c)
-    mask, _, _ = concept_block_mask(layout, tok, rows)
-    k_r, v_r = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
-    out = _compiled_flex()(
-        q.transpose(0, 1)[None], k_r.transpose(0, 1)[None], v_r.transpose(0, 1)[None], block_mask=mask
-    )
-    return out[0].transpose(0, 1)
-
-
 METHODS = {
     "replicate_varlen": replicate_varlen,
     "flex_create_block_mask": flex_create_block_mask,
     "ours": flex_concept_attention,
-    "ours_no_bias": ours_no_bias,
+    # The same exact kernel with Flex's default launch configuration, to show what KERNEL_OPTIONS buys.
+    "ours_default_options": functools.partial(flex_concept_attention, kernel_options=None),
 }
 
 

@@ -21,6 +21,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from dlcm.packing import PackedSeqs
@@ -28,9 +29,12 @@ from dlcm.pooling import ConceptLayout
 
 BLOCK = 128
 ROW_BUCKET = 256
-# Below this document length (tokens) the per-step overhead (block tables, padding, launches) outweighs the
-# T×T work that replication wastes (H200 bf16, bench/results/cross_attention_h200.json); ``impl='auto'`` uses it.
-EXACT_MIN_TOKENS = 16384
+# From this document length (tokens) on, the exact kernel beats replication + varlen at every head dim measured
+# (H200 bf16, bench/results/cross_attention_h200.json: 1.04–1.41× at 4K, 0.69–0.97× at 2K); ``impl='auto'`` uses it.
+EXACT_MIN_TOKENS = 4096
+# Flex's default launch configuration leaves the bias gathers latency-bound: with 8 warps per program the biased
+# kernel ran as fast as the unbiased one (H200, head dim 64, 16K tokens: 3.9 vs 7.5 ms fwd+bwd).
+KERNEL_OPTIONS = {"num_warps": 8}
 
 
 def resolve_cross_impl(impl: str, device_type: str, max_seqlen: int) -> str:
@@ -63,57 +67,90 @@ def block_tables(
     return (*_first_sorted(touched & ~full), *_first_sorted(full))
 
 
-@functools.cache
-def _compiled_block_tables():
-    # A few dozen tiny integer ops: compiled they become one or two kernels instead of a launch each.
-    return torch.compile(block_tables, dynamic=False)
+def readable_block_mask(first_T: torch.Tensor, j_T: torch.Tensor, rows: int, block: int = BLOCK) -> BlockMask:
+    """Block mask of the readable ``[T, rows]`` pairs: query ``t`` reads rows ``first_T[t] … j_T[t]``."""
+    tables = block_tables(first_T, j_T, rows, block)
+
+    def readable(b, h, q_idx, kv_idx):
+        return (kv_idx >= first_T[q_idx]) & (kv_idx <= j_T[q_idx])
+
+    return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=readable, seq_lengths=(first_T.shape[0], rows))
 
 
 def concept_block_mask(
     layout: ConceptLayout, tok: PackedSeqs, rows: int, block: int = BLOCK
 ) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
-    """Block mask of the readable ``[T, rows]`` pairs; also returns per-query ``first`` and ``j`` rows."""
+    """:func:`readable_block_mask` of a concept layout; also returns per-query ``first`` and ``j`` rows."""
     j_T = layout.concept_id_T
     first_T = layout.seqs.cu_seqlens.long()[tok.doc_id]
-    build = _compiled_block_tables() if j_T.is_cuda else block_tables
-    tables = build(first_T, j_T, rows, block)
-
-    def readable(b, h, q_idx, kv_idx):
-        return (kv_idx >= first_T[q_idx]) & (kv_idx <= j_T[q_idx])
-
-    mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=readable, seq_lengths=(tok.total, rows))
-    return mask, first_T, j_T
+    return readable_block_mask(first_T, j_T, rows, block), first_T, j_T
 
 
-@functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def flex_concept_attention(
-    q_TNH: torch.Tensor, k_CKH: torch.Tensor, v_CKH: torch.Tensor, layout: ConceptLayout, tok: PackedSeqs
+def biased_concept_attention(
+    q_1NTH: torch.Tensor,
+    k_1KRH: torch.Tensor,
+    v_1KRH: torch.Tensor,
+    first_T: torch.Tensor,
+    j_T: torch.Tensor,
+    start_T: torch.Tensor,
+    log_len_R: torch.Tensor,
+    kernel_options: dict | None = None,
 ) -> torch.Tensor:
-    """Ψ's attention over unique concept rows with the replication log-count bias; returns ``[T, N, H]``."""
-    c = k_CKH.shape[0]
-    rows = math.ceil(c / ROW_BUCKET) * ROW_BUCKET
-    pad = (0, 0, 0, 0, 0, rows - c)
-    k_RKH, v_RKH = torch.nn.functional.pad(k_CKH, pad), torch.nn.functional.pad(v_CKH, pad)
-    block_mask, _, j_T = concept_block_mask(layout, tok, rows)
-    log_len_R = torch.nn.functional.pad(layout.length_C.float().log(), (0, rows - c))
+    """All of one step's work — block tables, mask, bias tables, attention — so that compiled it is one graph.
+
+    The per-step cost of the kernel at 2K–8K tokens is host-side (dozens of small launches and the eager
+    ``BlockMask`` transposition), not the attention itself; one compiled graph removes it.
+    """
+    t, rows = q_1NTH.shape[2], k_1KRH.shape[2]
+    block_mask = readable_block_mask(first_T, j_T, rows)
     # The only per-query bias is on the token's own row: precompute it so the kernel gathers, never takes logs.
-    rows_T = torch.arange(tok.total, device=j_T.device)
-    own_log_T = (rows_T - layout.start_C[j_T] + 1).float().log()
+    own_log_T = (torch.arange(t, device=j_T.device) - start_T + 1).float().log()
 
     def log_count(score, b, h, q_idx, kv_idx):
         return score + torch.where(kv_idx == j_T[q_idx], own_log_T[q_idx], log_len_R[kv_idx])
 
-    kernel = _compiled_flex() if q_TNH.is_cuda else flex_attention
+    return flex_attention(
+        q_1NTH,
+        k_1KRH,
+        v_1KRH,
+        score_mod=log_count,
+        block_mask=block_mask,
+        enable_gqa=True,
+        kernel_options=kernel_options,
+    )
+
+
+@functools.cache
+def _compiled_attention():
+    return torch.compile(biased_concept_attention, dynamic=False, fullgraph=True)
+
+
+def flex_concept_attention(
+    q_TNH: torch.Tensor,
+    k_CKH: torch.Tensor,
+    v_CKH: torch.Tensor,
+    layout: ConceptLayout,
+    tok: PackedSeqs,
+    kernel_options: dict | None = KERNEL_OPTIONS,
+) -> torch.Tensor:
+    """Ψ's attention over unique concept rows with the replication log-count bias; returns ``[T, N, H]``."""
+    c = k_CKH.shape[0]
+    # Rows padded to a bucket (outside the compiled graph, whose shapes are then static per bucket).
+    rows = math.ceil(c / ROW_BUCKET) * ROW_BUCKET
+    pad = (0, 0, 0, 0, 0, rows - c)
+    k_RKH, v_RKH = F.pad(k_CKH, pad), F.pad(v_CKH, pad)
+    log_len_R = F.pad(layout.length_C.float().log(), (0, rows - c))
+    j_T = layout.concept_id_T
+    first_T = layout.seqs.cu_seqlens.long()[tok.doc_id]
+    kernel = _compiled_attention() if q_TNH.is_cuda else biased_concept_attention
     out_1NTH = kernel(
         q_TNH.transpose(0, 1)[None],
         k_RKH.transpose(0, 1)[None],
         v_RKH.transpose(0, 1)[None],
-        score_mod=log_count,
-        block_mask=block_mask,
-        enable_gqa=True,
+        first_T,
+        j_T,
+        layout.start_C[j_T],
+        log_len_R,
+        kernel_options if q_TNH.is_cuda else None,
     )
     return out_1NTH[0].transpose(0, 1)

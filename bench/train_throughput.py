@@ -1,0 +1,268 @@
+"""End-to-end training throughput on one GPU (issue 5, benchmark 2): tokens/s, MFU and peak memory of the dense
+baseline and DLCM at matched inference FLOPs, and where DLCM's extra time goes.
+
+Each configuration runs full training steps — forward, CE (+ λ·L_aux for DLCM), backward, fused AdamW — on packed
+micro-batches of ``--docs`` documents of ``--context`` random tokens, timed with CUDA events after warm-up (which
+includes compilation). Precision is Lightning's ``bf16-mixed`` (fp32 master weights, bf16 autocast) unless
+``--precision bf16-true``. DLCM's parser runs as in training, but its sampled boundaries are replaced by
+Bernoulli(1/R) draws: a freshly initialised parser does not compress at R, and throughput depends on the concept
+count (the realised ratio is reported).
+
+MFU = model FLOPs / time / peak, with :mod:`dlcm.flops`'s training count (3 × forward matmul and attention FLOPs,
+no causal discount: ``(6·N + 12·layers·width·seq)·tokens`` for the baseline, N counting every matmul weight
+including the head) against the dense bf16 peak (989 TFLOP/s on an H200) and against a bf16 GEMM measured in the
+same run. The DLCM breakdown times each top-level module's forward and backward with CUDA events from module hooks
+in one extra eager step; "other" is the remainder (concept layout and its host sync, ratio loss, CE, optimizer).
+
+Run on a CUDA machine, e.g.::
+
+    python bench/train_throughput.py --out bench/results/train_throughput_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from dlcm.config import BaselineConfig, CrossConfig, DLCMConfig, ParserConfig, StackConfig
+from dlcm.execution import ExecutionConfig, apply_execution, compiled_graphs
+from dlcm.flops import model_flops
+from dlcm.loss import cross_entropy, next_token_targets
+from dlcm.model import DLCM
+from dlcm.presets import DEEPSEEK_V3_VOCAB, build_model, preset_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = {
+    "paper": ("baseline_1.3b", "dlcm_2.3b"),
+    "small": ("recipes/baseline_small_defaultcorpus_h200.yaml", "recipes/dlcm_small_r4_defaultcorpus_h200.yaml"),
+}
+H200_BF16_PEAK = 989e12
+
+
+def recipe_config(path: str, vocab_size: int) -> BaselineConfig | DLCMConfig:
+    """The model config of a recipe file, with the DeepSeek-V3 vocabulary (recipes take V from their tokenizer)."""
+    raw = yaml.safe_load((ROOT / path).read_text())["model"]["init_args"]["config"]
+    raw = {k: v for k, v in raw.items() if k != "vocab_size"}
+    if "stack" in raw:
+        return BaselineConfig(vocab_size=vocab_size, **{**raw, "stack": StackConfig(**raw["stack"])})
+    nested = {"encoder": StackConfig, "backbone": StackConfig, "decoder": StackConfig, "cross": CrossConfig}
+    nested["parser"] = ParserConfig
+    return DLCMConfig(vocab_size=vocab_size, **{k: nested[k](**v) if k in nested else v for k, v in raw.items()})
+
+
+def model_config(name: str) -> BaselineConfig | DLCMConfig:
+    return recipe_config(name, DEEPSEEK_V3_VOCAB) if name.endswith(".yaml") else preset_config(name)
+
+
+def force_ratio(model: DLCM) -> None:
+    """Replace the parser's sampled boundaries by Bernoulli(1/R) draws (document starts kept)."""
+    forward, rate = model.parser.forward, 1.0 / model.cfg.parser.target_ratio
+
+    def at_ratio(h_TD, seqs, sample, generator=None):
+        out = forward(h_TD, seqs, sample, generator)
+        draw_T = torch.rand(out.boundary_T.shape, device=h_TD.device) < rate
+        return dataclasses.replace(out, boundary_T=draw_T | (seqs.position == 0))
+
+    model.parser.forward = at_ratio
+
+
+def gemm_peak(n: int = 8192, iters: int = 20) -> float:
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3)
+
+
+class Batch:
+    """A packed micro-batch of ``docs`` documents of ``context`` random tokens, fresh every step."""
+
+    def __init__(self, vocab: int, docs: int, context: int) -> None:
+        self.vocab, self.docs, self.context = vocab, docs, context
+        self.cu = torch.arange(docs + 1, device="cuda", dtype=torch.int32) * context
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ids_T = torch.randint(0, self.vocab, (self.docs * self.context,), device="cuda")
+        return ids_T, next_token_targets(ids_T, self.cu)
+
+
+def train_step(model, optimizer, batch: Batch, autocast: bool) -> int:
+    """One optimizer step; returns the concept count (0 for the baseline)."""
+    ids_T, targets_T = batch.next()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids_T, batch.cu, batch.context)
+        logits_TV = out.logits_TV if isinstance(model, DLCM) else out
+        loss = cross_entropy(logits_TV, targets_T)
+        if isinstance(model, DLCM):
+            loss = loss + model.cfg.parser.aux_weight * out.aux_loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out.layout.num_concepts if isinstance(model, DLCM) else 0
+
+
+def stage_breakdown(model: DLCM, optimizer, batch: Batch, autocast: bool) -> dict[str, float]:
+    """Forward and backward milliseconds of each top-level module of one step, from CUDA events at module hooks."""
+    events: dict[str, list] = {}
+
+    def mark(key: str):
+        def hook(*_):
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            events.setdefault(key, []).append(ev)
+
+        return hook
+
+    handles = []
+    for name, module in model.named_children():
+        if name == "ratio_loss":
+            continue
+        handles += [
+            module.register_forward_pre_hook(mark(f"{name}.fwd.start")),
+            module.register_forward_hook(mark(f"{name}.fwd.end")),
+            module.register_full_backward_pre_hook(mark(f"{name}.bwd.start")),
+            module.register_full_backward_hook(mark(f"{name}.bwd.end")),
+        ]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    train_step(model, optimizer, batch, autocast)
+    end.record()
+    torch.cuda.synchronize()
+    for handle in handles:
+        handle.remove()
+    stages: dict[str, float] = {}
+    for key in sorted(k for k in events if k.endswith(".start")):
+        stem = key.removesuffix(".start")
+        # A module whose inputs need no gradient (the embedding) gets no backward post-hook: nothing to pair.
+        if len(events.get(f"{stem}.end", [])) == len(events[key]):
+            stages[stem] = sum(a.elapsed_time(b) for a, b in zip(events[key], events[f"{stem}.end"], strict=True))
+    total = start.elapsed_time(end)
+    stages["other"] = total - sum(stages.values())
+    stages["total"] = total
+    return stages
+
+
+def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
+    torch.manual_seed(0)
+    cfg = model_config(name)
+    with torch.device("cuda"):
+        model = build_model(cfg)
+    true_bf16 = args.precision == "bf16-true"
+    if true_bf16:
+        model.to(torch.bfloat16)
+    if isinstance(model, DLCM):
+        force_ratio(model)
+    apply_execution(model, ExecutionConfig(args.activation_checkpointing, compile_blocks))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    batch = Batch(cfg.vocab_size, args.docs, args.context)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        train_step(model, optimizer, batch, not true_bf16)
+    torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t0
+    graphs_after_warmup = compiled_graphs()
+    times, concepts = [], []
+    for _ in range(args.steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        concepts.append(train_step(model, optimizer, batch, not true_bf16))
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    step_ms = statistics.median(times)
+    tokens = args.docs * args.context
+    doc_lengths = [args.context] * args.docs
+    mean_concepts = statistics.mean(concepts)
+    concept_lengths = [mean_concepts / args.docs] * args.docs if isinstance(model, DLCM) else None
+    flops = model_flops(cfg, doc_lengths, concept_lengths)
+    rec = {
+        "model": name,
+        "kind": "dlcm" if isinstance(model, DLCM) else "baseline",
+        "params": sum(p.numel() for p in model.parameters()),
+        "precision": args.precision,
+        "compile_blocks": compile_blocks,
+        "activation_checkpointing": args.activation_checkpointing,
+        "context": args.context,
+        "tokens_per_step": tokens,
+        "median_step_ms": step_ms,
+        "p10_step_ms": sorted(times)[len(times) // 10],
+        "p90_step_ms": sorted(times)[(9 * len(times)) // 10],
+        "tokens_per_sec": tokens / (step_ms / 1e3),
+        "model_flops_per_step": flops.total,
+        "mfu": flops.total / (step_ms / 1e3) / H200_BF16_PEAK,
+        "mfu_vs_measured_gemm": flops.total / (step_ms / 1e3) / gemm,
+        "realised_ratio": tokens / mean_concepts if concept_lengths else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "warmup_s": warm_s,
+        "graphs_compiled_during_timed_steps": compiled_graphs() - graphs_after_warmup,
+    }
+    if isinstance(model, DLCM) and args.breakdown:
+        try:
+            rec["breakdown_ms"] = stage_breakdown(model, optimizer, batch, not true_bf16)
+        except (RuntimeError, ValueError) as err:  # a breakdown failure must not lose the throughput numbers
+            rec["breakdown_error"] = repr(err)
+    print(json.dumps(rec), flush=True)
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return rec
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", nargs="+", default=["small", "paper"], choices=sorted(PAIRS))
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--docs", type=int, default=2, help="documents of --context tokens per micro-batch")
+    parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "bf16-true"])
+    parser.add_argument("--activation-checkpointing", default="none", choices=["none", "selective", "full"])
+    parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--breakdown", action="store_true", help="time DLCM's stages in one extra step")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/train_throughput.py needs a CUDA device", file=sys.stderr)
+        return 2
+    torch._dynamo.config.cache_size_limit = 64
+    gemm = gemm_peak()
+    print(f"measured bf16 GEMM peak: {gemm / 1e12:.0f} TFLOP/s", flush=True)
+    records = []
+    for pair in args.pairs:
+        for mode in args.compile:
+            for name in PAIRS[pair]:
+                records.append(run_config(name, args, mode == "on", gemm))
+                write(args.out, records, gemm)
+    return 0
+
+
+def write(out: str | None, records: list[dict], gemm: float) -> None:
+    """Rewrite the result file after every configuration, so a later failure keeps what was measured."""
+    result = {
+        "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "gemm_peak_flops": gemm,
+        "peak_flops": H200_BF16_PEAK,
+        "records": records,
+    }
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
