@@ -278,8 +278,28 @@ def test_recipe_instantiates_and_its_header_is_right(recipe: Path, mixture_root:
         assert meta["P"] == pytest.approx(share, abs=5e-5)
 
 
-def test_mup_sweep_override_reaches_the_callback(mixture_root: Path, meta_networks: None) -> None:
-    # recipes/README.md's coordinate-descent command changes one base rate of the proxy from the command line.
-    cli = instantiate(PAPER / "mup_proxy_87m.yaml", mixture_root, "--trainer.callbacks.init_args.lr_concept=4.5e-4")
+MUP_TRANSFER = [  # recipes/README.md: μP on any paper recipe, with base rates tuned on the proxy
+    "--model.init_args.config.d_base=384",
+    "--trainer.callbacks+=dlcm.callbacks.mup.DecoupledMuP",
+    "--trainer.callbacks.d_base=384",
+    "--trainer.callbacks.lr_token=6e-4",
+    "--trainer.callbacks.lr_concept=5e-4",
+    "--trainer.callbacks.lr_others=4e-4",
+]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "extra", "rates"),
+    [
+        ("mup_proxy_87m.yaml", ["--trainer.callbacks.init_args.lr_concept=4.5e-4"], (3e-4, 4.5e-4, 3e-4)),
+        ("grid/dlcm_468m_r4_p50_8xh200.yaml", MUP_TRANSFER, (6e-4, 5e-4, 4e-4)),
+    ],
+    ids=["proxy_sweep", "transfer"],
+)
+def test_documented_mup_commands_reach_the_callback(
+    recipe: str, extra: list[str], rates: tuple[float, ...], mixture_root: Path, meta_networks: None
+) -> None:
+    cli = instantiate(PAPER / recipe, mixture_root, *extra)
     (mup,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "DecoupledMuP"]
-    assert (mup.lr_token, mup.lr_concept, mup.lr_others) == (3e-4, 4.5e-4, 3e-4)
+    assert (mup.lr_token, mup.lr_concept, mup.lr_others) == rates
+    assert mup.d_base == cli.model.config.d_base == 384
