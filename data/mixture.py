@@ -11,7 +11,7 @@ Weights are **token shares** (the paper's Table 1 gives tokens per source) and m
 Sampling. Inside each slot (rank × DataLoader worker, as in :mod:`dlcm.data.datamodule`) every source is its own
 document stream — that module's order, seeded per source — and the next document always comes from the source
 furthest below its share of the tokens the slot has delivered (``argmin delivered_i / w_i``, ties to the first
-source). Every slot's token shares therefore match the weights to within one document per source, with no random
+source). Every slot's token shares therefore match the weights to within a few documents' tokens, with no random
 draw: the stream stays a function of ``(seed, epoch, batch index)``, so the data module's saved position (epoch,
 batches done) resumes it exactly, and its equal batch count per rank holds because every source cycles (new order
 per cycle) instead of running out. webdataset's ``RandomMix`` does not fit: it draws from the process-global
@@ -71,7 +71,12 @@ class Mixture:
             raise ValueError("data.mixture={} is not allowed: give at least one {source directory: token share}")
         directory = Path(data_dir)
         for name, weight in weights.items():
-            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+                or weight <= 0
+            ):
                 raise ValueError(f"data.mixture.{name}={weight!r} is not allowed: a token share > 0")
             if not name or Path(name).name != name or name in (".", ".."):
                 raise ValueError(
@@ -111,6 +116,10 @@ class Mixture:
     @property
     def tokenizer_path(self) -> Path:
         return self.sources[0].manifest.tokenizer_path
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.sources[0].manifest.tokenizer_sha256  # every source's (checked in load)
 
     @property
     def vocab_size(self) -> int:

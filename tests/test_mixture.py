@@ -120,6 +120,7 @@ def test_mixture_reads_like_a_manifest_over_its_sources(root: Path) -> None:
     manifests = {name: Manifest.load(root / name) for name in SOURCES}
     assert dm.manifest.domains == tuple(WEIGHTS) and dm.manifest.weights == WEIGHTS
     assert dm.vocab_size == manifests["web"].vocab_size
+    assert dm.manifest.tokenizer_sha256 == manifests["code"].tokenizer_sha256
     for split in ("train", "val"):
         assert dm.manifest.splits[split].tokens == sum(m.splits[split].tokens for m in manifests.values())
         assert dm.manifest.shard_paths(split) == [p for m in manifests.values() for p in m.shard_paths(split)]
@@ -298,6 +299,7 @@ def test_the_validation_pass_is_sized_without_reading_the_split(root: Path, monk
         ({"web": 1.0, "code": 0.0}, r"data.mixture.code=0.0 is not allowed"),
         ({"web": math.nan}, r"data.mixture.web=nan is not allowed"),
         ({"web": "half"}, r"data.mixture.web='half' is not allowed"),
+        ({"web": True}, r"data.mixture.web=True is not allowed"),
         ({"../web": 1.0}, r"key '../web' is not allowed: the name of a directory directly inside"),
         ({"nope": 1.0}, r"source 'nope': .*nope is not a directory \(directories there: code, math, web\)"),
     ],
