@@ -190,6 +190,36 @@ def lr_transfer(mup: dict[str, Any]) -> Any | None:
     return fig
 
 
+def boundary_scores(results: list[dict[str, Any]]) -> Any | None:
+    """Precision, recall and F1 of the parser on known boundaries (``bench/synthetic_boundaries.py`` results), per
+    ``router_grad``, exact and ±1 token, with the chance reference as outlined bars."""
+    if not results:
+        return None
+    keys = list(results[0]["scores"])
+    fig, axes = _figure(len(keys), width=4.8)
+    metrics = ("precision", "recall", "f1")
+    width = 0.8 / len(results)
+    for ax, key in zip(axes, keys, strict=True):
+        for i, result in enumerate(results):
+            xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(metrics))]
+            bars = ax.bar(xs, [result["scores"][key][m] for m in metrics], width=width, label=result["router_grad"])
+            ax.bar(
+                xs,
+                [result["chance"][key][m] for m in metrics],
+                width=width,
+                fill=False,
+                edgecolor="black",
+                linestyle="--",
+                label="chance (same count)" if i == 0 else None,
+            )
+            ax.bar_label(bars, fmt="%.2f", fontsize="x-small")
+        ax.set_xticks(range(len(metrics)), metrics)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"phrase boundaries, tolerance ±{results[0]['scores'][key]['tolerance']}")
+        ax.legend(fontsize="small")
+    return fig
+
+
 def save_figures(figures: dict[str, Any], out_dir: Path, tensorboard_dir: Path | None = None) -> list[Path]:
     """Write each figure as ``<out_dir>/<name>.png`` and, with ``tensorboard_dir``, as a TensorBoard image
     ``figures/<name>``; returns the PNG paths."""

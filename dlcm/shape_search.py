@@ -70,8 +70,9 @@ def scale_cross(cross: CrossConfig, d_token_old: int, d_token: int) -> CrossConf
     )
 
 
-def width_scaled(config: DLCMConfig | BaselineConfig, d_token: int, d_base: int) -> DLCMConfig | BaselineConfig:
-    """The μP-scaled model at token width ``d_token`` with base width ``d_base`` (see the module docstring)."""
+def width_scaled(config: DLCMConfig | BaselineConfig, d_token: int, d_base: int | None) -> DLCMConfig | BaselineConfig:
+    """The model scaled to token width ``d_token`` with μP base width ``d_base`` (``None``: standard
+    parametrisation); see the module docstring."""
     if isinstance(config, BaselineConfig):
         return replace(config, stack=scale_stack(config.stack, d_token), d_base=d_base)
     factor = d_token / config.d_token
