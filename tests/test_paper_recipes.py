@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from dlcm import lightning_modules
 from dlcm.baseline import DenseBaseline
@@ -238,9 +239,9 @@ def test_recipe_instantiates_and_its_header_is_right(recipe: Path, mixture_root:
     if "mup" not in recipe.name:
         assert step == 2**22  # LLaMA-1's 4M-token batch (SPEC §5)
     if gpus * nodes > 1:
-        strategy = cli.config.trainer.strategy
-        assert strategy.class_path == "lightning.pytorch.strategies.ModelParallelStrategy"
-        assert strategy.init_args.data_parallel_size == gpus * nodes and strategy.init_args.tensor_parallel_size == 1
+        assert isinstance(trainer.strategy, ModelParallelStrategy)  # FSDP2
+        strategy = cli.config.trainer.strategy.init_args
+        assert strategy.data_parallel_size == gpus * nodes and strategy.tensor_parallel_size == 1
 
     # Planned steps = ceil(training tokens / tokens per step) = trainer.max_steps, and the compute they imply.
     tokens = integer(stated(text, rf"Training tokens: {NUMBER}", recipe)[0])

@@ -67,6 +67,8 @@ MIXTURE = (  # paper Table 1 (§5): source directory name, token share, what it 
     ("megamath_web", 0.10, "MegaMath-Web: mathematics"),
 )
 DATA_DIR = "/data/dlcm/paper_mix"
+# FSDP2 through Lightning's ModelParallelStrategy; its subclass with atomic sharded checkpoints can replace it here.
+STRATEGY = "lightning.pytorch.strategies.ModelParallelStrategy"
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,7 @@ def trainer_lines(run: Run) -> list[str]:
     if gpus > 1:
         lines += [
             "  strategy: # FSDP2 (SPEC §9): parameters, gradients and AdamW state sharded over every GPU",
-            "    class_path: lightning.pytorch.strategies.ModelParallelStrategy # sharding applied in configure_model",
+            f"    class_path: {STRATEGY} # sharding applied in configure_model",
             "    init_args:",
             f"      data_parallel_size: {gpus} # = devices × num_nodes: pure data parallelism",
             "      tensor_parallel_size: 1 # dlcm has no tensor parallelism",
