@@ -150,9 +150,6 @@ class Mixture:
         """Every source's shards of ``split``, source by source."""
         return [path for s in self.sources for path in s.manifest.shard_paths(split)]
 
-    def summary(self) -> str:
-        return "; ".join(f"{s.name} ({s.weight:.1%}): {s.manifest.summary()}" for s in self.sources)
-
     def stream_sources(self) -> tuple[tuple[str, Path, float], ...]:
         """``(name, directory, weight)`` of each source, what :class:`MixtureStream` needs (picklable)."""
         return tuple((s.name, s.manifest.directory, s.weight) for s in self.sources)
