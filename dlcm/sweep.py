@@ -370,17 +370,18 @@ def _round_lr(value: float) -> float:
     return float(_lr_label(value))
 
 
-def _mentions_mup_callback(config: Path, seen: set[Path] | None = None) -> bool:
-    """Whether a recipe or any YAML fragment it names (relative path values) sets up DecoupledMuP."""
-    seen = set() if seen is None else seen
-    if config in seen or not config.is_file():
-        return False
-    seen.add(config)
-    text = config.read_text()
-    if "DecoupledMuP" in text:
-        return True
-    fragments = re.findall(r":\s*([\w./-]+\.ya?ml)\s*(?:#|$)", text, flags=re.MULTILINE)
-    return any(_mentions_mup_callback((config.parent / f).resolve(), seen) for f in fragments)
+def _sets_up_mup(config: Path) -> bool:
+    """Whether a recipe's trainer callbacks (inline or in the trainer fragment it names) include DecoupledMuP."""
+    import yaml
+
+    recipe = yaml.safe_load(config.read_text()) or {}
+    trainer = recipe.get("trainer") if isinstance(recipe, dict) else None
+    if isinstance(trainer, str):
+        trainer = yaml.safe_load((config.parent / trainer).read_text()) or {}
+    callbacks = trainer.get("callbacks") if isinstance(trainer, dict) else None
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []
+    names = [c.get("class_path", "") if isinstance(c, dict) else str(c) for c in callbacks]
+    return any(name.rpartition(".")[2] == MUP_CALLBACK.rpartition(".")[2] for name in names)
 
 
 @dataclass
@@ -393,7 +394,7 @@ class MuPProtocol:
     def __post_init__(self) -> None:
         assert self.spec.mup is not None
         for config in self.spec.configs:
-            if _mentions_mup_callback(config):
+            if _sets_up_mup(config):
                 raise ValueError(
                     f"{self.spec.path}: config {config} already sets up DecoupledMuP; the mup-transfer protocol adds "
                     "its own (with each run's width and rates), so leave it out of configs"
