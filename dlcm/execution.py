@@ -1,10 +1,13 @@
-"""How the network executes, applied from one place outside the model code: activation checkpointing and
-per-block ``torch.compile`` (SPEC: model code is free of distributed and execution concerns).
+"""How the network executes, applied from one place outside the model code: activation checkpointing, per-block
+``torch.compile`` and FSDP2 sharding (SPEC: model code is free of distributed and execution concerns).
 
-Both act on whole blocks in place — the encoder, backbone and decoder ``TransformerBlock``s and the cross-attention
-block Ψ — so parameter names (and with them checkpoints and the μP name rules) do not change. The parser, pooling
-and smoothing stay outside: boundary sampling must not be re-run by a recomputation, and their shapes depend on
-the sampled boundaries.
+All three act on whole blocks in place — the encoder, backbone and decoder ``TransformerBlock``s and the
+cross-attention block Ψ — so parameter names (and with them checkpoints and the μP name rules) do not change. The
+parser, pooling and smoothing stay outside checkpointing and compilation: boundary sampling must not be re-run by
+a recomputation, and their shapes depend on the sampled boundaries.
+
+Order (torchtitan's): checkpointing, then compile, then ``fully_shard``, so FSDP's all-gather hooks wrap the
+checkpointed, compiled block and a recomputation re-gathers the block's parameters like the first forward did.
 """
 
 from __future__ import annotations
@@ -15,25 +18,35 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dlcm.block import TransformerBlock
-from dlcm.config import require_choice
+from dlcm.config import require, require_choice
 from dlcm.cross_attention import CrossAttentionBlock
+from dlcm.linear import Embedding
+from dlcm.lm_head import LMHead
+from dlcm.parser import GlobalParser
 
 Checkpointing = Literal["none", "selective", "full"]
+ParamDtype = Literal["bfloat16", "float32"]
 
 
 @dataclass
 class ExecutionConfig:
-    """Activation checkpointing and compilation of the network's blocks."""
+    """Activation checkpointing, compilation and (under ``ModelParallelStrategy``) sharding of the network."""
 
     # none: keep all activations; selective: recompute every second block of each stack (about half the memory
     # of full for a third less recomputation); full: recompute every block and Ψ in the backward pass.
     activation_checkpointing: Checkpointing = "none"
     compile_blocks: bool = False  # torch.compile each block in place (one compiled graph per block shape)
+    # FSDP2 only: dtype the sharded fp32 parameters are all-gathered in for compute. Gradients are always reduced
+    # in float32 and the parameters and optimizer state stay float32; the parser always computes in float32.
+    fsdp_param_dtype: ParamDtype = "bfloat16"
 
     def __post_init__(self) -> None:
         require_choice("execution.activation_checkpointing", self.activation_checkpointing, Checkpointing)
+        require_choice("execution.fsdp_param_dtype", self.fsdp_param_dtype, ParamDtype)
 
 
 def blocks_of(network: nn.Module) -> list[nn.Module]:
@@ -41,8 +54,38 @@ def blocks_of(network: nn.Module) -> list[nn.Module]:
     return [m for m in network.modules() if isinstance(m, TransformerBlock | CrossAttentionBlock)]
 
 
-def apply_execution(network: nn.Module, cfg: ExecutionConfig) -> None:
-    """Apply ``cfg`` to ``network`` once (Lightning may call ``configure_model`` more than once)."""
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The data-parallel dimension of ``ModelParallelStrategy``'s mesh (tensor parallelism is not implemented)."""
+    names = mesh.mesh_dim_names or ()
+    tensor_parallel = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+    require(
+        tensor_parallel == 1,
+        "trainer.strategy.tensor_parallel_size",
+        tensor_parallel,
+        "1: dlcm shards with FSDP2 over data parallelism only (set data_parallel_size to the number of processes)",
+    )
+    return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
+def shard_network(network: nn.Module, mesh: DeviceMesh, param_dtype: ParamDtype) -> None:
+    """FSDP2 ``fully_shard`` per block, Ψ, embedding and head, the parser in fp32, then the root for the rest.
+
+    One all-gather per unit keeps at most a block's full parameters alive at a time; reducing in fp32 keeps
+    gradient averaging exact whatever the compute dtype (Lightning's FSDP1 ``bf16-mixed`` would reduce in bf16).
+    """
+    compute = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32)
+    exact = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    heads = [m for m in network.modules() if isinstance(m, Embedding | LMHead)]
+    for unit in blocks_of(network) + heads:
+        fully_shard(unit, mesh=mesh, mp_policy=compute)
+    for parser in (m for m in network.modules() if isinstance(m, GlobalParser)):
+        fully_shard(parser, mesh=mesh, mp_policy=exact)  # SPEC §2: boundary scores in fp32
+    fully_shard(network, mesh=mesh, mp_policy=compute)
+
+
+def apply_execution(network: nn.Module, cfg: ExecutionConfig, mesh: DeviceMesh | None = None) -> None:
+    """Apply ``cfg`` to ``network`` once (Lightning may call ``configure_model`` more than once); shard it over
+    ``mesh`` (a data-parallel mesh) when one is given."""
     if getattr(network, "_dlcm_execution_applied", False):
         return
     for stack in (m for m in network.modules() if isinstance(m, nn.ModuleList)):
@@ -58,6 +101,8 @@ def apply_execution(network: nn.Module, cfg: ExecutionConfig) -> None:
     if cfg.compile_blocks:
         for block in blocks_of(network):
             block.compile()
+    if mesh is not None:
+        shard_network(network, mesh, cfg.fsdp_param_dtype)
     network._dlcm_execution_applied = True
 
 

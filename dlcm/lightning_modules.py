@@ -14,13 +14,16 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torchmetrics
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import nn
 
 from dlcm.baseline import DenseBaseline
 from dlcm.config import BaselineConfig, DLCMConfig
-from dlcm.execution import ExecutionConfig, apply_execution, compiled_graphs
+from dlcm.execution import ExecutionConfig, apply_execution, compiled_graphs, data_parallel_mesh
 from dlcm.loss import IGNORE_INDEX, next_token_targets
+from dlcm.materialize import materialize
 from dlcm.model import DLCM, DLCMOutput
 from dlcm.optim import OptimizerConfig, ScheduleConfig, build_optimizer, default_param_groups
 
@@ -70,7 +73,13 @@ class LanguageModelModule(L.LightningModule):
         self.val_bytes = torchmetrics.SumMetric()
 
     def configure_model(self) -> None:
-        apply_execution(self.network, self.execution_cfg)
+        # Only ModelParallelStrategy provides a mesh: the network is then FSDP2-sharded; DDP and single-device
+        # runs get checkpointing and compile only.
+        mesh = None if self.device_mesh is None else data_parallel_mesh(self.device_mesh)
+        apply_execution(self.network, self.execution_cfg, mesh)
+        if any(p.is_meta for p in self.network.parameters()):
+            # Here rather than in Lightning's setup, which would also `to_empty` the torchmetrics states.
+            materialize(self.network, self.trainer.strategy.root_device)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.execution_cfg.compile_blocks:
@@ -138,7 +147,21 @@ class LanguageModelModule(L.LightningModule):
         for metric in (self.val_nats, self.val_tokens, self.val_bytes):
             metric.reset()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every rank's generators, indexed by rank: a sharded checkpoint keeps only rank 0's metadata file. NumPy's
+        # global generator is unused here, and its state would make the checkpoint unloadable with weights_only.
+        states = _collect_rng_states()
+        states.pop("numpy", None)
+        gathered = [states]
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+        checkpoint["rng_states"] = gathered
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if self._trainer is not None and states is not None and len(states) == self.trainer.world_size:
+            _set_rng_states(states[self.global_rank])  # another world size: nothing to match ranks with
         # Name the mismatch before load_state_dict fails with a bare size error (typically a checkpoint trained
         # with another tokenizer, so another vocab_size, or another recipe).
         own = self.state_dict()
@@ -194,6 +217,13 @@ class DLCMModule(LanguageModelModule):
         super().__init__(DLCM(config), config, optimizer, schedule, context_length, seed, execution)
         self.val_boundaries = torchmetrics.SumMetric()
         self.val_all_tokens = torchmetrics.SumMetric()
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        # The global ratio statistics sum over the ranks that split the batch: the data-parallel group (None: the
+        # default group, which is that group under DDP).
+        mesh = self.device_mesh
+        self.network.ratio_loss.process_group = None if mesh is None else data_parallel_mesh(mesh).get_group()
 
     def on_fit_start(self) -> None:
         self.network.ratio_loss.micro_batches_per_step = self.trainer.accumulate_grad_batches

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.distributed.tensor import DTensor
 
 from dlcm.cli import run_cli
 from dlcm.data.datamodule import PackedStream
@@ -43,20 +44,29 @@ def args(root: Path, scope: str, *extra: str) -> list[str]:
     ]
 
 
+def full_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The network's state with FSDP2-sharded tensors gathered (a collective: every rank must call it)."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in network.state_dict().items()}
+
+
 class Record(Callback):
-    """Writes every rank's per-step boundary rate and its final parameters (spawned ranks cannot return them)."""
+    """Writes every rank's per-micro-batch boundary rate and loss and its final parameters (spawned ranks cannot
+    return them). Under accumulation Lightning reports each micro-batch loss divided by the accumulation count."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
         self.rates: list[float] = []
+        self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.rates.append(outputs["ratio"].boundary_rate.item())
+        self.losses.append(outputs["loss"].item())
 
     def on_train_end(self, trainer, pl_module) -> None:
         rank = trainer.global_rank
-        torch.save(pl_module.network.state_dict(), self.out / f"params-{rank}.pt")
+        torch.save(full_state(pl_module.network), self.out / f"params-{rank}.pt")
         (self.out / f"rates-{rank}.json").write_text(json.dumps(self.rates))
+        (self.out / f"losses-{rank}.json").write_text(json.dumps(self.losses))
 
 
 def run_ddp(root: Path, scope: str) -> None:
@@ -84,15 +94,20 @@ class InterleavedRanks:
             yield from pair
 
 
+def run_single_reference(root: Path, record: type[Record] = Record) -> None:
+    """One process, accumulation 2, over rank 0's then rank 1's micro-batch of every step."""
+    cli = run_cli(args(root, "batch", "--trainer.accumulate_grad_batches=2"), run=False)
+    cli.datamodule.train_dataloader = lambda: InterleavedRanks(cli.datamodule)
+    cli.trainer.callbacks.append(record(root))
+    cli.trainer.fit(cli.model, cli.datamodule)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     roots = {name: tmp_path_factory.mktemp(name) for name in ("ddp_batch", "ddp_global", "single")}
     run_ddp(roots["ddp_batch"], "batch")
     run_ddp(roots["ddp_global"], "global")
-    cli = run_cli(args(roots["single"], "batch", "--trainer.accumulate_grad_batches=2"), run=False)
-    cli.datamodule.train_dataloader = lambda: InterleavedRanks(cli.datamodule)
-    cli.trainer.callbacks.append(Record(roots["single"]))
-    cli.trainer.fit(cli.model, cli.datamodule)
+    run_single_reference(roots["single"])
     return roots
 
 

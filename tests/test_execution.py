@@ -43,9 +43,11 @@ def test_activation_checkpointing_is_exact_and_keeps_names(family: str, mode: st
         torch.testing.assert_close(grad, reference[1][name], rtol=0, atol=0, msg=name)
 
 
-def test_unknown_checkpointing_mode_is_rejected() -> None:
+def test_unknown_checkpointing_mode_and_fsdp_dtype_are_rejected() -> None:
     with pytest.raises(ValueError, match=r"execution\.activation_checkpointing='some'"):
         ExecutionConfig(activation_checkpointing="some")
+    with pytest.raises(ValueError, match=r"execution\.fsdp_param_dtype='float16' is not allowed: .*'bfloat16'"):
+        ExecutionConfig(fsdp_param_dtype="float16")
 
 
 @pytest.mark.slow
