@@ -1,4 +1,4 @@
-"""Markdown table of a cross-attention benchmark JSON: ``python bench/table.py bench/results/<file>.json``."""
+"""Markdown table of a cross-attention or decode benchmark JSON: ``python bench/table.py bench/results/<file>.json``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from collections import defaultdict
 def main(path: str) -> int:
     with open(path) as f:
         data = json.load(f)
+    if data.get("meta", {}).get("benchmark") == "decode":
+        from decode import markdown_table  # bench/decode.py (this script's folder is on sys.path)
+
+        print(markdown_table(data))
+        return 0
     by = defaultdict(dict)
     for r in data["records"]:
         by[(r["seq"], r["hidden"])][r["method"]] = r

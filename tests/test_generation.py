@@ -261,7 +261,6 @@ def test_bad_calls_are_rejected() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("family", "syncs"), [("dlcm", 1), ("baseline", 0)])
 @torch.no_grad()
 def test_one_decode_step_reads_back_at_most_the_boundaries(family: str, syncs: int) -> None:
