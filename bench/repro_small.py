@@ -124,16 +124,25 @@ def group_runs(specs: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> l
     return runs
 
 
-def training_overrides(steps: int, val_points: int) -> dict[str, Any]:
-    """Steps, validation cadence (by global step, so the last step is validated) and warm-up of a real run."""
-    return {
+def training_overrides(
+    steps: int, val_points: int, keep_checkpoint: bool, max_seconds: float | None = None
+) -> dict[str, Any]:
+    """Steps, validation cadence (by global step, so the last step is validated) and warm-up of a real run; only
+    runs that are analysed afterwards keep a checkpoint (``last.ckpt``), the others write none. ``max_seconds``
+    is a safety net (Lightning's ``max_time``): a run that would overrun the budget stops early and says so in its
+    step count, rather than the whole driver being killed with nothing written."""
+    limit = {}
+    if max_seconds is not None and math.isfinite(max_seconds):
+        seconds = int(max_seconds)
+        limit["trainer.max_time"] = f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    return limit | {
         "trainer.max_steps": steps,
         "trainer.val_check_interval": steps // val_points,
         "trainer.check_val_every_n_epoch": None,  # count validation intervals across epochs
         "trainer.log_every_n_steps": max(1, min(10, steps // 50)),
         "model.init_args.schedule.warmup_steps": max(1, steps // 10),
-        "checkpoint.save_top_k": 0,  # keep only last.ckpt (13 runs share one disk)
-        "checkpoint.save_last": True,
+        "checkpoint.save_top_k": 0,
+        "checkpoint.save_last": keep_checkpoint,
     }
 
 
@@ -314,6 +323,8 @@ def run_driver(args: argparse.Namespace) -> dict[str, Any]:
 
     steps = dict(mode.max_steps)
     pinned = {"mup": args.steps_mup, "main": args.steps_main}
+    if args.probe_steps is not None:
+        mode = dataclasses.replace(mode, probe_steps=args.probe_steps)
     if mode.probe_steps and not all(pinned.values()):
         probe = group_runs(specs, {g: probe_overrides(mode.probe_steps) for g in mode.max_steps})
         _log(f"probe: {len(probe)} runs × {mode.probe_steps} steps, all at once")
@@ -338,7 +349,11 @@ def run_driver(args: argparse.Namespace) -> dict[str, Any]:
     if too_short:
         raise RuntimeError(f"the budget allows only {too_short} steps (< {mode.min_steps}): raise --budget-s")
 
-    runs = group_runs(specs, {g: training_overrides(s, mode.val_points) for g, s in steps.items()})
+    # Safety net: planned time (at the probe's rates) plus the slack SAFETY left, then a little more.
+    max_seconds = calibration.get("train_seconds_planned", math.inf) / SAFETY * 1.1
+    runs = group_runs(
+        specs, {g: training_overrides(s, mode.val_points, g == "main", max_seconds) for g, s in steps.items()}
+    )
     synthetic_dir = runs_dir / "synthetic"
     synthetic_dir.mkdir(parents=True, exist_ok=True)
     synthetic_jobs = []  # (command, results file, log file)
@@ -346,6 +361,8 @@ def run_driver(args: argparse.Namespace) -> dict[str, Any]:
         out = synthetic_dir / f"{router_grad}.json"
         cmd = [sys.executable, str(ROOT / "bench" / "synthetic_boundaries.py"), f"--router-grad={router_grad}"]
         cmd += [f"--{k}={v}" for k, v in mode.synthetic.items()] + [f"--out={out}"]
+        if math.isfinite(budget):  # never outlast the training runs: stop early and report the steps done
+            cmd.append(f"--max-seconds={calibration.get('train_seconds_planned', budget / 2):.0f}")
         synthetic_jobs.append((cmd, out, synthetic_dir / f"{router_grad}.log"))
     _log(f"training {len(runs)} runs ({parallel} at a time) and 2 synthetic parsers")
     train_start = time.perf_counter()
@@ -505,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=None, help="dlcm fit processes at a time")
     parser.add_argument("--steps-mup", type=int, default=None, help="pin the μP runs' steps (no probe if both given)")
     parser.add_argument("--steps-main", type=int, default=None, help="pin the DLCM/baseline runs' steps")
+    parser.add_argument("--probe-steps", type=int, default=None, help="probe length (H200: 40; 0: no probe)")
     args = parser.parse_args(argv)
     done = run_driver(args)
     if args.no_plots:

@@ -45,8 +45,12 @@ def train_and_score(
     eval_batches: int = 16,
     seed: int = 0,
     device: str = "cpu",
+    max_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Train one tiny DLCM on the phrase language and score its inference-mode boundaries (see module docstring)."""
+    """Train one tiny DLCM on the phrase language and score its inference-mode boundaries (see module docstring).
+
+    ``max_seconds`` stops training early (the result's ``steps`` says how many ran), for time-boxed drivers.
+    """
     torch.manual_seed(seed)
     language = PhraseLanguage(vocab_size=vocab_size, n_phrases=n_phrases, seed=seed)
     target = language.mean_phrase_length
@@ -67,9 +71,13 @@ def train_and_score(
         optimizer.zero_grad(set_to_none=True)
         (ce + config.parser.aux_weight * out.aux_loss).backward()
         optimizer.step()
-        if step % 10 == 0 or step == steps - 1:
+        out_of_time = max_seconds is not None and time.perf_counter() - start > max_seconds
+        if step % 10 == 0 or step == steps - 1 or out_of_time:
             ce_curve.append([step, ce.item()])
             ratio_curve.append([step, 1.0 / max(out.ratio.boundary_rate.item(), 1e-9)])
+        if out_of_time:
+            break
+    steps_done = step + 1
     train_s = time.perf_counter() - start
 
     model.eval()
@@ -108,7 +116,8 @@ def train_and_score(
                 chance[t] = ref if chance[t] is None else chance[t] + ref
     return {
         "router_grad": router_grad,
-        "steps": steps,
+        "steps": steps_done,
+        "steps_planned": steps,
         "seed": seed,
         "device": device,
         "width": config.d_token,
@@ -116,7 +125,7 @@ def train_and_score(
         "language": {"vocab_size": vocab_size, "n_phrases": n_phrases, "mean_phrase_length": target},
         "target_ratio": target,
         "eval_ratio": n_tokens / max(boundaries, 1.0),
-        "train_ratio_last100": _mean_ratio(ratio_curve, steps - 100),
+        "train_ratio_last100": _mean_ratio(ratio_curve, steps_done - 100),
         "train_ce_first": ce_curve[0][1],
         "train_ce_last": ce_curve[-1][1],
         "eval_ce": nats / max(targets, 1.0),
@@ -162,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=16, help="held-out batches scored")
     parser.add_argument("--seed", type=int, default=0, help="language, init, data and sampling seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--max-seconds", type=float, default=None, help="stop each model's training after this")
     parser.add_argument("--out", type=Path, default=None, help="write the results (a list) as JSON here")
     args = parser.parse_args(argv)
     results = []
@@ -176,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_batches=args.eval_batches,
             seed=args.seed,
             device=args.device,
+            max_seconds=args.max_seconds,
         )
         print(format_result(result), flush=True)
         results.append(result)

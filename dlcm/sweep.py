@@ -484,8 +484,10 @@ class MuPProtocol:
         return self.tables(center, losses, descent)
 
     def tables(self, center: tuple[float, float], losses: dict[str, float], descent: list) -> dict[str, Any]:
-        """Loss-vs-LR per coordinate and width, each width's argmin and whether it matches the proxy's."""
-        out: dict[str, Any] = {"proxy_width": self.mup.widths[0], "best": list(center), "descent": descent}
+        """Loss-vs-LR per coordinate and width through ``center``, each width's argmin and whether it matches the
+        proxy's."""
+        # center: where the lines cross — the descent's result on the proxy, or the starting rates without descent.
+        out: dict[str, Any] = {"proxy_width": self.mup.widths[0], "center": list(center), "descent": descent}
         coordinates = {}
         for coordinate in self.mup.coordinates:
             rows = []
@@ -517,7 +519,8 @@ def _inf_if_nan(value: float) -> float:
 
 def format_mup_tables(result: dict[str, Any]) -> str:
     """The loss-vs-LR tables of :meth:`MuPProtocol.tables` as text."""
-    lines = [f"μP transfer: proxy width {result['proxy_width']}, best (η_token, η_concept) = {tuple(result['best'])}"]
+    center = tuple(result["center"])
+    lines = [f"μP transfer: proxy width {result['proxy_width']}, lines through (η_token, η_concept) = {center}"]
     for coordinate, table in result["coordinates"].items():
         widths = [k for k in table["rows"][0] if k.startswith("w")]
         lines += ["", f"coordinate {coordinate}: final val/loss", "  " + f"{'×':>6}{'lr_token':>11}{'lr_concept':>11}"]

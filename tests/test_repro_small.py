@@ -74,3 +74,11 @@ def test_verdicts() -> None:
     # At the baseline's 1e15 FLOPs the DLCM is at the first point of its curve.
     assert versus["bpb_at_matched_flops"] == {"train_flops": 1e15, "dlcm": pytest.approx(1.9), "baseline": 1.5}
     assert versus["dlcm"]["params_without_embedding_head"] > versus["baseline"]["params_without_embedding_head"]
+
+
+def test_training_overrides_validate_the_last_step_and_cap_the_time() -> None:
+    got = repro.training_overrides(850, 5, keep_checkpoint=False, max_seconds=3725.5)
+    assert got["trainer.max_steps"] == 850 and got["trainer.val_check_interval"] == 170
+    assert got["trainer.check_val_every_n_epoch"] is None and got["checkpoint.save_last"] is False
+    assert got["trainer.max_time"] == "00:01:02:05"
+    assert "trainer.max_time" not in repro.training_overrides(850, 5, keep_checkpoint=True)

@@ -194,7 +194,7 @@ def test_mup_descent_and_tables_with_a_fake_runner(tmp_path: Path) -> None:
         return out
 
     result = protocol.execute(runner, log=lambda _: None)
-    assert result["best"] == [0.004, 0.001]
+    assert result["center"] == [0.004, 0.001]
     # The first stage is the proxy's centre alone, then one line per coordinate per round, then the transfer lines.
     assert stages[0] == ["w64_tok0.002_cpt0.002"]
     assert all(name.startswith("w64_") for stage in stages[1:-1] for name in stage)
