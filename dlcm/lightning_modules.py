@@ -78,7 +78,8 @@ class LanguageModelModule(L.LightningModule):
         mesh = None if self.device_mesh is None else data_parallel_mesh(self.device_mesh)
         apply_execution(self.network, self.execution_cfg, mesh)
         if any(p.is_meta for p in self.network.parameters()):
-            # Here rather than in Lightning's setup, which would also `to_empty` the torchmetrics states.
+            # Here rather than in Lightning's setup, which would also `to_empty` the torchmetrics states and reset
+            # modules parents first (not the eager build's RNG order).
             materialize(self.network, self.trainer.strategy.root_device)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

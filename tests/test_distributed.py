@@ -50,23 +50,27 @@ def full_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class Record(Callback):
-    """Writes every rank's per-micro-batch boundary rate and loss and its final parameters (spawned ranks cannot
-    return them). Under accumulation Lightning reports each micro-batch loss divided by the accumulation count."""
+    """Writes every rank's per-micro-batch boundary rate, loss and CE and its final parameters (spawned ranks
+    cannot return them). Under accumulation Lightning reports each micro-batch loss divided by the accumulation
+    count."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
         self.rates: list[float] = []
         self.losses: list[float] = []
+        self.ces: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.rates.append(outputs["ratio"].boundary_rate.item())
         self.losses.append(outputs["loss"].item())
+        self.ces.append(outputs["ce"].item())
 
     def on_train_end(self, trainer, pl_module) -> None:
         rank = trainer.global_rank
         torch.save(full_state(pl_module.network), self.out / f"params-{rank}.pt")
         (self.out / f"rates-{rank}.json").write_text(json.dumps(self.rates))
         (self.out / f"losses-{rank}.json").write_text(json.dumps(self.losses))
+        (self.out / f"ces-{rank}.json").write_text(json.dumps(self.ces))
 
 
 def run_ddp(root: Path, scope: str) -> None:

@@ -133,8 +133,11 @@ class RecordDraws(Record):
         (self.out / f"draws-{trainer.global_rank}.json").write_text(json.dumps(self.draws))
 
 
-def fit(root: Path, scope: str, callback: Record, *extra: str, ckpt_path: str | None = None):
+def fit(root: Path, scope: str, callback: Record, *extra: str, ckpt_path: str | None = None, meta: bool = False):
     cli = run_cli(args(root, scope, *FSDP, *extra), run=False)
+    if meta:  # as a large model is built: nothing allocated until configure_model materialises the shards
+        with torch.device("meta"):
+            cli.model.network = build_model(cli.model.config)
     cli.trainer.callbacks.append(callback)
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
     return cli
@@ -159,13 +162,14 @@ def _worker(rank: int, tmp: str) -> None:
         (root / f"group-{rank}.json").write_text(
             json.dumps(ratio_group is data_parallel_mesh(cli.model.device_mesh).get_group())
         )
-        fit(root / "global", "global", RecordDraws(root / "global", reseed=True), *SHARDED_CHECKPOINTS)
+        fit(root / "global", "global", RecordDraws(root / "global", reseed=True), *SHARDED_CHECKPOINTS, meta=True)
         fit(
             root / "resume",
             "global",
             RecordDraws(root / "resume", reseed=False),
             *SHARDED_CHECKPOINTS,
             ckpt_path=str(step_checkpoint(root / "global", 2)),
+            meta=True,
         )
     finally:
         dist.destroy_process_group()
@@ -230,6 +234,14 @@ def test_global_ratio_statistics_are_identical_on_every_rank(runs: Path) -> None
     rates = [read_json(runs / "global" / f"rates-{r}.json") for r in range(WORLD)]
     assert len(rates[0]) == STEPS
     assert rates[0] == rates[1]
+
+
+def test_meta_built_network_trains_from_the_eager_init_through_lightning(runs: Path) -> None:
+    # The global-scope run built its network on the meta device; Lightning re-seeds before configure_model, which
+    # materialised the shards. Its first micro-batch CE equals the eagerly built equal-run's on the same batch.
+    for rank in range(WORLD):
+        meta_ce = read_json(runs / "global" / f"ces-{rank}.json")[0]
+        assert meta_ce == pytest.approx(read_json(runs / "equal" / f"ces-{rank}.json")[0], rel=1e-6), rank
 
 
 def test_resume_from_a_sharded_checkpoint_reproduces_the_loss_curve_and_generators(runs: Path) -> None:
