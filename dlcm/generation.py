@@ -81,6 +81,7 @@ class BaselineDecoder:
         """Tokens of each document seen so far."""
         return self.stack.lengths
 
+    @torch.no_grad()
     def extend(
         self, ids_Bn: torch.Tensor, counts: Sequence[int] | None = None, last_only: bool = False
     ) -> torch.Tensor:
@@ -94,6 +95,7 @@ class BaselineDecoder:
 class DLCMDecoder:
     """KV-cached decoding of a batch of documents through DLCM (thresholded boundaries, the eval-mode model)."""
 
+    @torch.no_grad()
     def __init__(self, model: DLCM, batch: int, capacity: int) -> None:
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
@@ -138,6 +140,7 @@ class DLCMDecoder:
         self.cross_v_BRKH = F.pad(self.cross_v_BRKH, (0, 0, 0, 0, 0, grow))
         self.capacity += grow
 
+    @torch.no_grad()
     def extend(
         self, ids_Bn: torch.Tensor, counts: Sequence[int] | None = None, last_only: bool = False
     ) -> torch.Tensor:
@@ -149,7 +152,8 @@ class DLCMDecoder:
         self._reserve(max(before) + n)
         batch_B1 = torch.arange(b, device=device)[:, None]
         position_Bn = host_to_device(before, device)[:, None] + torch.arange(n, device=device)[None, :]
-        valid_Bn = torch.arange(n, device=device)[None, :] < host_to_device(counts, device)[:, None]
+        counts_B1 = host_to_device(counts, device)[:, None]
+        valid_Bn = torch.arange(n, device=device)[None, :] < counts_B1
         h_BnD = self.encoder.extend(m.embed(ids_Bn), counts)
         self.h_BLD[batch_B1, position_Bn] = h_BnD
 
@@ -160,8 +164,7 @@ class DLCMDecoder:
         boundary_Bn = ((prob_Bn >= 0.5) | doc_start_Bn) & valid_Bn
         self.prob_BL[batch_B1, position_Bn] = prob_Bn
         last_B = host_to_device([max(c - 1, 0) for c in counts], device)
-        has_new_B1 = host_to_device(counts, device)[:, None] > 0
-        self.prev_q_BS = torch.where(has_new_B1, q_BnS[batch_B1[:, 0], last_B], self.prev_q_BS)
+        self.prev_q_BS = torch.where(counts_B1 > 0, q_BnS[batch_B1[:, 0], last_B], self.prev_q_BS)
 
         flags = boundary_Bn.tolist()  # the step's one device→host read: which concepts start (and so complete)
         self._add_concepts(flags, before, counts)
