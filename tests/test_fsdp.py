@@ -69,16 +69,17 @@ def network_loss(model: torch.nn.Module, rank: int) -> tuple[torch.Tensor, int]:
     return out.logits_TV.float().logsumexp(-1).mean() + out.aux_loss, out.layout.num_concepts
 
 
-def check_sharded_network(rank: int) -> dict:
-    """Meta build + full checkpointing + FSDP2 + materialisation vs an eager build, and their gradients."""
+def check_sharded_network(rank: int, compile_blocks: bool = False) -> dict:
+    """Meta build + full checkpointing (+ compile) + FSDP2 + materialisation vs an eager build, and gradients."""
     mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
     torch.manual_seed(5)
     eager = build_model(network_config()).train()
     with torch.device("meta"):
         sharded = build_model(network_config()).train()
-    apply_execution(
-        sharded, ExecutionConfig(activation_checkpointing="full", fsdp_param_dtype="float32"), data_parallel_mesh(mesh)
+    execution = ExecutionConfig(
+        activation_checkpointing="full", compile_blocks=compile_blocks, fsdp_param_dtype="float32"
     )
+    apply_execution(sharded, execution, data_parallel_mesh(mesh))
     torch.manual_seed(5)
     materialize(sharded, "cpu")
     params = dict(sharded.named_parameters())
@@ -175,6 +176,23 @@ def _worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
     if rank == 0:  # the memory benchmark's measurement, on CPU in a world of one (Lightning starts its own group)
         torch.save(measure("tiny_dlcm", "full", 128, 64, 1, False, "float32"), root / "bench.pt")
+
+
+def _compiled_worker(rank: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{Path(tmp) / 'rendezvous'}", rank=rank, world_size=WORLD)
+    try:
+        torch.save(check_sharded_network(rank, compile_blocks=True), Path(tmp) / f"compiled-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compiled_checkpointed_sharded_blocks_match_eager(tmp_path: Path) -> None:
+    run_bounded(_compiled_worker, (str(tmp_path),), WORLD, timeout_s=900.0)
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"compiled-{rank}.pt")
+        assert result["init_mismatches"] == [] and result["grad_error"] < 1e-5
 
 
 @pytest.fixture(scope="module")
