@@ -2,9 +2,11 @@
 
 One spawn runs, on each rank: a network-level check (meta-device build → checkpointing → ``fully_shard`` →
 materialisation; one rank with a single concept), then three ``fit``s through the real CLI: the micro-batch-scope
-run compared with one process on the union batch (as in ``test_distributed``), a global-scope run that saves
-sharded checkpoints, and its resumption from the step-2 checkpoint. The parent process then consolidates the
-sharded checkpoint and validates it on one device.
+run with full activation checkpointing, compared with one process on the union batch (as in
+``test_distributed``); a global-scope run whose network is built on the meta device and which saves sharded
+checkpoints; and its resumption from the step-2 checkpoint. Rank 0 finally runs the memory benchmark's
+measurement in a world of one. The parent process consolidates the sharded checkpoint and validates it on one
+device.
 """
 
 from __future__ import annotations
