@@ -70,8 +70,8 @@ METHODS = {
     "replicate_varlen": replicate_varlen,
     "flex_create_block_mask": flex_create_block_mask,
     "ours": flex_concept_attention,
-    # The same exact kernel with Flex's default launch configuration, to show what KERNEL_OPTIONS buys.
-    "ours_default_options": functools.partial(flex_concept_attention, kernel_options=None),
+    # The same exact kernel with Flex's default launch configuration, to show what LAUNCH_BY_HEAD_DIM buys.
+    "ours_default_options": functools.partial(flex_concept_attention, tuned_launch=False),
 }
 
 

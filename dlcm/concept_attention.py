@@ -33,8 +33,9 @@ ROW_BUCKET = 256
 # (H200 bf16, bench/results/cross_attention_h200.json: 1.04–1.41× at 4K, 0.69–0.97× at 2K); ``impl='auto'`` uses it.
 EXACT_MIN_TOKENS = 4096
 # Flex's default launch configuration leaves the bias gathers latency-bound: with 8 warps per program the biased
-# kernel ran as fast as the unbiased one (H200, head dim 64, 16K tokens: 3.9 vs 7.5 ms fwd+bwd).
-KERNEL_OPTIONS = {"num_warps": 8}
+# kernel ran as fast as the unbiased one (H200, head dim 64, 16K tokens: 3.9 vs 7.5 ms fwd+bwd,
+# bench/results/cross_attention_launch_h200.json). Only measured head dims are listed; others keep the defaults.
+LAUNCH_BY_HEAD_DIM: dict[int, dict] = {64: {"num_warps": 8}}
 
 
 def resolve_cross_impl(impl: str, device_type: str, max_seqlen: int) -> str:
@@ -131,7 +132,7 @@ def flex_concept_attention(
     v_CKH: torch.Tensor,
     layout: ConceptLayout,
     tok: PackedSeqs,
-    kernel_options: dict | None = KERNEL_OPTIONS,
+    tuned_launch: bool = True,
 ) -> torch.Tensor:
     """Ψ's attention over unique concept rows with the replication log-count bias; returns ``[T, N, H]``."""
     c = k_CKH.shape[0]
@@ -151,6 +152,6 @@ def flex_concept_attention(
         j_T,
         layout.start_C[j_T],
         log_len_R,
-        kernel_options if q_TNH.is_cuda else None,
+        LAUNCH_BY_HEAD_DIM.get(q_TNH.shape[-1]) if tuned_launch and q_TNH.is_cuda else None,
     )
     return out_1NTH[0].transpose(0, 1)

@@ -80,7 +80,10 @@ def shard_network(network: nn.Module, mesh: DeviceMesh, param_dtype: ParamDtype)
     for unit in blocks_of(network) + heads:
         fully_shard(unit, mesh=mesh, mp_policy=compute)
     for parser in (m for m in network.modules() if isinstance(m, GlobalParser)):
-        fully_shard(parser, mesh=mesh, mp_policy=exact)  # SPEC §2: boundary scores in fp32
+        # SPEC §2: boundary scores in fp32. Kept gathered until the backward: FSDP2 hooks its pre-backward
+        # all-gather on the tensors of a unit's output, and ParserOutput (a dataclass) shows it none, so a
+        # resharded parser failed in the backward on the H200 (torch 2.11: "storage of size 0", [d, d] fp32).
+        fully_shard(parser, mesh=mesh, mp_policy=exact, reshard_after_forward=False)
     fully_shard(network, mesh=mesh, mp_policy=compute)
 
 
