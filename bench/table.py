@@ -1,4 +1,5 @@
-"""Markdown table of a cross-attention or decode benchmark JSON: ``python bench/table.py bench/results/<file>.json``."""
+"""Markdown table of a cross-attention, decode or training-throughput benchmark JSON:
+``python bench/table.py bench/results/<file>.json``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ def main(path: str) -> int:
 
         print(markdown_table(data))
         return 0
+    if "meta" not in data:  # bench/train_throughput.py
+        print(throughput_table(data))
+        return 0
     by = defaultdict(dict)
     for r in data["records"]:
         by[(r["seq"], r["hidden"])][r["method"]] = r
@@ -22,20 +26,42 @@ def main(path: str) -> int:
         f"`{data['meta']['command']}` — {data['meta']['device']}, torch {data['meta']['torch']}, median of "
         f"{data['meta']['iters']} after {data['meta']['warmup']} warm-up, fwd+bwd, ms\n"
     )
+    # Runs before the launch option existed have no "ours_default_options" column.
+    launch = any("ours_default_options" in m for m in by.values())
+    extra = " ours, Flex default launch |" if launch else ""
     print(
-        "| seq | hidden | C | replicate + varlen | Flex + create_block_mask | ours | ours, Flex default launch "
-        "| replicate / ours | Flex-mask / ours | max abs err vs replicate |"
+        f"| seq | hidden | C | replicate + varlen | Flex + create_block_mask | ours |{extra} "
+        "replicate / ours | Flex-mask / ours | max abs err vs replicate |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (10 if launch else 9) + "|")
     for (seq, hidden), m in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         rep, flex, ours = m["replicate_varlen"], m["flex_create_block_mask"], m["ours"]
-        default = m.get("ours_default_options", {}).get("median_ms", float("nan"))
+        default = f" {m['ours_default_options']['median_ms']:.2f} |" if launch else ""
         print(
             f"| {seq} | {hidden} | {ours['concepts']} | {rep['median_ms']:.2f} | {flex['median_ms']:.2f} "
-            f"| {ours['median_ms']:.2f} | {default:.2f} | {rep['median_ms'] / ours['median_ms']:.2f}× "
+            f"| {ours['median_ms']:.2f} |{default} {rep['median_ms'] / ours['median_ms']:.2f}× "
             f"| {flex['median_ms'] / ours['median_ms']:.2f}× | {ours['max_abs_err_vs_replication']:.3f} |"
         )
     return 0
+
+
+def throughput_table(data: dict) -> str:
+    """One row per configuration of ``bench/train_throughput.py``."""
+    lines = [
+        f"`{data['command']}` — {data['device']}, torch {data['torch']}, measured bf16 GEMM "
+        f"{data['gemm_peak_flops'] / 1e12:.0f} TFLOP/s\n",
+        "| model | precision | compile | tokens/step | step ms | tokens/s | MFU (989 TF) | MFU (GEMM) | R realised "
+        "| peak GiB |",
+        "|---" * 10 + "|",
+    ]
+    for r in data["records"]:
+        ratio = f"{r['realised_ratio']:.2f}" if r["realised_ratio"] else "–"
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {'on' if r['compile_blocks'] else 'off'} | {r['tokens_per_step']} "
+            f"| {r['median_step_ms']:.0f} | {r['tokens_per_sec'] / 1e3:.1f}k | {r['mfu']:.1%} "
+            f"| {r['mfu_vs_measured_gemm']:.1%} | {ratio} | {r['peak_memory_gib']:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
