@@ -71,7 +71,9 @@ class DLCMCLI(LightningCLI):
         if ckpt is not None and ckpt.last_model_path:
             lines.append(f"  last checkpoint:  {ckpt.last_model_path}")
         if ckpt is not None and ckpt.best_model_path:
-            lines.append(f"  best checkpoint:  {ckpt.best_model_path} (val/loss {float(ckpt.best_model_score):.4f})")
+            # A run resumed into a new directory without validating keeps the path but may have no score.
+            score = "" if ckpt.best_model_score is None else f" (val/loss {float(ckpt.best_model_score):.4f})"
+            lines.append(f"  best checkpoint:  {ckpt.best_model_path}{score}")
         print("\n".join(lines))
 
 

@@ -77,11 +77,15 @@ def _section(recipe: dict[str, Any], key: str, base: Path) -> dict[str, Any]:
 
 
 def _vocab_from_data(data: dict[str, Any]) -> tuple[int, str]:
-    data_dir = (data.get("init_args") or data).get("data_dir")
+    args = data.get("init_args") or data
+    data_dir, mixture = args.get("data_dir"), args.get("mixture")
     if data_dir is not None:
+        from dlcm.data.mixture import Mixture
         from dlcm.data.shards import Manifest
 
         try:
+            if mixture:
+                return Mixture.load(data_dir, mixture).vocab_size, f"from the mixture's sources in {data_dir}"
             return Manifest.load(Path(data_dir)).vocab_size, f"from {data_dir}/manifest.json"
         except (FileNotFoundError, ValueError) as err:
             raise ValueError(

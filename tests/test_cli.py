@@ -70,6 +70,9 @@ def test_fit_writes_tensorboard_and_checkpoints_then_validate_reads_them(tmp_pat
     assert last.is_file()
     cli.after_fit()  # what `dlcm fit` prints at the end
     assert f"last checkpoint:  {last}" in capsys.readouterr().out
+    cli.trainer.checkpoint_callback.best_model_score = None  # resumed into a new directory without validating
+    cli.after_fit()
+    assert "(val/loss" not in capsys.readouterr().out
 
     validate = run_cli([f"--config={RECIPE}", *FAST, f"--trainer.default_root_dir={tmp_path}"], run=False)
     metrics = validate.trainer.validate(validate.model, validate.datamodule, ckpt_path=str(last))[0]

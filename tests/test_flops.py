@@ -213,6 +213,17 @@ def test_recipe_vocabulary_comes_from_its_data_dir(tmp_path: Path, tiny_shards: 
     assert "manifest.json" in model.vocab_note
 
 
+def test_mixture_recipe_vocabulary_comes_from_its_sources(tmp_path: Path, tiny_shards: Path) -> None:
+    (tmp_path / "mix").mkdir()
+    (tmp_path / "mix" / "web").symlink_to(tiny_shards)
+    recipe = tmp_path / "recipe.yaml"
+    text = (RECIPES / "dlcm_tiny_r4_defaultcorpus_cpu.yaml").read_text()
+    recipe.write_text(text.replace("data_dir: null", f"data_dir: {tmp_path / 'mix'}\n  mixture: {{web: 1.0}}"))
+    model = load_recipe(recipe)
+    assert model.config.vocab_size == Manifest.load(tiny_shards).vocab_size
+    assert "mixture" in model.vocab_note
+
+
 class FakeClock(Callback):
     """1 s per training micro-batch and 100 s per validation batch; records each optimizer step's FLOPs.
 

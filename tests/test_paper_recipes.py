@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from dlcm import lightning_modules
 from dlcm.baseline import DenseBaseline
+from dlcm.checkpoint_io import AtomicModelParallelStrategy
 from dlcm.cli import run_cli
 from dlcm.config import DLCMConfig
 from dlcm.data.shards import build_shards
@@ -239,7 +239,7 @@ def test_recipe_instantiates_and_its_header_is_right(recipe: Path, mixture_root:
     if "mup" not in recipe.name:
         assert step == 2**22  # LLaMA-1's 4M-token batch (SPEC §5)
     if gpus * nodes > 1:
-        assert isinstance(trainer.strategy, ModelParallelStrategy)  # FSDP2
+        assert isinstance(trainer.strategy, AtomicModelParallelStrategy)  # FSDP2, atomic sharded checkpoints
         strategy = cli.config.trainer.strategy.init_args
         assert strategy.data_parallel_size == gpus * nodes and strategy.tensor_parallel_size == 1
 

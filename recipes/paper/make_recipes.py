@@ -67,8 +67,8 @@ MIXTURE = (  # paper Table 1 (§5): source directory name, token share, what it 
     ("megamath_web", 0.10, "MegaMath-Web: mathematics"),
 )
 DATA_DIR = "/data/dlcm/paper_mix"
-# FSDP2 through Lightning's ModelParallelStrategy; its subclass with atomic sharded checkpoints can replace it here.
-STRATEGY = "lightning.pytorch.strategies.ModelParallelStrategy"
+# FSDP2 through Lightning's ModelParallelStrategy, subclassed so a crash mid-save never corrupts the last checkpoint.
+STRATEGY = "dlcm.checkpoint_io.AtomicModelParallelStrategy"
 
 
 @dataclass(frozen=True)
