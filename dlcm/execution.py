@@ -44,6 +44,9 @@ class ExecutionConfig:
     # FSDP2 only: dtype the sharded fp32 parameters are all-gathered in for compute. Gradients are always reduced
     # in float32 and the parameters and optimizer state stay float32; the parser always computes in float32.
     fsdp_param_dtype: ParamDtype = "bfloat16"
+    # Build the network on the meta device; configure_model allocates it (each rank only its shards under FSDP2)
+    # and runs reset_parameters in the eager build's order. For models too large to build in full on every rank.
+    meta_init: bool = False
 
     def __post_init__(self) -> None:
         require_choice("execution.activation_checkpointing", self.activation_checkpointing, Checkpointing)

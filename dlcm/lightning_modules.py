@@ -8,8 +8,10 @@ comparable across tokenizers — and, for DLCM, the realised ratio with inferenc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -39,6 +41,13 @@ def detached(obj: Any) -> Any:
     return obj
 
 
+def build_network(factory: Callable[[Any], nn.Module], config: Any, execution: ExecutionConfig | None) -> nn.Module:
+    """``factory(config)``, on the meta device when ``execution.meta_init`` (configure_model then allocates it)."""
+    meta = execution is not None and execution.meta_init
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return factory(config)
+
+
 class LanguageModelModule(L.LightningModule):
     """Shared training logic: next-token CE on packed documents, validation metrics, AdamW + schedule.
 
@@ -65,6 +74,8 @@ class LanguageModelModule(L.LightningModule):
         self.optimizer_cfg = optimizer or OptimizerConfig()
         self.schedule_cfg = schedule or ScheduleConfig()
         self.execution_cfg = execution or ExecutionConfig()
+        # A meta-built network draws its init in configure_model: from the RNG state an eager build would have had.
+        self._init_rng_state = torch.get_rng_state() if self.execution_cfg.meta_init else None
         self.context_length = context_length
         self.seed = seed
         self.param_groups_fn = default_param_groups
@@ -80,7 +91,11 @@ class LanguageModelModule(L.LightningModule):
         if any(p.is_meta for p in self.network.parameters()):
             # Here rather than in Lightning's setup, which would also `to_empty` the torchmetrics states and reset
             # modules parents first (not the eager build's RNG order).
-            materialize(self.network, self.trainer.strategy.root_device)
+            saved = self._init_rng_state
+            with torch.random.fork_rng(devices=[]) if saved is not None else contextlib.nullcontext():
+                if saved is not None:
+                    torch.set_rng_state(saved)
+                materialize(self.network, self.trainer.strategy.root_device)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.execution_cfg.compile_blocks:
@@ -215,7 +230,9 @@ class DLCMModule(LanguageModelModule):
         seed: int = 0,
         execution: ExecutionConfig | None = None,
     ) -> None:
-        super().__init__(DLCM(config), config, optimizer, schedule, context_length, seed, execution)
+        super().__init__(
+            build_network(DLCM, config, execution), config, optimizer, schedule, context_length, seed, execution
+        )
         self.val_boundaries = torchmetrics.SumMetric()
         self.val_all_tokens = torchmetrics.SumMetric()
 
@@ -283,7 +300,8 @@ class BaselineModule(LanguageModelModule):
         seed: int = 0,
         execution: ExecutionConfig | None = None,
     ) -> None:
-        super().__init__(DenseBaseline(config), config, optimizer, schedule, context_length, seed, execution)
+        network = build_network(DenseBaseline, config, execution)
+        super().__init__(network, config, optimizer, schedule, context_length, seed, execution)
 
     def run(self, batch: dict[str, Any]) -> tuple[torch.Tensor, None]:
         return self.network(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"]), None

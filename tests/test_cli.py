@@ -126,3 +126,14 @@ def test_corrupt_checkpoint_and_vocab_mismatch_are_explained(tmp_path: Path) -> 
     state["network.embed.weight"] = torch.zeros(7, state["network.embed.weight"].shape[1])
     with pytest.raises(ValueError, match=r"network\.embed\.weight: checkpoint \(7, 128\).*vocab_size"):
         cli.model.on_load_checkpoint({"state_dict": state})
+
+
+def test_meta_init_builds_nothing_until_configure_model_and_trains_from_the_eager_init(tmp_path: Path) -> None:
+    meta = run_cli(fit_args(tmp_path / "meta", 2, "--model.init_args.execution.meta_init=true")[1:], run=False)
+    assert all(p.is_meta for p in meta.model.network.parameters())
+    eager, _ = run_fit(fit_args(tmp_path / "eager", 2))
+    recorder = LossRecorder()
+    meta.trainer.callbacks.append(recorder)
+    meta.trainer.fit(meta.model, meta.datamodule)
+    # Materialised in the eager build's RNG order: the same weights, so the same first losses.
+    assert recorder.losses == pytest.approx(eager.losses, rel=1e-6)
