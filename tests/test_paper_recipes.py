@@ -1,9 +1,10 @@
 """The paper's recipes (recipes/paper): current with their generator, instantiable through the real CLI, and every
 number their headers state recomputed from the recipe as the CLI builds it.
 
-Networks are built on the meta device (the 2.3B model must not be allocated on a CPU runner) and the data is a
-tiny mixture with the recipes' four source names, so the linked vocabulary is the fixture tokenizer's: counts and
-FLOPs at the DeepSeek-V3 vocabulary are recomputed from the instantiated widths (embedding and head are d × V each).
+Networks are built on the meta device (the recipes set `execution.meta_init`: the 2.3B model must not be
+allocated on a CPU runner) and the data is a tiny mixture with the recipes' four source names, so the linked
+vocabulary is the fixture tokenizer's: counts and FLOPs at the DeepSeek-V3 vocabulary are recomputed from the
+instantiated widths (embedding and head are d × V each).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from typing import Any
 import pytest
 import torch
 
-from dlcm import lightning_modules
-from dlcm.baseline import DenseBaseline
 from dlcm.checkpoint_io import AtomicModelParallelStrategy
 from dlcm.cli import run_cli
 from dlcm.config import DLCMConfig
@@ -81,21 +80,6 @@ def mixture_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, source_docs in docs.items():
         build_shards(source_docs, tokenizer, root / name, val_fraction=0.25, docs_per_shard=8, progress=False)
     return root
-
-
-@pytest.fixture
-def meta_networks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Lightning modules build their network on the meta device: shapes and counts without memory."""
-
-    def on_meta(cls: type) -> Any:
-        def build(config: Any) -> Any:
-            with torch.device("meta"):
-                return cls(config)
-
-        return build
-
-    monkeypatch.setattr(lightning_modules, "DLCM", on_meta(DLCM))
-    monkeypatch.setattr(lightning_modules, "DenseBaseline", on_meta(DenseBaseline))
 
 
 def instantiate(recipe: Path, data_dir: Path, *extra: str) -> Any:
@@ -180,7 +164,7 @@ def test_slurm_example_matches_the_multi_node_recipes() -> None:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_recipe_instantiates_and_its_header_is_right(recipe: Path, mixture_root: Path, meta_networks: None) -> None:
+def test_recipe_instantiates_and_its_header_is_right(recipe: Path, mixture_root: Path) -> None:
     text = recipe.read_text()
     cli = instantiate(recipe, mixture_root)
     assert all(p.is_meta for p in cli.model.network.parameters())  # nothing was allocated
@@ -298,7 +282,7 @@ MUP_TRANSFER = [  # recipes/README.md: μP on any paper recipe, with base rates 
     ids=["proxy_sweep", "transfer"],
 )
 def test_documented_mup_commands_reach_the_callback(
-    recipe: str, extra: list[str], rates: tuple[float, ...], mixture_root: Path, meta_networks: None
+    recipe: str, extra: list[str], rates: tuple[float, ...], mixture_root: Path
 ) -> None:
     cli = instantiate(PAPER / recipe, mixture_root, *extra)
     (mup,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "DecoupledMuP"]

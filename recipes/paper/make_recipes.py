@@ -260,6 +260,7 @@ def model_lines(run: Run) -> list[str]:
         "    execution:",
         "      activation_checkpointing: none # none | selective | full: recompute blocks to save memory",
         "      compile_blocks: false # true compiles each block; watch compile/graphs for recompiles",
+        "      meta_init: true # build on the meta device; configure_model allocates only each rank's shards",
         "    schedule:",
         f"      kind: {run.schedule} # " + ("warm-up, cosine" if run.schedule == "cosine" else "warm-up, flat, decay"),
         f"      warmup_steps: {run.warmup_steps} # optimizer steps of linear warm-up",
