@@ -12,6 +12,7 @@ size (known once the data module has read its manifest) fills ``model.config.voc
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -97,44 +98,25 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> DLCMCLI:
     )
 
 
+# Subcommands besides LightningCLI's fit/validate/test: name → module whose ``main(argv)`` runs it (imported lazily,
+# so `dlcm fit` does not pay for matplotlib, lm-eval or the scaling fit).
+SUBCOMMANDS = {
+    "data": "dlcm.data.build_cli",
+    "flops": "dlcm.flops_report",
+    "eval": "dlcm.eval.cli",
+    "consolidate": "dlcm.consolidate",
+    "generate": "dlcm.generate_cli",
+    "scaling": "dlcm.scaling_cli",
+    "sweep": "dlcm.sweep",
+    "analyze": "dlcm.concept_analysis",
+    "plot": "dlcm.plots",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; ``argv`` (without the program name) defaults to the command line."""
     words = sys.argv[1:] if argv is None else argv
-    if words and words[0] == "data":
-        from dlcm.data.build_cli import main as data_main
-
-        return data_main(words[1:])
-    if words and words[0] == "flops":
-        from dlcm.flops_report import main as flops_main
-
-        return flops_main(words[1:])
-    if words and words[0] == "eval":
-        from dlcm.eval.cli import main as eval_main
-
-        return eval_main(words[1:])
-    if words and words[0] == "consolidate":
-        from dlcm.consolidate import main as consolidate_main
-
-        return consolidate_main(words[1:])
-    if words and words[0] == "generate":
-        from dlcm.generate_cli import main as generate_main
-
-        return generate_main(words[1:])
-    if words and words[0] == "scaling":
-        from dlcm.scaling_cli import main as scaling_main
-
-        return scaling_main(words[1:])
-    if words and words[0] == "sweep":
-        from dlcm.sweep import main as sweep_main
-
-        return sweep_main(words[1:])
-    if words and words[0] == "analyze":
-        from dlcm.concept_analysis import main as analyze_main
-
-        return analyze_main(words[1:])
-    if words and words[0] == "plot":
-        from dlcm.plots import main as plot_main
-
-        return plot_main(words[1:])
+    if words and words[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[words[0]]).main(words[1:])
     run_cli(argv)  # None: LightningCLI reads sys.argv itself
     return 0

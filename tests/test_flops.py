@@ -204,24 +204,18 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
-def test_recipe_vocabulary_comes_from_its_data_dir(tmp_path: Path, tiny_shards: Path) -> None:
+@pytest.mark.parametrize("mixture", [False, True], ids=["directory", "mixture"])
+def test_recipe_vocabulary_comes_from_its_data(tmp_path: Path, tiny_shards: Path, mixture: bool) -> None:
+    data = f"data_dir: {tiny_shards}"
+    if mixture:  # one source directory below data_dir, named by the mixture's key
+        (tmp_path / "mix").mkdir()
+        (tmp_path / "mix" / "web").symlink_to(tiny_shards)
+        data = f"data_dir: {tmp_path / 'mix'}\n  mixture: {{web: 1.0}}"
     recipe = tmp_path / "recipe.yaml"
-    text = (RECIPES / "dlcm_tiny_r4_defaultcorpus_cpu.yaml").read_text()
-    recipe.write_text(text.replace("data_dir: null", f"data_dir: {tiny_shards}"))
+    recipe.write_text((RECIPES / "dlcm_tiny_r4_defaultcorpus_cpu.yaml").read_text().replace("data_dir: null", data))
     model = load_recipe(recipe)
     assert model.config.vocab_size == Manifest.load(tiny_shards).vocab_size
-    assert "manifest.json" in model.vocab_note
-
-
-def test_mixture_recipe_vocabulary_comes_from_its_sources(tmp_path: Path, tiny_shards: Path) -> None:
-    (tmp_path / "mix").mkdir()
-    (tmp_path / "mix" / "web").symlink_to(tiny_shards)
-    recipe = tmp_path / "recipe.yaml"
-    text = (RECIPES / "dlcm_tiny_r4_defaultcorpus_cpu.yaml").read_text()
-    recipe.write_text(text.replace("data_dir: null", f"data_dir: {tmp_path / 'mix'}\n  mixture: {{web: 1.0}}"))
-    model = load_recipe(recipe)
-    assert model.config.vocab_size == Manifest.load(tiny_shards).vocab_size
-    assert "mixture" in model.vocab_note
+    assert ("mixture" if mixture else "manifest.json") in model.vocab_note
 
 
 class FakeClock(Callback):

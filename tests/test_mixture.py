@@ -28,6 +28,7 @@ from dlcm.data.mixture import Mixture, MixtureStream, source_seed
 from dlcm.data.shards import Manifest, build_shards
 from dlcm.data.sources import Document
 from dlcm.data.tokenizer import train_bpe
+from tests.test_datamodule import assert_same
 
 SOURCES = {"web": 150, "code": 80, "math": 50}  # documents per source
 WEIGHTS = {"web": 0.5, "code": 0.3, "math": 0.2}
@@ -76,13 +77,6 @@ def run(dm: PackedDataModule, spec: StreamSpec) -> list[dict[str, Any]]:
     if spec.num_workers == 0:
         return list(stream)
     return list(DataLoader(stream, batch_size=None, num_workers=spec.num_workers))
-
-
-def assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        for key in x:
-            assert torch.equal(x[key], y[key]) if isinstance(x[key], torch.Tensor) else x[key] == y[key], key
 
 
 def pieces(batches: list[dict[str, Any]]) -> list[tuple[np.ndarray, int]]:
