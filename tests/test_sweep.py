@@ -21,6 +21,7 @@ from dlcm.shape_search import budget_shape, matched_baseline, width_scaled
 from dlcm.sweep import (
     Executor,
     MuPProtocol,
+    cpu_threads,
     format_mup_tables,
     grid_runs,
     load_spec,
@@ -354,3 +355,10 @@ def test_a_failing_run_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "tokens_per_bach" in (tmp_path / "out" / "base" / "train.log").read_text()
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert rows[0]["status"] == "failed" and rows[0]["returncode"] != 0
+
+
+def test_concurrent_cpu_runs_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dlcm.sweep.os.cpu_count", lambda: 8)
+    assert cpu_threads(2, None) == 4 and cpu_threads(16, None) == 1
+    assert cpu_threads(1, None) is None  # one run alone keeps torch's default
+    assert cpu_threads(4, ["0", "1"]) is None  # GPU runs: threads are not the bottleneck
