@@ -24,7 +24,7 @@ import torch._dynamo
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.attention.varlen import varlen_attn
 
-from dlcm.concept_attention import flex_concept_attention
+from dlcm.concept_attention import flex_concept_attention, readable_rows
 from dlcm.packing import PackedSeqs
 from dlcm.pooling import concept_layout
 
@@ -55,8 +55,7 @@ def replicate_varlen(q, k, v, layout, tok):
 
 
 def flex_create_block_mask(q, k, v, layout, tok):
-    j_T = layout.concept_id_T
-    first_T = layout.seqs.cu_seqlens.long()[tok.doc_id]
+    first_T, j_T = readable_rows(layout, tok)
 
     def readable(b, h, q_idx, kv_idx):
         return (kv_idx >= first_T[q_idx]) & (kv_idx <= j_T[q_idx])

@@ -21,13 +21,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cross_attention import make_inputs, time_ms
 
-from dlcm.concept_attention import ROW_BUCKET, flex_concept_attention, readable_block_mask
+from dlcm.concept_attention import flex_concept_attention, kernel_inputs, readable_block_mask
 
 SCORE_MODS = ("where", "arith", "keyonly", "nobias")
 
@@ -53,20 +52,7 @@ def variant(kind: str, options: dict | None = None):
     compiled = torch.compile(attend, dynamic=False, fullgraph=True)
 
     def run(q, k, v, layout, tok):
-        c = k.shape[0]
-        rows = -(-c // ROW_BUCKET) * ROW_BUCKET
-        pad = (0, 0, 0, 0, 0, rows - c)
-        j_T = layout.concept_id_T
-        out = compiled(
-            q.transpose(0, 1)[None],
-            F.pad(k, pad).transpose(0, 1)[None],
-            F.pad(v, pad).transpose(0, 1)[None],
-            layout.seqs.cu_seqlens.long()[tok.doc_id],
-            j_T,
-            layout.start_C[j_T],
-            F.pad(layout.length_C.float().log(), (0, rows - c)),
-        )
-        return out[0].transpose(0, 1)
+        return compiled(*kernel_inputs(q, k, v, layout, tok))[0].transpose(0, 1)
 
     return run
 

@@ -78,13 +78,9 @@ def readable_block_mask(first_T: torch.Tensor, j_T: torch.Tensor, rows: int, blo
     return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=readable, seq_lengths=(first_T.shape[0], rows))
 
 
-def concept_block_mask(
-    layout: ConceptLayout, tok: PackedSeqs, rows: int, block: int = BLOCK
-) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
-    """:func:`readable_block_mask` of a concept layout; also returns per-query ``first`` and ``j`` rows."""
-    j_T = layout.concept_id_T
-    first_T = layout.seqs.cu_seqlens.long()[tok.doc_id]
-    return readable_block_mask(first_T, j_T, rows, block), first_T, j_T
+def readable_rows(layout: ConceptLayout, tok: PackedSeqs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query token, the first and the last key row it reads: its document's first row and its own ``j``."""
+    return layout.seqs.cu_seqlens.long()[tok.doc_id], layout.concept_id_T
 
 
 def biased_concept_attention(
@@ -126,6 +122,21 @@ def _compiled_attention():
     return torch.compile(biased_concept_attention, dynamic=False, fullgraph=True)
 
 
+def kernel_inputs(
+    q_TNH: torch.Tensor, k_CKH: torch.Tensor, v_CKH: torch.Tensor, layout: ConceptLayout, tok: PackedSeqs
+) -> tuple[torch.Tensor, ...]:
+    """The tensor arguments of :func:`biased_concept_attention`: heads-first q, k, v with the key rows padded to a
+    multiple of ``ROW_BUCKET`` (outside the compiled graph, whose shapes are then static per bucket), and the
+    per-token row range, own-concept start and per-row log length tables."""
+    c = k_CKH.shape[0]
+    pad = math.ceil(c / ROW_BUCKET) * ROW_BUCKET - c
+    k_RKH, v_RKH = F.pad(k_CKH, (0, 0, 0, 0, 0, pad)), F.pad(v_CKH, (0, 0, 0, 0, 0, pad))
+    first_T, j_T = readable_rows(layout, tok)
+    log_len_R = F.pad(layout.length_C.float().log(), (0, pad))
+    heads_first = [x.transpose(0, 1)[None] for x in (q_TNH, k_RKH, v_RKH)]
+    return (*heads_first, first_T, j_T, layout.start_C[j_T], log_len_R)
+
+
 def flex_concept_attention(
     q_TNH: torch.Tensor,
     k_CKH: torch.Tensor,
@@ -135,23 +146,6 @@ def flex_concept_attention(
     tuned_launch: bool = True,
 ) -> torch.Tensor:
     """Ψ's attention over unique concept rows with the replication log-count bias; returns ``[T, N, H]``."""
-    c = k_CKH.shape[0]
-    # Rows padded to a bucket (outside the compiled graph, whose shapes are then static per bucket).
-    rows = math.ceil(c / ROW_BUCKET) * ROW_BUCKET
-    pad = (0, 0, 0, 0, 0, rows - c)
-    k_RKH, v_RKH = F.pad(k_CKH, pad), F.pad(v_CKH, pad)
-    log_len_R = F.pad(layout.length_C.float().log(), (0, rows - c))
-    j_T = layout.concept_id_T
-    first_T = layout.seqs.cu_seqlens.long()[tok.doc_id]
     kernel = _compiled_attention() if q_TNH.is_cuda else biased_concept_attention
-    out_1NTH = kernel(
-        q_TNH.transpose(0, 1)[None],
-        k_RKH.transpose(0, 1)[None],
-        v_RKH.transpose(0, 1)[None],
-        first_T,
-        j_T,
-        layout.start_C[j_T],
-        log_len_R,
-        LAUNCH_BY_HEAD_DIM.get(q_TNH.shape[-1]) if tuned_launch and q_TNH.is_cuda else None,
-    )
-    return out_1NTH[0].transpose(0, 1)
+    options = LAUNCH_BY_HEAD_DIM.get(q_TNH.shape[-1]) if tuned_launch and q_TNH.is_cuda else None
+    return kernel(*kernel_inputs(q_TNH, k_CKH, v_CKH, layout, tok), options)[0].transpose(0, 1)

@@ -122,7 +122,7 @@ def test_flex_backend_replication_matches_sdpa() -> None:
 
 
 def test_flex_concept_attention_matches_dense_reference_and_its_blocks_are_exact() -> None:
-    from dlcm.concept_attention import ROW_BUCKET, concept_block_mask, flex_concept_attention
+    from dlcm.concept_attention import ROW_BUCKET, flex_concept_attention, readable_block_mask, readable_rows
     from dlcm.cross_attention import exact_concept_attention
 
     g = torch.Generator().manual_seed(4)
@@ -138,7 +138,8 @@ def test_flex_concept_attention_matches_dense_reference_and_its_blocks_are_exact
             flex_concept_attention(q, k, v, layout, tok), exact_concept_attention(q, k, v, layout, tok)
         )
     rows = -(-c // ROW_BUCKET) * ROW_BUCKET
-    mask, first_T, j_T = concept_block_mask(layout, tok, rows)
+    first_T, j_T = readable_rows(layout, tok)
+    mask = readable_block_mask(first_T, j_T, rows)
     cols = torch.arange(rows)
     readable = (cols[None] >= first_T[:, None]) & (cols[None] <= j_T[:, None])
     pad = -total % 128
