@@ -41,23 +41,18 @@ def detached(obj: Any) -> Any:
     return obj
 
 
-def build_network(factory: Callable[[Any], nn.Module], config: Any, execution: ExecutionConfig | None) -> nn.Module:
-    """``factory(config)``, on the meta device when ``execution.meta_init`` (configure_model then allocates it)."""
-    meta = execution is not None and execution.meta_init
-    with torch.device("meta") if meta else contextlib.nullcontext():
-        return factory(config)
-
-
 class LanguageModelModule(L.LightningModule):
     """Shared training logic: next-token CE on packed documents, validation metrics, AdamW + schedule.
 
-    Subclasses pass their network and implement ``run(batch) -> (logits_TV, extras)``. ``param_groups_fn`` may
-    be replaced (e.g. by the μP callback) before ``configure_optimizers`` runs.
+    Subclasses name their ``network_class`` (built from ``config``; on the meta device with
+    ``execution.meta_init``, allocated by ``configure_model``) and implement ``run(batch) -> (logits_TV, extras)``.
+    ``param_groups_fn`` may be replaced (e.g. by the μP callback) before ``configure_optimizers`` runs.
     """
+
+    network_class: Callable[[Any], nn.Module]
 
     def __init__(
         self,
-        network: nn.Module,
         config: DLCMConfig | BaselineConfig,
         optimizer: OptimizerConfig | None,
         schedule: ScheduleConfig | None,
@@ -68,14 +63,16 @@ class LanguageModelModule(L.LightningModule):
         super().__init__()
         if context_length < 1:
             raise ValueError(f"context_length={context_length} is not allowed: a positive number of tokens")
-        self.save_hyperparameters(ignore=["network"])
-        self.network = network
+        self.save_hyperparameters()
         self.config = config
         self.optimizer_cfg = optimizer or OptimizerConfig()
         self.schedule_cfg = schedule or ScheduleConfig()
         self.execution_cfg = execution or ExecutionConfig()
+        meta = self.execution_cfg.meta_init
         # A meta-built network draws its init in configure_model: from the RNG state an eager build would have had.
-        self._init_rng_state = torch.get_rng_state() if self.execution_cfg.meta_init else None
+        self._init_rng_state = torch.get_rng_state() if meta else None
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            self.network = self.network_class(config)
         self.context_length = context_length
         self.seed = seed
         self.param_groups_fn = default_param_groups
@@ -221,6 +218,8 @@ class DLCMModule(LanguageModelModule):
     run samples exactly what the uninterrupted run sampled (no RNG state in checkpoints needed).
     """
 
+    network_class = DLCM
+
     def __init__(
         self,
         config: DLCMConfig,
@@ -230,9 +229,7 @@ class DLCMModule(LanguageModelModule):
         seed: int = 0,
         execution: ExecutionConfig | None = None,
     ) -> None:
-        super().__init__(
-            build_network(DLCM, config, execution), config, optimizer, schedule, context_length, seed, execution
-        )
+        super().__init__(config, optimizer, schedule, context_length, seed, execution)
         self.val_boundaries = torchmetrics.SumMetric()
         self.val_all_tokens = torchmetrics.SumMetric()
 
@@ -291,6 +288,8 @@ class DLCMModule(LanguageModelModule):
 class BaselineModule(LanguageModelModule):
     """Trains the dense LLaMA-style :class:`dlcm.baseline.DenseBaseline` with the same loss and optimizer."""
 
+    network_class = DenseBaseline
+
     def __init__(
         self,
         config: BaselineConfig,
@@ -300,8 +299,7 @@ class BaselineModule(LanguageModelModule):
         seed: int = 0,
         execution: ExecutionConfig | None = None,
     ) -> None:
-        network = build_network(DenseBaseline, config, execution)
-        super().__init__(network, config, optimizer, schedule, context_length, seed, execution)
+        super().__init__(config, optimizer, schedule, context_length, seed, execution)
 
     def run(self, batch: dict[str, Any]) -> tuple[torch.Tensor, None]:
         return self.network(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"]), None
