@@ -36,7 +36,7 @@ step methods do the maths (:meth:`GlobalParser.scan_projections`, :meth:`Concept
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -458,19 +458,6 @@ def generate_texts(
     return texts
 
 
-def generate_text(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    prompt: str,
-    max_new_tokens: int,
-    stop_strings: Sequence[str] = (),
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop_tokens: Sequence[int] = (),
-    generator: torch.Generator | None = None,
-) -> str:
-    """:func:`generate_texts` for one prompt."""
-    return generate_texts(
-        model, tokenizer, [prompt], max_new_tokens, stop_strings, temperature, top_k, top_p, stop_tokens, generator
-    )[0]
+def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, **options: Any) -> str:
+    """:func:`generate_texts` for one prompt (``options``: its keyword arguments)."""
+    return generate_texts(model, tokenizer, [prompt], max_new_tokens, **options)[0]
