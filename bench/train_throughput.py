@@ -30,36 +30,17 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from dlcm.config import BaselineConfig, CrossConfig, DLCMConfig, ParserConfig, StackConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import PAIRS, model_config  # the same model pairs as the decode benchmark
+
 from dlcm.execution import ExecutionConfig, apply_execution, compiled_graphs
 from dlcm.flops import model_flops
 from dlcm.loss import cross_entropy, next_token_targets
 from dlcm.model import DLCM
-from dlcm.presets import DEEPSEEK_V3_VOCAB, build_model, preset_config
+from dlcm.presets import DEEPSEEK_V3_VOCAB, build_model
 
-ROOT = Path(__file__).resolve().parents[1]
-PAIRS = {
-    "paper": ("baseline_1.3b", "dlcm_2.3b"),
-    "small": ("recipes/baseline_small_defaultcorpus_h200.yaml", "recipes/dlcm_small_r4_defaultcorpus_h200.yaml"),
-}
 H200_BF16_PEAK = 989e12
-
-
-def recipe_config(path: str, vocab_size: int) -> BaselineConfig | DLCMConfig:
-    """The model config of a recipe file, with the DeepSeek-V3 vocabulary (recipes take V from their tokenizer)."""
-    raw = yaml.safe_load((ROOT / path).read_text())["model"]["init_args"]["config"]
-    raw = {k: v for k, v in raw.items() if k != "vocab_size"}
-    if "stack" in raw:
-        return BaselineConfig(vocab_size=vocab_size, **{**raw, "stack": StackConfig(**raw["stack"])})
-    nested = {"encoder": StackConfig, "backbone": StackConfig, "decoder": StackConfig, "cross": CrossConfig}
-    nested["parser"] = ParserConfig
-    return DLCMConfig(vocab_size=vocab_size, **{k: nested[k](**v) if k in nested else v for k, v in raw.items()})
-
-
-def model_config(name: str) -> BaselineConfig | DLCMConfig:
-    return recipe_config(name, DEEPSEEK_V3_VOCAB) if name.endswith(".yaml") else preset_config(name)
 
 
 def force_ratio(model: DLCM) -> None:
@@ -157,7 +138,7 @@ def stage_breakdown(model: DLCM, optimizer, batch: Batch, autocast: bool) -> dic
 
 def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
     torch.manual_seed(0)
-    cfg = model_config(name)
+    cfg = model_config(name, DEEPSEEK_V3_VOCAB)
     with torch.device("cuda"):
         model = build_model(cfg)
     true_bf16 = args.precision == "bf16-true"
