@@ -95,7 +95,7 @@ def biased_concept_attention(
 ) -> torch.Tensor:
     """All of one step's work — block tables, mask, bias tables, attention — so that compiled it is one graph.
 
-    The per-step cost of the kernel at 2K–8K tokens is host-side (dozens of small launches and the eager
+    Run eagerly, the per-step cost at 2K–8K tokens was host-side (dozens of small launches and the
     ``BlockMask`` transposition), not the attention itself; one compiled graph removes it.
     """
     t, rows = q_1NTH.shape[2], k_1KRH.shape[2]
