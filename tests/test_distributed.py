@@ -98,9 +98,9 @@ class InterleavedRanks:
             yield from pair
 
 
-def run_single_reference(root: Path, record: type[Record] = Record) -> None:
+def run_single_reference(root: Path, record: type[Record] = Record, *extra: str) -> None:
     """One process, accumulation 2, over rank 0's then rank 1's micro-batch of every step."""
-    cli = run_cli(args(root, "batch", "--trainer.accumulate_grad_batches=2"), run=False)
+    cli = run_cli(args(root, "batch", "--trainer.accumulate_grad_batches=2", *extra), run=False)
     cli.datamodule.train_dataloader = lambda: InterleavedRanks(cli.datamodule)
     cli.trainer.callbacks.append(record(root))
     cli.trainer.fit(cli.model, cli.datamodule)

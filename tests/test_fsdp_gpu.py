@@ -1,17 +1,26 @@
-"""The FSDP2 recipe path on one CUDA device: the small H200 recipe composed with the FSDP2 fragment, one process,
-per-block compile, with activation checkpointing full vs none. Prints the peak memory of each."""
+"""The FSDP2 recipe path on CUDA. One device: the small H200 recipe composed with the FSDP2 fragment, one process,
+per-block compile, with activation checkpointing full vs none (prints the peak memory of each). Two devices (skipped
+with fewer): two NCCL ranks against one GPU on the union batch, as ``test_fsdp`` does with gloo on CPU.
+"""
 
 from __future__ import annotations
 
 import gc
+import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from dlcm.checkpoint_io import AtomicModelParallelStrategy, require_sharded_checkpoint
 from dlcm.cli import run_cli
+from tests.test_distributed import STEPS as EQUAL_STEPS
+from tests.test_distributed import Record, run_single_reference
+from tests.test_fsdp import WORLD, RecordGrads, fit
+from tests.test_ratio_loss import run_bounded
 
 pytestmark = pytest.mark.gpu
 
@@ -73,3 +82,38 @@ def test_fsdp2_recipe_with_compile_and_activation_checkpointing(tmp_path: Path) 
         )
         assert len(peak.losses) == STEPS and all(torch.isfinite(torch.tensor(peak.losses)))
     assert peaks["full"].peak_gib < peaks["none"].peak_gib  # recomputation trades activations for compute
+
+
+ON_GPU = ["--trainer.accelerator=cuda"]  # the tiny fp32 recipe: sdpa attention, fp32 NCCL reductions
+
+
+def _two_gpu_worker(rank: int, tmp: str) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)  # processes launched externally, as by torchrun
+    torch.cuda.set_device(rank)
+    root = Path(tmp)
+    dist.init_process_group("nccl", init_method=f"file://{root / 'rendezvous'}", rank=rank, world_size=WORLD)
+    try:
+        fit(root / "equal", "batch", RecordGrads(root / "equal"), *ON_GPU)
+        fit(root / "global", "global", Record(root / "global"), *ON_GPU)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA devices")
+def test_two_gpu_fsdp2_ranks_equal_one_gpu_on_the_union_batch(tmp_path: Path) -> None:
+    for name in ("single", "equal", "global"):
+        (tmp_path / name).mkdir()
+    run_single_reference(tmp_path / "single", RecordGrads, *ON_GPU)
+    run_bounded(_two_gpu_worker, (str(tmp_path),), WORLD, timeout_s=300.0)
+    single = json.loads((tmp_path / "single" / "losses-0.json").read_text())
+    for rank in range(WORLD):
+        losses = json.loads((tmp_path / "equal" / f"losses-{rank}.json").read_text())
+        # rank r's micro-batch of step k is the single process's micro-batch 2k + r (reported halved there)
+        assert losses == pytest.approx([2 * single[2 * k + rank] for k in range(EQUAL_STEPS)], rel=1e-4), rank
+    for step in range(EQUAL_STEPS):
+        fsdp = torch.load(tmp_path / "equal" / f"grads-{step}.pt", map_location="cpu")
+        reference = torch.load(tmp_path / "single" / f"grads-{step}.pt", map_location="cpu")
+        scale = max(g.abs().max().item() for g in reference.values())
+        assert max((fsdp[n] - g).abs().max().item() for n, g in reference.items()) < 1e-4 * scale, step
+    rates = [json.loads((tmp_path / "global" / f"rates-{r}.json").read_text()) for r in range(WORLD)]
+    assert len(rates[0]) == EQUAL_STEPS and rates[0] == rates[1]  # F all-reduced over NCCL: one global rate
