@@ -11,8 +11,9 @@ count (the realised ratio is reported).
 MFU = model FLOPs / time / peak, with :mod:`dlcm.flops`'s training count (3 × forward matmul and attention FLOPs,
 no causal discount: ``(6·N + 12·layers·width·seq)·tokens`` for the baseline, N counting every matmul weight
 including the head) against the dense bf16 peak (989 TFLOP/s on an H200) and against a bf16 GEMM measured in the
-same run. The DLCM breakdown times each top-level module's forward and backward with CUDA events from module hooks
-in one extra eager step; "other" is the remainder (concept layout and its host sync, ratio loss, CE, optimizer).
+same run. The DLCM breakdown (eager configurations only: a module compiled in place, such as Ψ's block, runs its
+hooks inside the compiled graph) times each top-level module's forward and backward with CUDA events from module
+hooks in one extra step; "other" is the remainder (concept layout and its host sync, ratio loss, CE, optimizer).
 
 Run on a CUDA machine, e.g.::
 
@@ -191,7 +192,7 @@ def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
         "warmup_s": warm_s,
         "graphs_compiled_during_timed_steps": compiled_graphs() - graphs_after_warmup,
     }
-    if isinstance(model, DLCM) and args.breakdown:
+    if isinstance(model, DLCM) and args.breakdown and not compile_blocks:
         try:
             rec["breakdown_ms"] = stage_breakdown(model, optimizer, batch, not true_bf16)
         except (RuntimeError, ValueError) as err:  # a breakdown failure must not lose the throughput numbers
@@ -212,7 +213,8 @@ def main() -> int:
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--breakdown", action="store_true", help="time DLCM's stages in one extra step")
+    parser.add_argument("--breakdown", action="store_true", help="time DLCM's stages in one extra eager step")
+    parser.add_argument("--kinds", nargs="+", default=["baseline", "dlcm"], choices=["baseline", "dlcm"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -224,7 +226,9 @@ def main() -> int:
     records = []
     for pair in args.pairs:
         for mode in args.compile:
-            for name in PAIRS[pair]:
+            for kind, name in zip(("baseline", "dlcm"), PAIRS[pair], strict=True):
+                if kind not in args.kinds:
+                    continue
                 records.append(run_config(name, args, mode == "on", gemm))
                 write(args.out, records, gemm)
     return 0

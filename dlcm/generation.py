@@ -44,7 +44,7 @@ from torch import nn
 
 from dlcm.baseline import DenseBaseline
 from dlcm.cross_attention import log_count_bias
-from dlcm.kv_cache import StackCache, host_to_device
+from dlcm.kv_cache import StackCache, hosts_to_device
 from dlcm.model import DLCM
 from dlcm.pooling import mean_pool
 
@@ -60,12 +60,16 @@ def _counts(ids_Bn: torch.Tensor, counts: Sequence[int] | None) -> list[int]:
     return counts
 
 
-def _last_rows(x_BnD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """``[B, D]``: each document's last new row."""
+def _check_last_only(counts: list[int]) -> None:
     if min(counts) < 1:
         raise ValueError(f"last_only needs at least one new token per document, got counts={counts}")
-    last_B = host_to_device([c - 1 for c in counts], x_BnD.device)
-    return x_BnD[torch.arange(x_BnD.shape[0], device=x_BnD.device), last_B]
+
+
+def _step_inputs(counts: list[int], lengths: list[int], n: int, *more: list[int], device: torch.device):
+    """On the device, in one copy: the new rows' positions ``[B, n]`` (cached length + offset), each document's last
+    new row, and the further host lists ``more``."""
+    before_B, last_B, *rest = hosts_to_device([lengths, [max(c - 1, 0) for c in counts], *more], device)
+    return before_B[:, None] + torch.arange(n, device=device)[None, :], last_B, *rest
 
 
 class BaselineDecoder:
@@ -88,8 +92,11 @@ class BaselineDecoder:
         """Logits ``[B, n, V]`` of ``counts[b]`` new tokens per document (padding rows are junk), or ``[B, V]`` of
         each document's last new token with ``last_only``."""
         counts = _counts(ids_Bn, counts)
-        h_BnD = self.stack.extend(self.model.embed(ids_Bn), counts)
-        return self.model.head(_last_rows(h_BnD, counts) if last_only else h_BnD)
+        if last_only:
+            _check_last_only(counts)
+        position_Bn, last_B = _step_inputs(counts, self.lengths, ids_Bn.shape[1], device=ids_Bn.device)
+        h_BnD = self.stack.extend(self.model.embed(ids_Bn), counts, position_Bn=position_Bn)
+        return self.model.head(h_BnD[torch.arange(len(counts), device=ids_Bn.device), last_B] if last_only else h_BnD)
 
 
 class DLCMDecoder:
@@ -148,13 +155,17 @@ class DLCMDecoder:
         each document's last new token with ``last_only``."""
         m, (b, n), device = self.model, ids_Bn.shape, ids_Bn.device
         counts = _counts(ids_Bn, counts)
-        before, concepts_before = list(self.lengths), self.num_concepts
+        if last_only:
+            _check_last_only(counts)
+        before = list(self.lengths)
         self._reserve(max(before) + n)
+        position_Bn, last_B, counts_B, concepts_B = _step_inputs(
+            counts, before, n, counts, self.num_concepts, device=device
+        )
         batch_B1 = torch.arange(b, device=device)[:, None]
-        position_Bn = host_to_device(before, device)[:, None] + torch.arange(n, device=device)[None, :]
-        counts_B1 = host_to_device(counts, device)[:, None]
+        counts_B1 = counts_B[:, None]
         valid_Bn = torch.arange(n, device=device)[None, :] < counts_B1
-        h_BnD = self.encoder.extend(m.embed(ids_Bn), counts)
+        h_BnD = self.encoder.extend(m.embed(ids_Bn), counts, position_Bn=position_Bn)
         self.h_BLD[batch_B1, position_Bn] = h_BnD
 
         q_BnS, k_BnS = m.parser.scan_projections(h_BnD)
@@ -163,18 +174,16 @@ class DLCMDecoder:
         prob_Bn = torch.where(doc_start_Bn, 1.0, m.parser.neighbour_prob(prev_BnS, k_BnS))
         boundary_Bn = ((prob_Bn >= 0.5) | doc_start_Bn) & valid_Bn
         self.prob_BL[batch_B1, position_Bn] = prob_Bn
-        last_B = host_to_device([max(c - 1, 0) for c in counts], device)
         self.prev_q_BS = torch.where(counts_B1 > 0, q_BnS[batch_B1[:, 0], last_B], self.prev_q_BS)
 
         flags = boundary_Bn.tolist()  # the step's one device→host read: which concepts start (and so complete)
         self._add_concepts(flags, before, counts)
-        x_BnD = self._cross(h_BnD, prob_Bn, boundary_Bn, position_Bn, concepts_before)
-        out_BnD = self.decoder.extend(x_BnD, counts)
-        return m.head(_last_rows(out_BnD, counts) if last_only else out_BnD)
+        x_BnD = self._cross(h_BnD, prob_Bn, boundary_Bn, position_Bn, concepts_B)
+        out_BnD = self.decoder.extend(x_BnD, counts, position_Bn=position_Bn)
+        return m.head(out_BnD[batch_B1[:, 0], last_B] if last_only else out_BnD)
 
     def _add_concepts(self, flags: list[list[bool]], before: list[int], counts: list[int]) -> None:
         """Record the new concept starts; pool the concepts they complete, step the backbone, smooth, add Ψ rows."""
-        device = self.h_BLD.device
         new_doc, new_index, new_start, completed = [], [], [], []
         for d, starts in enumerate(self.starts):
             first_done = max(len(starts) - 1, 0)
@@ -185,16 +194,10 @@ class DLCMDecoder:
                     new_start.append(before[d] + i)
                     starts.append(before[d] + i)
             completed.append(range(first_done, len(starts) - 1))
-        if new_doc:
-            self.start_BR[host_to_device(new_doc, device), host_to_device(new_index, device)] = host_to_device(
-                new_start, device
-            )
         docs = [d for d in range(len(self.starts)) if completed[d]]
-        if not docs:
-            return
         # Concept i of the s-th stepping document goes to slot s·M + i of a padded [S, M] layout; a padding slot
         # pools nothing (length 1 keeps it finite) and is never written back.
-        m_max = max(len(completed[d]) for d in docs)
+        m_max = max((len(completed[d]) for d in docs), default=0)
         row_doc, row_pos, row_slot = [], [], []
         slot_len, slot_doc, slot_start, slot_first = [1] * (len(docs) * m_max), [], [], []
         valid_slots, valid_doc, valid_concept, valid_len = [], [], [], []
@@ -204,7 +207,7 @@ class DLCMDecoder:
                 k = completed[d][i] if i < len(completed[d]) else completed[d][-1]
                 slot_doc.append(d)
                 slot_start.append(starts[k])
-                slot_first.append(k == 0)
+                slot_first.append(int(k == 0))
                 if i >= len(completed[d]):
                     continue
                 a, e = starts[k], starts[k + 1]
@@ -216,27 +219,50 @@ class DLCMDecoder:
                 valid_doc.append(d)
                 valid_concept.append(k)
                 valid_len.append(e - a)
-        m, dtype = self.model, self.h_BLD.dtype
-        docs_S = host_to_device(docs, device)
-        slot_doc_T, slot_start_T = host_to_device(slot_doc, device), host_to_device(slot_start, device)
-        h_TD = self.h_BLD[host_to_device(row_doc, device), host_to_device(row_pos, device)]
-        pooled_SMD = m.pooling.w_up(
-            mean_pool(h_TD, host_to_device(row_slot, device), host_to_device(slot_len, device))
-        ).view(len(docs), m_max, -1)
-        z_SMD = self.backbone.extend(pooled_SMD, [len(completed[d]) for d in docs], docs)
+        last = [len(completed[d]) - 1 for d in docs]
+        (
+            *new_N,
+            docs_S,
+            slot_doc_T,
+            slot_start_T,
+            slot_first_T,
+            last_S,
+            row_doc_T,
+            row_pos_T,
+            row_slot_T,
+            slot_len_T,
+            valid_slot_V,
+            doc_V,
+            concept_V,
+            length_V,
+        ) = hosts_to_device(
+            [
+                *(new_doc, new_index, new_start),
+                *(docs, slot_doc, slot_start, slot_first, last, row_doc, row_pos, row_slot, slot_len),
+                *(valid_slots, valid_doc, valid_concept, valid_len),
+            ],
+            self.h_BLD.device,
+        )
+        if new_doc:
+            doc_N, index_N, start_N = new_N
+            self.start_BR[doc_N, index_N] = start_N
+        if not docs:
+            return
+        m, dtype, device = self.model, self.h_BLD.dtype, self.h_BLD.device
+        h_TD = self.h_BLD[row_doc_T, row_pos_T]
+        pooled_SMD = m.pooling.w_up(mean_pool(h_TD, row_slot_T, slot_len_T)).view(len(docs), m_max, -1)
+        z_SMD = self.backbone.extend(pooled_SMD, [len(completed[d]) for d in docs], docs, docs_S)
         smooth_SMD = m.smoothing.resume(
             self.smooth_BD[docs_S],
             z_SMD,
             self.prob_BL[slot_doc_T, slot_start_T].view(len(docs), m_max),
-            host_to_device(slot_first, device).bool().view(len(docs), m_max),
+            slot_first_T.bool().view(len(docs), m_max),
         )
-        last_S = host_to_device([len(completed[d]) - 1 for d in docs], device)
         self.smooth_BD[docs_S] = smooth_SMD[torch.arange(len(docs), device=device), last_S]
-        k_VKH, v_VKH = m.cross.keys_values(smooth_SMD.flatten(0, 1)[host_to_device(valid_slots, device)].to(dtype))
-        doc_V, concept_V = host_to_device(valid_doc, device), host_to_device(valid_concept, device)
+        k_VKH, v_VKH = m.cross.keys_values(smooth_SMD.flatten(0, 1)[valid_slot_V].to(dtype))
         self.cross_k_BRKH[doc_V, concept_V + 1] = k_VKH
         self.cross_v_BRKH[doc_V, concept_V + 1] = v_VKH
-        self.length_BR[doc_V, concept_V] = host_to_device(valid_len, device)
+        self.length_BR[doc_V, concept_V] = length_V
 
     def _cross(
         self,
@@ -244,12 +270,12 @@ class DLCMDecoder:
         prob_Bn: torch.Tensor,
         boundary_Bn: torch.Tensor,
         position_Bn: torch.Tensor,
-        concepts_before: list[int],
+        concepts_B: torch.Tensor,
     ) -> torch.Tensor:
         """Ψ for the new tokens over the unique concept rows, with the replication log-count bias."""
         m, device = self.model, h_BnD.device
         rows = max(*self.num_concepts, 1)  # a token of concept j reads rows 0 … j
-        own_Bn = host_to_device(concepts_before, device)[:, None] - 1 + boundary_Bn.cumsum(dim=1)
+        own_Bn = concepts_B[:, None] - 1 + boundary_Bn.cumsum(dim=1)  # concepts started before the call
         cols_R = torch.arange(rows, device=device)
         # Padding rows of a document that has not started have own = −1: let them read the null row (no NaN).
         readable_BnR = cols_R <= own_Bn.clamp(min=0)[..., None]

@@ -29,16 +29,22 @@ from dlcm.block import TransformerStack
 from dlcm.rope import rope_angles
 
 
-def host_to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """int64 tensor of host integers on ``device``, copied without waiting for queued device work.
+def hosts_to_device(lists: Sequence[Sequence[int]], device: torch.device) -> list[torch.Tensor]:
+    """int64 tensors of host integer lists on ``device``, in one copy that does not wait for queued device work.
 
     A plain ``torch.tensor(values, device='cuda')`` synchronises the stream; a copy from pinned memory with
     ``non_blocking=True`` does not (the caching host allocator keeps the pinned block alive until the copy ran).
+    Decoding is bound by host work per step, so a step's lists travel together and are split on the device.
     """
-    host = torch.tensor(list(values), dtype=torch.int64)
+    host = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
     if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+        host = host.pin_memory()
+    return list(host.to(device, non_blocking=True).split([len(values) for values in lists]))
+
+
+def host_to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """One list's :func:`hosts_to_device`."""
+    return hosts_to_device([values], device)[0]
 
 
 class _Call(NamedTuple):
@@ -80,8 +86,18 @@ class StackCache:
         self.values = [F.pad(v, pad) for v in self.values]
         self.capacity += grow
 
-    def extend(self, x_BnD: torch.Tensor, counts: Sequence[int], docs: Sequence[int] | None = None) -> torch.Tensor:
-        """Outputs ``[B', n, D]`` of the new rows (``B'`` = ``len(docs)``, or the whole batch when ``docs`` is None)."""
+    def extend(
+        self,
+        x_BnD: torch.Tensor,
+        counts: Sequence[int],
+        docs: Sequence[int] | None = None,
+        docs_S: torch.Tensor | None = None,
+        position_Bn: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Outputs ``[B', n, D]`` of the new rows (``B'`` = ``len(docs)``, or the whole batch when ``docs`` is None).
+
+        A caller that already holds ``docs`` or the rows' positions (cached length + offset) on the device passes them
+        as ``docs_S`` / ``position_Bn`` and saves their copies."""
         b, n = x_BnD.shape[:2]
         device = x_BnD.device
         chosen = range(len(self.lengths)) if docs is None else docs
@@ -90,8 +106,11 @@ class StackCache:
             raise ValueError(f"x has {b} documents but counts has {len(counts)} and docs {len(before)}")
         span = max(before) + n  # cache rows the new rows may read (and padding rows may write)
         self._reserve(span)
-        rows = self.all_docs if docs is None else host_to_device(docs, device)
-        position_Bn = host_to_device(before, device)[:, None] + torch.arange(n, device=device)[None, :]
+        rows = self.all_docs if docs is None else docs_S
+        if rows is None:
+            rows = host_to_device(docs, device)
+        if position_Bn is None:
+            position_Bn = host_to_device(before, device)[:, None] + torch.arange(n, device=device)[None, :]
         rope = rope_angles(position_Bn.flatten(), self.stack.head_dim, self.stack.rope_theta)
         # Key index s is visible to new row i when s ≤ its position (causal; older rows are all this document's).
         mask_B1nL = (torch.arange(span, device=device)[None, None, :] <= position_Bn[:, :, None])[:, None]
