@@ -4,9 +4,10 @@ incremental decoding (:mod:`dlcm.generation`) at batch 1 and 32.
 Each (pair, model, batch) builds a randomly initialised network in ``--dtype`` on ``--device``, prefills ``batch``
 prompts of ``--prompt-len`` random tokens, then decodes ``--new-tokens`` tokens per prompt one step at a time
 (sampling at temperature 1 on the device, so no step reads a token back). The prefill also draws the first token;
-each decode step is one forward of the newest token and one draw. Times are medians over ``--iters`` runs after
-``--warmup`` runs (CUDA events on a GPU, the wall clock on a CPU); throughput is ``batch · new_tokens`` over the
-decode time.
+each decode step is one ``decoder.step`` of the newest tokens (CUDA-graph replays unless ``--cuda-graphs off``) and
+one draw. Untimed steps first let the graphs be captured (DLCM's backbone phase is captured at its second concept
+completion). Times are medians over ``--iters`` runs after ``--warmup`` runs (CUDA events on a GPU, the wall clock
+on a CPU); throughput is ``batch · new_tokens`` over the decode time.
 
 A freshly initialised parser does not compress at the target ratio R, and decode cost depends on how often a concept
 completes (each completion is a backbone step). The parser's probabilities are therefore replaced by Bernoulli(1/R)
@@ -48,6 +49,7 @@ PAIRS = {
     "tiny": ("tiny_baseline", "tiny_dlcm"),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+SETTLE_STEPS = 64  # untimed steps allowed for warm-up and CUDA-graph capture (DLCM's backbone phase needs 2 concepts)
 
 
 def model_config(name: str, vocab_size: int) -> BaselineConfig | DLCMConfig:
@@ -56,19 +58,16 @@ def model_config(name: str, vocab_size: int) -> BaselineConfig | DLCMConfig:
     return load_preset(name, None if name.startswith("tiny") else vocab_size).config
 
 
-def boundaries_at_ratio(model: DLCM, seed: int) -> torch.Generator:
-    """Make the parser's ``p`` a Bernoulli(1/R) draw (1 or 0) after computing it; returns the draws' generator."""
+def boundaries_at_ratio(model: DLCM) -> None:
+    """Make the parser's ``p`` a Bernoulli(1/R) draw (1 or 0) after computing it. The draws come from the default
+    generator (seeded by the caller), which CUDA graphs capture and advance on every replay."""
     compute, rate = model.parser.neighbour_prob, 1.0 / model.cfg.parser.target_ratio
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
 
     def at_ratio(prev_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         prob = compute(prev_q, k)
-        draw = torch.rand(prob.shape, device=prob.device, generator=generator) < rate
-        return draw.to(prob.dtype)
+        return (torch.rand(prob.shape, device=prob.device) < rate).to(prob.dtype)
 
     model.parser.neighbour_prob = at_ratio
-    return generator
 
 
 class Timer:
@@ -95,38 +94,50 @@ class Timer:
             self.ms = (time.perf_counter() - self.t0) * 1e3
 
 
-def run_once(model, prompts_BP: torch.Tensor, new_tokens: int, generator: torch.Generator) -> dict[str, Any]:
-    """Prefill (and draw the first token), then ``new_tokens`` decode steps of one forward and one draw each."""
+def run_once(
+    model, prompts_BP: torch.Tensor, new_tokens: int, generator: torch.Generator, cuda_graphs: bool
+) -> dict[str, Any]:
+    """Prefill (and draw the first token), untimed steps until the decoder's CUDA graphs are captured (at most
+    ``SETTLE_STEPS``), then ``new_tokens`` timed decode steps of one forward and one draw each."""
     b, p = prompts_BP.shape
-    decoder = incremental_decoder(model, b, p + new_tokens + 1)
+    decoder = incremental_decoder(model, b, p + SETTLE_STEPS + new_tokens + 1, cuda_graphs)
     counts = isinstance(decoder, DLCMDecoder)  # the baseline has no concepts
     with Timer(prompts_BP.device) as prefill:
         token_B = sample_tokens(decoder.extend(prompts_BP, last_only=True), temperature=1.0, generator=generator)
     concepts_prompt = sum(decoder.num_concepts) if counts else 0
+    settle = 0
+    while not decoder.steps_settled and settle < SETTLE_STEPS:
+        token_B = sample_tokens(decoder.step(token_B), 1.0, generator=generator)
+        settle += 1
+    concepts_settled = sum(decoder.num_concepts) if counts else 0
     with Timer(prompts_BP.device) as decode:
         for _ in range(new_tokens):
-            token_B = sample_tokens(decoder.extend(token_B[:, None], last_only=True), 1.0, generator=generator)
-    concepts_decode = sum(decoder.num_concepts) - concepts_prompt if counts else 0
+            token_B = sample_tokens(decoder.step(token_B), 1.0, generator=generator)
     return {
         "prefill_ms": prefill.ms,
         "decode_ms": decode.ms,
+        "settle_steps": settle,
         "concepts_prompt": concepts_prompt,
-        "concepts_decode": concepts_decode,  # concepts the decoded tokens opened
+        "concepts_decode": sum(decoder.num_concepts) - concepts_settled if counts else 0,  # opened while timed
     }
 
 
-def syncs_per_step(model, prompts_BP: torch.Tensor, generator: torch.Generator) -> int | None:
-    """Host synchronisations of one decode step (sampling included), counted by CUDA's sync debug mode."""
+def syncs_per_step(model, prompts_BP: torch.Tensor, generator: torch.Generator, cuda_graphs: bool) -> int | None:
+    """Host synchronisations of one settled decode step (sampling included), counted by CUDA's sync debug mode."""
     if prompts_BP.device.type != "cuda":
         return None
-    decoder = incremental_decoder(model, prompts_BP.shape[0], prompts_BP.shape[1] + 2)
+    decoder = incremental_decoder(model, prompts_BP.shape[0], prompts_BP.shape[1] + SETTLE_STEPS + 2, cuda_graphs)
     token_B = sample_tokens(decoder.extend(prompts_BP, last_only=True), temperature=1.0, generator=generator)
+    for _ in range(SETTLE_STEPS):
+        if decoder.steps_settled:
+            break
+        token_B = sample_tokens(decoder.step(token_B), 1.0, generator=generator)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sample_tokens(decoder.extend(token_B[:, None], last_only=True), temperature=1.0, generator=generator)
+            sample_tokens(decoder.step(token_B), temperature=1.0, generator=generator)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     return sum("synchroniz" in str(w.message) for w in caught)
@@ -141,7 +152,7 @@ def bench_model(name: str, config, args, device: torch.device) -> list[dict[str,
     is_dlcm = isinstance(model, DLCM)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if is_dlcm:
-        boundaries_at_ratio(model, args.seed)
+        boundaries_at_ratio(model)
     position = args.prompt_len + args.new_tokens // 2
     ratio = config.parser.target_ratio if is_dlcm else None
     flops = inference_flops_per_token(config, position, ratio).total
@@ -151,8 +162,11 @@ def bench_model(name: str, config, args, device: torch.device) -> list[dict[str,
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
-            runs = [run_once(model, prompts_BP, args.new_tokens, generator) for _ in range(args.warmup + args.iters)]
-            syncs = syncs_per_step(model, prompts_BP, generator)
+            runs = [
+                run_once(model, prompts_BP, args.new_tokens, generator, args.cuda_graphs == "on")
+                for _ in range(args.warmup + args.iters)
+            ]
+            syncs = syncs_per_step(model, prompts_BP, generator, args.cuda_graphs == "on")
         runs = runs[args.warmup :]
         decode_ms = statistics.median(r["decode_ms"] for r in runs)
         generated = batch * args.new_tokens
@@ -167,6 +181,7 @@ def bench_model(name: str, config, args, device: torch.device) -> list[dict[str,
             "decode_ms_per_step": decode_ms / args.new_tokens,
             "prefill_ms": statistics.median(r["prefill_ms"] for r in runs),
             "decode_ms_runs": [r["decode_ms"] for r in runs],
+            "settle_steps": max(r["settle_steps"] for r in runs),
             "flops_per_token": flops,
             "host_syncs_per_step": syncs,
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
@@ -203,7 +218,7 @@ def markdown_table(data: dict[str, Any]) -> str:
     lines = [
         f"`{meta['command']}` — {meta['device']}, torch {meta['torch']}, {meta['dtype']}, prompt {meta['prompt_len']}"
         f" tokens, {meta['new_tokens']} generated per prompt (sampled, T = 1), median of {meta['iters']} after "
-        f"{meta['warmup']} warm-up\n",
+        f"{meta['warmup']} warm-up, CUDA graphs {meta.get('cuda_graphs', 'off')}\n",
         "| pair | batch | model | params | FLOPs/token | realised R (prompt / decode) | prefill ms | ms/step "
         "| tokens/s | DLCM / baseline | host syncs/step |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -238,6 +253,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cuda-graphs", default="on", choices=["on", "off"], help="replay decode steps as graphs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.new_tokens < 1 or args.prompt_len < 1:
@@ -248,7 +264,9 @@ def main() -> int:
         "command": "python bench/decode.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        **{k: getattr(args, k) for k in ("dtype", "prompt_len", "new_tokens", "warmup", "iters", "seed")},
+        **{
+            k: getattr(args, k) for k in ("dtype", "prompt_len", "new_tokens", "warmup", "iters", "seed", "cuda_graphs")
+        },
     }
     records = []
     for pair in args.pairs:

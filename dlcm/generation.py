@@ -27,8 +27,16 @@ newest row. Replication (Eq. 17) is computed on the unique rows with its log-cou
     rows read          ∅    ∅    ∅,z̃0   ∅,z̃0   ∅,z̃0
     bias (log n)       0    l2   l2,0    l2,l2   l2,l3   (lk = log k)
 
-Every step reads the new tokens' boundary decisions back to the host once (which documents completed a concept,
-and so which shapes the backbone step has); nothing else in a step waits for the device. The modules' own
+Every call reads the new tokens' boundary decisions back to the host once (which documents completed a concept,
+and so which shapes the backbone step has); nothing else in a call waits for the device.
+
+Generation is bound by kernel launches, not arithmetic, so single-token steps have their own path:
+:meth:`DLCMDecoder.step` keeps the step's state on the device (positions, concept counts, the open concept's first
+token), reads every cache at full capacity under masks, pools the completing concept with a masked sum, and runs the
+backbone for every document with only the completing ones keeping the result. With no host values inside, its three
+phases (token stream and boundary; backbone step, only launched when some document completed a concept; Ψ, decoder
+and head) replay as CUDA graphs (:mod:`dlcm.step_graph`), and the boundary decisions stay the one read.
+:meth:`extend` and :meth:`step` may alternate; both equal the full forward (tested). The modules' own
 step methods do the maths (:meth:`GlobalParser.scan_projections`, :meth:`ConceptSmoothing.resume`,
 :meth:`CrossAttentionBlock.keys_values` …), so decoding and the training forward share one definition.
 """
@@ -44,9 +52,10 @@ from torch import nn
 
 from dlcm.baseline import DenseBaseline
 from dlcm.cross_attention import log_count_bias
-from dlcm.kv_cache import StackCache, hosts_to_device
+from dlcm.kv_cache import StackCache, host_to_device, hosts_to_device
 from dlcm.model import DLCM
 from dlcm.pooling import mean_pool
+from dlcm.step_graph import StepGraph
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -72,13 +81,25 @@ def _step_inputs(counts: list[int], lengths: list[int], n: int, *more: list[int]
     return before_B[:, None] + torch.arange(n, device=device)[None, :], last_B, *rest
 
 
-class BaselineDecoder:
-    """KV-cached decoding of a batch of documents through the dense baseline."""
+def _reserve_caches(caches: Sequence[StackCache], needed: int) -> bool:
+    """Grow every cache to ``needed`` rows; whether any buffer was reallocated (captured graphs then go stale)."""
+    grown = any(cache.capacity < needed for cache in caches)
+    for cache in caches:
+        cache.reserve(needed)
+    return grown
 
-    def __init__(self, model: DenseBaseline, batch: int, capacity: int) -> None:
+
+class BaselineDecoder:
+    """KV-cached decoding of a batch of documents through the dense baseline: :meth:`extend` for chunks (prompts),
+    :meth:`step` for one token per document (one CUDA graph on a GPU)."""
+
+    def __init__(self, model: DenseBaseline, batch: int, capacity: int, cuda_graphs: bool = True) -> None:
         param = next(model.parameters())
         self.model = model
         self.stack = StackCache(model.stack, batch, capacity, param.device, param.dtype)
+        self.token_B = torch.zeros(batch, dtype=torch.int64, device=param.device)
+        self.synced = True  # stack.length_B equals the host lengths
+        self.graph = StepGraph(self._token_step, cuda_graphs and param.device.type == "cuda")
 
     @property
     def lengths(self) -> list[int]:
@@ -96,14 +117,38 @@ class BaselineDecoder:
             _check_last_only(counts)
         position_Bn, last_B = _step_inputs(counts, self.lengths, ids_Bn.shape[1], device=ids_Bn.device)
         h_BnD = self.stack.extend(self.model.embed(ids_Bn), counts, position_Bn=position_Bn)
+        self.synced = False
         return self.model.head(h_BnD[torch.arange(len(counts), device=ids_Bn.device), last_B] if last_only else h_BnD)
+
+    @torch.no_grad()
+    def step(self, token_B: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V]`` after one new token per document: ``extend(token_B[:, None], last_only=True)`` with
+        nothing read back, replayed as one CUDA graph on a GPU."""
+        if _reserve_caches([self.stack], max(self.lengths) + 1):
+            self.graph.reset()
+        if not self.synced:
+            self.stack.length_B.copy_(host_to_device(self.lengths, token_B.device))
+            self.synced = True
+        self.token_B.copy_(token_B)
+        logits_BV = self.graph().clone()  # the graph's output buffer is overwritten by the next step
+        for d in range(len(self.lengths)):
+            self.lengths[d] += 1
+        return logits_BV
+
+    @property
+    def steps_settled(self) -> bool:
+        """Whether :meth:`step` now replays its CUDA graph (or runs eagerly for good): for timing steady state."""
+        return self.graph.settled
+
+    def _token_step(self) -> torch.Tensor:
+        return self.model.head(self.stack.step(self.model.embed(self.token_B)))
 
 
 class DLCMDecoder:
     """KV-cached decoding of a batch of documents through DLCM (thresholded boundaries, the eval-mode model)."""
 
     @torch.no_grad()
-    def __init__(self, model: DLCM, batch: int, capacity: int) -> None:
+    def __init__(self, model: DLCM, batch: int, capacity: int, cuda_graphs: bool = True) -> None:
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
         acc = torch.promote_types(dtype, torch.float32)
@@ -124,6 +169,15 @@ class DLCMDecoder:
         null_k, null_v = cross.keys_values(cross.null_concept.to(dtype))
         self.cross_k_BRKH = null_k.expand(batch, capacity + 1, *null_k.shape).clone()
         self.cross_v_BRKH = null_v.expand(batch, capacity + 1, *null_v.shape).clone()
+        # State of single-token steps on the device (refreshed from the host lists after an extend).
+        self.token_B = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.position_B = torch.zeros_like(self.token_B)  # the new token's position
+        self.concepts_B = torch.zeros_like(self.token_B)  # concepts started
+        self.open_start_B = torch.zeros_like(self.token_B)  # first token of the open concept
+        self.boundary_B = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.synced = True
+        graphs = cuda_graphs and device.type == "cuda"
+        self.phases = [StepGraph(phase, graphs) for phase in (self._token_stream, self._concept_step, self._readout)]
 
     @property
     def lengths(self) -> list[int]:
@@ -174,13 +228,118 @@ class DLCMDecoder:
         prob_Bn = torch.where(doc_start_Bn, 1.0, m.parser.neighbour_prob(prev_BnS, k_BnS))
         boundary_Bn = ((prob_Bn >= 0.5) | doc_start_Bn) & valid_Bn
         self.prob_BL[batch_B1, position_Bn] = prob_Bn
-        self.prev_q_BS = torch.where(counts_B1 > 0, q_BnS[batch_B1[:, 0], last_B], self.prev_q_BS)
+        self.prev_q_BS.copy_(torch.where(counts_B1 > 0, q_BnS[batch_B1[:, 0], last_B], self.prev_q_BS))
 
         flags = boundary_Bn.tolist()  # the step's one device→host read: which concepts start (and so complete)
         self._add_concepts(flags, before, counts)
         x_BnD = self._cross(h_BnD, prob_Bn, boundary_Bn, position_Bn, concepts_B)
         out_BnD = self.decoder.extend(x_BnD, counts, position_Bn=position_Bn)
+        self.synced = False
         return m.head(out_BnD[batch_B1[:, 0], last_B] if last_only else out_BnD)
+
+    @torch.no_grad()
+    def step(self, token_B: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V]`` after one new token per document: ``extend(token_B[:, None], last_only=True)`` on
+        device-side state, in three phases that replay as CUDA graphs on a GPU — token stream and boundary, backbone
+        step (only when some document completed a concept), Ψ and decoder — with the boundaries as the one read."""
+        caches = [self.encoder, self.backbone, self.decoder]
+        needed = max(self.lengths) + 1
+        grown = needed > self.capacity
+        self._reserve(needed)
+        if _reserve_caches(caches, needed) or grown:
+            for phase in self.phases:
+                phase.reset()
+        if not self.synced:
+            open_start = [s[-1] if s else 0 for s in self.starts]
+            lists = [c.lengths for c in caches] + [self.num_concepts, open_start]
+            targets = [c.length_B for c in caches] + [self.concepts_B, self.open_start_B]
+            for target, values in zip(targets, hosts_to_device(lists, token_B.device), strict=True):
+                target.copy_(values)
+            self.synced = True
+        self.token_B.copy_(token_B)
+        token_stream, concept_step, readout = self.phases
+        boundary = token_stream().tolist()  # the step's one device→host read
+        completed = [flag and bool(starts) for flag, starts in zip(boundary, self.starts, strict=True)]
+        for d, flag in enumerate(boundary):
+            if flag:
+                self.starts[d].append(self.lengths[d])
+        if any(completed):
+            concept_step()
+        logits_BV = readout().clone()  # the graph's output buffer is overwritten by the next step
+        for d, done in enumerate(completed):
+            self.encoder.lengths[d] += 1
+            self.decoder.lengths[d] += 1
+            self.backbone.lengths[d] += done
+        return logits_BV
+
+    @property
+    def steps_settled(self) -> bool:
+        """Whether all three :meth:`step` phases now replay CUDA graphs (or run eagerly for good)."""
+        return all(phase.settled for phase in self.phases)
+
+    def _token_stream(self) -> torch.Tensor:
+        """Phase 1: encoder step, boundary probability and decision of every document's new token."""
+        m, all_B, position_B = self.model, self.encoder.all_docs, self.position_B
+        position_B.copy_(self.encoder.length_B)
+        h_BD = self.encoder.step(m.embed(self.token_B))
+        self.h_BLD[all_B, position_B] = h_BD
+        q_BS, k_BS = m.parser.scan_projections(h_BD)
+        doc_start_B = position_B == 0
+        prob_B = torch.where(doc_start_B, 1.0, m.parser.neighbour_prob(self.prev_q_BS, k_BS))
+        self.prob_BL[all_B, position_B] = prob_B
+        self.prev_q_BS.copy_(q_BS)
+        self.boundary_B.copy_((prob_B >= 0.5) | doc_start_B)
+        return self.boundary_B
+
+    def _concept_step(self) -> None:
+        """Phase 2: where the new token is a boundary after an earlier one, the open concept (its tokens before the
+        new one) completes: pool, ``W_up``, backbone step, smooth, Ψ row. Other documents compute the same on their
+        open concept and keep none of it."""
+        m, dtype, acc = self.model, self.h_BLD.dtype, self.prob_BL.dtype
+        all_B, position_B = self.encoder.all_docs, self.position_B
+        open_B, concepts_B = self.open_start_B, self.concepts_B
+        completed_B = self.boundary_B & (concepts_B > 0)
+        cols_L = torch.arange(self.capacity, device=position_B.device)
+        member_B1L = ((cols_L >= open_B[:, None]) & (cols_L < position_B[:, None])).to(acc)[:, None]
+        length_B = position_B - open_B
+        sum_BD = torch.bmm(member_B1L, self.h_BLD.to(acc))[:, 0]
+        pooled_BD = (sum_BD / length_B.clamp(min=1)[:, None].to(acc)).to(dtype)  # as mean_pool
+        z_BD = self.backbone.step(m.pooling.w_up(pooled_BD), commit_B=completed_B)
+        first_B1 = (concepts_B == 1)[:, None]
+        start_prob_B1 = self.prob_BL[all_B, open_B][:, None]
+        smooth_BD = m.smoothing.resume(self.smooth_BD, z_BD[:, None], start_prob_B1, first_B1)[:, 0]
+        self.smooth_BD.copy_(torch.where(completed_B[:, None], smooth_BD, self.smooth_BD))
+        k_BKH, v_BKH = m.cross.keys_values(smooth_BD.to(dtype))
+        keep_B11 = completed_B[:, None, None]
+        self.cross_k_BRKH[all_B, concepts_B] = torch.where(keep_B11, k_BKH, self.cross_k_BRKH[all_B, concepts_B])
+        self.cross_v_BRKH[all_B, concepts_B] = torch.where(keep_B11, v_BKH, self.cross_v_BRKH[all_B, concepts_B])
+        last_B = (concepts_B - 1).clamp(min=0)
+        self.length_BR[all_B, last_B] = torch.where(completed_B, length_B, self.length_BR[all_B, last_B])
+
+    def _readout(self) -> torch.Tensor:
+        """Phase 3: register the concepts the new tokens start, Ψ over the unique concept rows, decoder step, head."""
+        m, all_B, position_B, boundary_B = self.model, self.encoder.all_docs, self.position_B, self.boundary_B
+        new_B = self.concepts_B
+        self.start_BR[all_B, new_B] = torch.where(boundary_B, position_B, self.start_BR[all_B, new_B])
+        self.open_start_B.copy_(torch.where(boundary_B, position_B, self.open_start_B))
+        self.concepts_B.add_(boundary_B.long())
+        own_B1 = (self.concepts_B - 1)[:, None]
+        cols_R = torch.arange(self.capacity + 1, device=position_B.device)
+        readable_BR = cols_R <= own_B1.clamp(min=0)
+        bias_BR = log_count_bias(cols_R, own_B1, position_B[:, None], self.start_BR, self.length_BR, readable_BR)
+        h_B1D = self.h_BLD[all_B, position_B][:, None]
+        q_B1NH = m.cross.queries(h_B1D)
+        out_BN1H = F.scaled_dot_product_attention(
+            q_B1NH.transpose(1, 2),
+            self.cross_k_BRKH.transpose(1, 2),
+            self.cross_v_BRKH.transpose(1, 2),
+            attn_mask=bias_BR[:, None, None].to(q_B1NH.dtype),
+            enable_gqa=True,
+        )
+        prob_B1 = self.prob_BL[all_B, position_B][:, None]
+        confidence_B1 = m.parser.confidence(prob_B1, boundary_B[:, None]) if m.cfg.parser.router_grad == "ste" else None
+        x_B1D = m.cross.finish(h_B1D, out_BN1H.transpose(1, 2), confidence_B1)
+        return m.head(self.decoder.step(x_B1D[:, 0]))
 
     def _add_concepts(self, flags: list[list[bool]], before: list[int], counts: list[int]) -> None:
         """Record the new concept starts; pool the concepts they complete, step the backbone, smooth, add Ψ rows."""
@@ -299,19 +458,22 @@ class DLCMDecoder:
         return m.cross.finish(h_BnD, out_BNnH.transpose(1, 2), confidence_Bn)
 
 
-def incremental_decoder(model: nn.Module, batch: int = 1, capacity: int = 256) -> DLCMDecoder | BaselineDecoder:
+def incremental_decoder(
+    model: nn.Module, batch: int = 1, capacity: int = 256, cuda_graphs: bool = True
+) -> DLCMDecoder | BaselineDecoder:
     """A fresh decoder for ``batch`` documents of ``model`` (which must be in eval mode: thresholded boundaries).
 
-    ``capacity`` (tokens per document) sizes the caches up front; they grow (by copying) when a document outgrows it.
+    ``capacity`` (tokens per document) sizes the caches up front; they grow (by copying) when a document outgrows it
+    (single-token steps then capture their CUDA graphs again). ``cuda_graphs=False`` runs steps eagerly on a GPU too.
     """
     if model.training:
         raise ValueError("incremental decoding reproduces the eval-mode model: call model.eval() first")
     if batch < 1 or capacity < 1:
         raise ValueError(f"batch={batch}, capacity={capacity} are not allowed: both must be positive")
     if isinstance(model, DLCM):
-        return DLCMDecoder(model, batch, capacity)
+        return DLCMDecoder(model, batch, capacity, cuda_graphs)
     if isinstance(model, DenseBaseline):
-        return BaselineDecoder(model, batch, capacity)
+        return BaselineDecoder(model, batch, capacity, cuda_graphs)
     raise TypeError(f"no incremental decoder for {type(model).__name__}: expected DLCM or DenseBaseline")
 
 
@@ -421,7 +583,7 @@ def generate_batch(
         else:
             drawn.append(token_B)
         if step + 1 < max_new_tokens:
-            logits_BV = decoder.extend(token_B[:, None], last_only=True)
+            logits_BV = decoder.step(token_B)
     return new if watch else torch.stack(drawn, dim=1).tolist()
 
 

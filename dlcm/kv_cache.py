@@ -62,7 +62,8 @@ class StackCache:
     """KV cache of ``batch`` documents through one stack: ``extend(x, counts)`` runs new rows, returns their outputs.
 
     ``docs`` restricts a call to some documents (the backbone steps only those whose concept just completed);
-    ``lengths`` (host integers) is each document's number of cached rows.
+    ``lengths`` (host integers) is each document's number of cached rows, ``length_B`` its device copy, which
+    :meth:`step` reads and advances and :meth:`extend` leaves stale (the decoder refreshes it before a step).
     """
 
     def __init__(
@@ -74,10 +75,11 @@ class StackCache:
         self.keys = [torch.zeros(batch, capacity, *heads, device=device, dtype=dtype) for _ in stack.layers]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.lengths = [0] * batch
+        self.length_B = torch.zeros(batch, dtype=torch.int64, device=device)
         self.capacity = capacity
         self.all_docs = torch.arange(batch, device=device)
 
-    def _reserve(self, needed: int) -> None:
+    def reserve(self, needed: int) -> None:
         if needed <= self.capacity:
             return
         grow = max(needed, 2 * self.capacity) - self.capacity
@@ -105,7 +107,7 @@ class StackCache:
         if len(before) != b or len(counts) != b:
             raise ValueError(f"x has {b} documents but counts has {len(counts)} and docs {len(before)}")
         span = max(before) + n  # cache rows the new rows may read (and padding rows may write)
-        self._reserve(span)
+        self.reserve(span)
         rows = self.all_docs if docs is None else docs_S
         if rows is None:
             rows = host_to_device(docs, device)
@@ -120,6 +122,24 @@ class StackCache:
         for d, count in zip(chosen, counts, strict=True):
             self.lengths[d] += count
         return self.stack.norm(x_BnD)
+
+    def step(self, x_BD: torch.Tensor, commit_B: torch.Tensor | None = None) -> torch.Tensor:
+        """Output ``[B, D]`` of one new row per document at its device length ``length_B``, for every document.
+
+        Nothing here depends on host values (each row reads the whole capacity under a causal mask), so a CUDA
+        graph can capture it. Documents where ``commit_B`` (bool) is false write their row past their length,
+        where nothing reads it and their next row overwrites it. Host ``lengths`` are the caller's to advance.
+        """
+        device = x_BD.device
+        position_B1 = self.length_B[:, None]
+        rope = rope_angles(self.length_B, self.stack.head_dim, self.stack.rope_theta)
+        mask_B11L = (torch.arange(self.capacity, device=device)[None, :] <= position_B1)[:, None, None]
+        call = _Call(rope, self.all_docs, position_B1, mask_B11L, self.capacity, True)
+        x_B1D = x_BD[:, None]
+        for i, layer in enumerate(self.stack.layers):
+            x_B1D = layer.residual(x_B1D, lambda h_B1D, i=i: self._attend(i, h_B1D, call))
+        self.length_B.add_(1 if commit_B is None else commit_B.long())  # queued after every read of position_B1
+        return self.stack.norm(x_B1D)[:, 0]
 
     def _attend(self, i: int, h_BnD: torch.Tensor, call: _Call) -> torch.Tensor:
         """Layer ``i``'s attention of the new (normed) rows: write their keys/values, read the cache."""

@@ -144,6 +144,42 @@ def test_baseline_batched_decoding_equals_full_forward(dtype: torch.dtype, atol:
             torch.testing.assert_close(got[d], full_logits(model, doc), atol=atol, rtol=0)
 
 
+def decode_with_steps(decoder, docs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Prompts by ``extend``, then single-token ``step`` calls, one 3-token ``extend`` of every document midway
+    (the device-side step state must follow), and steps again; each document's logits, concatenated."""
+    ids, counts = padded([doc[:p] for doc, p in zip(docs, PROMPTS, strict=True)])
+    logits = decoder.extend(ids.to(docs[0].device), counts)
+    out, fed = [[logits[d, :p]] for d, p in enumerate(counts)], list(counts)
+    for call in range(STEPS - 2):
+        if call == 4:
+            chunk = decoder.extend(torch.stack([doc[f : f + 3] for doc, f in zip(docs, fed, strict=True)]))
+            rows = [chunk[d] for d in range(len(docs))]
+            fed = [f + 3 for f in fed]
+        else:
+            step = decoder.step(torch.stack([doc[f] for doc, f in zip(docs, fed, strict=True)]))
+            rows = [step[d, None] for d in range(len(docs))]
+            fed = [f + 1 for f in fed]
+        for d, row in enumerate(rows):
+            out[d].append(row)
+    assert fed == [len(doc) for doc in docs]
+    return [torch.cat(o) for o in out]
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float64, 1e-9), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("variant", [*DLCM_VARIANTS, "baseline"])
+@torch.no_grad()
+def test_single_token_steps_equal_full_forward(variant, dtype: torch.dtype, atol: float) -> None:
+    model = make_baseline(dtype) if variant == "baseline" else make_dlcm(*variant, dtype)
+    docs = documents()
+    decoder = incremental_decoder(model, batch=len(docs), capacity=8)  # steps grow the caches too
+    got = decode_with_steps(decoder, docs)
+    for d, doc in enumerate(docs):
+        out = full_output(model, doc)
+        torch.testing.assert_close(got[d], full_logits(model, doc), atol=atol, rtol=0)
+        if variant != "baseline":
+            assert decoder.starts[d] == out.layout.start_C.tolist()
+
+
 @pytest.mark.parametrize("family", ["dlcm", "baseline"])
 @torch.no_grad()
 def test_last_only_returns_each_documents_last_new_row(family: str) -> None:
@@ -261,20 +297,36 @@ def test_bad_calls_are_rejected() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("family", ["dlcm", "baseline"])
+@torch.no_grad()
+def test_cuda_graph_steps_equal_eager_steps(family: str) -> None:
+    model = (make_dlcm(dtype=torch.float32) if family == "dlcm" else make_baseline(torch.float32)).cuda()
+    docs = [doc.cuda() for doc in documents()]
+    decoders = [incremental_decoder(model, len(docs), capacity=8, cuda_graphs=g) for g in (True, False)]
+    graphed, eager = (decode_with_steps(decoder, docs) for decoder in decoders)
+    assert decoders[0].steps_settled  # the later steps replayed graphs (captured again after the caches grew)
+    for d, doc in enumerate(docs):
+        torch.testing.assert_close(graphed[d], eager[d], atol=1e-5, rtol=0)
+        torch.testing.assert_close(graphed[d], full_logits(model, doc), atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(("family", "syncs"), [("dlcm", 1), ("baseline", 0)])
 @torch.no_grad()
 def test_one_decode_step_reads_back_at_most_the_boundaries(family: str, syncs: int) -> None:
     model = (make_dlcm(dtype=torch.float32) if family == "dlcm" else make_baseline(torch.float32)).cuda()
     decoder = incremental_decoder(model, batch=3, capacity=64)
-    ids, counts = padded([doc[:p].cuda() for doc, p in zip(documents()[:3], PROMPTS[:3], strict=True)])
+    ids, counts = padded([doc[:p] for doc, p in zip(documents()[:3], PROMPTS[:3], strict=True)])
     token = sample_tokens(decoder.extend(ids.cuda(), counts, last_only=True))
-    decoder.extend(token[:, None], last_only=True)  # warm-up (allocator, pinned blocks)
+    for _ in range(32):  # warm-up and capture of every phase's CUDA graph
+        token = sample_tokens(decoder.step(token))
+    assert decoder.steps_settled
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            token = sample_tokens(decoder.extend(token[:, None], last_only=True))
+            token = sample_tokens(decoder.step(token))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert len([w for w in caught if "synchroniz" in str(w.message)]) == syncs, [str(w.message) for w in caught]
