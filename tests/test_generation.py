@@ -55,7 +55,7 @@ def make_baseline(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
 
 
 def full_output(model: torch.nn.Module, ids_T: torch.Tensor):
-    return model(ids_T, torch.tensor([0, ids_T.shape[0]], dtype=torch.int32))
+    return model(ids_T, torch.tensor([0, ids_T.shape[0]], dtype=torch.int32, device=ids_T.device))
 
 
 def full_logits(model: torch.nn.Module, ids_T: torch.Tensor) -> torch.Tensor:
