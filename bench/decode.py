@@ -233,8 +233,9 @@ def markdown_table(data: dict[str, Any]) -> str:
             else "-"
         )
         syncs = "-" if r["host_syncs_per_step"] is None else str(r["host_syncs_per_step"])
+        model = r["model"].removeprefix("recipes/").removesuffix(".yaml")  # a preset name or a recipe file
         lines.append(
-            f"| {r['pair']} | {r['batch']} | {Path(r['model']).stem} | {_si(r['params'])} "
+            f"| {r['pair']} | {r['batch']} | {model} | {_si(r['params'])} "
             f"| {_si(r['flops_per_token'])} | {ratio} | {r['prefill_ms']:.1f} | {r['decode_ms_per_step']:.2f} "
             f"| {r['decode_tokens_per_s']:.0f} | {speedup} | {syncs} |"
         )
