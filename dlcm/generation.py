@@ -81,14 +81,6 @@ def _step_inputs(counts: list[int], lengths: list[int], n: int, *more: list[int]
     return before_B[:, None] + torch.arange(n, device=device)[None, :], last_B, *rest
 
 
-def _reserve_caches(caches: Sequence[StackCache], needed: int) -> bool:
-    """Grow every cache to ``needed`` rows; whether any buffer was reallocated (captured graphs then go stale)."""
-    grown = any(cache.capacity < needed for cache in caches)
-    for cache in caches:
-        cache.reserve(needed)
-    return grown
-
-
 class BaselineDecoder:
     """KV-cached decoding of a batch of documents through the dense baseline: :meth:`extend` for chunks (prompts),
     :meth:`step` for one token per document (one CUDA graph on a GPU)."""
@@ -100,6 +92,7 @@ class BaselineDecoder:
         self.token_B = torch.zeros(batch, dtype=torch.int64, device=param.device)
         self.synced = True  # stack.length_B equals the host lengths
         self.graph = StepGraph(self._token_step, cuda_graphs and param.device.type == "cuda")
+        self.graph_capacity = capacity  # the buffers' size when the graph was (or will be) captured
 
     @property
     def lengths(self) -> list[int]:
@@ -124,8 +117,10 @@ class BaselineDecoder:
     def step(self, token_B: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, V]`` after one new token per document: ``extend(token_B[:, None], last_only=True)`` with
         nothing read back, replayed as one CUDA graph on a GPU."""
-        if _reserve_caches([self.stack], max(self.lengths) + 1):
+        self.stack.reserve(max(self.lengths) + 1)
+        if self.stack.capacity != self.graph_capacity:  # reallocated since capture (by a step or an extend)
             self.graph.reset()
+            self.graph_capacity = self.stack.capacity
         if not self.synced:
             self.stack.length_B.copy_(host_to_device(self.lengths, token_B.device))
             self.synced = True
@@ -178,6 +173,7 @@ class DLCMDecoder:
         self.synced = True
         graphs = cuda_graphs and device.type == "cuda"
         self.phases = [StepGraph(phase, graphs) for phase in (self._token_stream, self._concept_step, self._readout)]
+        self.graph_capacity = self._capacities()  # the buffers' sizes when the graphs were (or will be) captured
 
     @property
     def lengths(self) -> list[int]:
@@ -244,11 +240,13 @@ class DLCMDecoder:
         step (only when some document completed a concept), Ψ and decoder — with the boundaries as the one read."""
         caches = [self.encoder, self.backbone, self.decoder]
         needed = max(self.lengths) + 1
-        grown = needed > self.capacity
         self._reserve(needed)
-        if _reserve_caches(caches, needed) or grown:
+        for cache in caches:
+            cache.reserve(needed)
+        if self._capacities() != self.graph_capacity:  # reallocated since capture (by a step or an extend)
             for phase in self.phases:
                 phase.reset()
+            self.graph_capacity = self._capacities()
         if not self.synced:
             open_start = [s[-1] if s else 0 for s in self.starts]
             lists = [c.lengths for c in caches] + [self.num_concepts, open_start]
@@ -271,6 +269,9 @@ class DLCMDecoder:
             self.decoder.lengths[d] += 1
             self.backbone.lengths[d] += done
         return logits_BV
+
+    def _capacities(self) -> tuple[int, ...]:
+        return (self.capacity, self.encoder.capacity, self.backbone.capacity, self.decoder.capacity)
 
     @property
     def steps_settled(self) -> bool:

@@ -182,6 +182,32 @@ def test_single_token_steps_equal_full_forward(variant, dtype: torch.dtype, atol
 
 @pytest.mark.parametrize("family", ["dlcm", "baseline"])
 @torch.no_grad()
+def test_steps_capture_again_after_the_buffers_grow(family: str) -> None:
+    """A CUDA graph keeps the buffers it was captured on: once a step or an extend reallocates them, the next step
+    must drop it (graphs run on CUDA only; here the reset is what is observed)."""
+    model = make_dlcm() if family == "dlcm" else make_baseline()
+    decoder = incremental_decoder(model, batch=2, capacity=8)
+    graphs = decoder.phases if family == "dlcm" else [decoder.graph]
+    decoder.extend(torch.randint(0, VOCAB, (2, 4)))
+    captured = object()
+    for graph in graphs:
+        graph.graph = captured  # as if captured
+    decoder.step(torch.zeros(2, dtype=torch.int64))  # 5 tokens fit in 8: the buffers stay
+    assert all(graph.graph is captured for graph in graphs)
+    decoder.extend(torch.randint(0, VOCAB, (2, 5)))  # 10 tokens: an extend grows them (to 16)
+    decoder.step(torch.zeros(2, dtype=torch.int64))
+    assert all(graph.graph is None for graph in graphs)
+    for graph in graphs:
+        graph.graph = captured
+    for _ in range(5):  # tokens 12 … 16 fit in 16; the 17th makes a step grow them
+        decoder.step(torch.zeros(2, dtype=torch.int64))
+    assert all(graph.graph is captured for graph in graphs)
+    decoder.step(torch.zeros(2, dtype=torch.int64))
+    assert all(graph.graph is None for graph in graphs)
+
+
+@pytest.mark.parametrize("family", ["dlcm", "baseline"])
+@torch.no_grad()
 def test_last_only_returns_each_documents_last_new_row(family: str) -> None:
     model = make_dlcm() if family == "dlcm" else make_baseline()
     ids, counts = padded([doc[:p] for doc, p in zip(documents(), PROMPTS, strict=True)])
