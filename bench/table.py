@@ -1,8 +1,9 @@
-"""Markdown table of a cross-attention, decode or training-throughput benchmark JSON:
+"""Markdown table of a cross-attention, self-attention, decode or training-throughput benchmark JSON:
 ``python bench/table.py bench/results/<file>.json``."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections import defaultdict
@@ -11,10 +12,9 @@ from collections import defaultdict
 def main(path: str) -> int:
     with open(path) as f:
         data = json.load(f)
-    if data.get("meta", {}).get("benchmark") == "decode":
-        from decode import markdown_table  # bench/decode.py (this script's folder is on sys.path)
-
-        print(markdown_table(data))
+    benchmark = data.get("meta", {}).get("benchmark")
+    if benchmark in ("decode", "self_attention"):  # bench/<name>.py (this script's folder is on sys.path)
+        print(importlib.import_module(benchmark).markdown_table(data))
         return 0
     if "meta" not in data:  # bench/train_throughput.py
         print(throughput_table(data))

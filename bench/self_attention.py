@@ -1,0 +1,175 @@
+"""Self-attention kernel rates on the training shapes (issue 5): forward + backward milliseconds and executed
+TFLOP/s of each ``causal_attention`` backend on packed documents, and of SDPA's padded layout under each of its
+kernels (cuDNN, FlashAttention-2, memory-efficient), side by side in one run.
+
+Executed FLOPs count the causal half that kernels compute: forward ``4·N·H·Σ_d L_d(L_d+1)/2`` for N query heads of
+dim H, backward 2.5× the forward (FlashAttention's convention). Every method's output is compared with the first
+one's (``max_abs_err``). A method a kernel cannot run (shape, dtype, GQA) is recorded with its error, not dropped.
+
+    python bench/self_attention.py --out bench/results/self_attention_h200.json    # on the H200
+    python bench/self_attention.py --shapes tiny --device cpu --dtype float32      # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dlcm.attention_backends import causal_attention, flash_attn_available
+from dlcm.packing import PackedSeqs
+
+# (query heads, KV heads, head dim, document lengths): the paper models' attention at 2 × 8,192 tokens per step.
+SHAPES = {
+    "baseline_1.3b": (24, 24, 64, [8192, 8192]),
+    "dlcm_2.3b_token": (24, 12, 64, [8192, 8192]),  # encoder and decoder layers
+    "dlcm_2.3b_backbone": (48, 24, 64, [2048, 2048]),  # concepts at R = 4
+    "tiny": (4, 2, 16, [48, 16]),
+}
+SDPA_KERNELS = {
+    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+
+
+def methods(device: torch.device) -> dict[str, Callable[[], object]]:
+    """Context factories per method name; the backend name goes to ``causal_attention``."""
+    found = {"varlen": nullcontext, "flex": nullcontext} if device.type == "cuda" else {"flex": nullcontext}
+    if device.type == "cuda" and flash_attn_available():
+        found["flash_attn"] = nullcontext
+    if device.type == "cuda":
+        found.update({name: (lambda k=kernel: sdpa_kernel([k])) for name, kernel in SDPA_KERNELS.items()})
+    else:
+        found["sdpa"] = nullcontext
+    return found
+
+
+def executed_flops(heads: int, head_dim: int, lengths: list[int]) -> float:
+    forward = 4 * heads * head_dim * sum(n * (n + 1) / 2 for n in lengths)
+    return 3.5 * forward
+
+
+def time_method(run: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def bench_shape(name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    heads, kv_heads, head_dim, lengths = SHAPES[name]
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    total = sum(lengths)
+    q = torch.randn(total, heads, head_dim, device=device, dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(total, kv_heads, head_dim, device=device, dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(total, kv_heads, head_dim, device=device, dtype=dtype, generator=g).requires_grad_()
+    grad = torch.randn(total, heads, head_dim, device=device, dtype=dtype, generator=g)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    flops = executed_flops(heads, head_dim, lengths)
+    records, reference = [], None
+    for method, context in methods(device).items():
+        backend = "sdpa" if method.startswith("sdpa") else method
+        seqs = PackedSeqs.from_cu_seqlens(offsets, total, max(lengths))  # fresh: no mask cached across methods
+
+        def run(context=context, seqs=seqs, backend=backend) -> torch.Tensor:
+            with context():
+                out = causal_attention(q, k, v, seqs, backend)
+            torch.autograd.grad(out, (q, k, v), grad)
+            return out
+
+        record = {"shape": name, "method": method, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+        try:
+            times = time_method(run, device, args.warmup, args.iters)
+            with torch.no_grad(), context():
+                out = causal_attention(q, k, v, seqs, backend).float()
+        except RuntimeError as err:  # e.g. no kernel of this SDPA backend for the shape or GQA
+            records.append({**record, "error": str(err).splitlines()[0][:300]})
+            print(f"{name:<20} {method:<15} not run: {records[-1]['error']}", flush=True)
+            continue
+        reference = out if reference is None else reference
+        median = statistics.median(times)
+        records.append(
+            {
+                **record,
+                "median_ms": median,
+                "tflops": flops / (median / 1e3) / 1e12,
+                "max_abs_err": (out - reference).abs().max().item(),
+            }
+        )
+        print(f"{name:<20} {method:<15} {median:8.2f} ms  {records[-1]['tflops']:6.1f} TFLOP/s", flush=True)
+    return records
+
+
+def markdown_table(data: dict) -> str:
+    meta = data["meta"]
+    lines = [
+        f"`{meta['command']}` — {meta['device']}, torch {meta['torch']}, {meta['dtype']}, fwd+bwd, median of "
+        f"{meta['iters']} after {meta['warmup']} warm-up\n",
+        "| shape | heads / KV / dim | method | ms | executed TFLOP/s | max abs err |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in data["records"]:
+        dims = f"{r['heads']} / {r['kv_heads']} / {r['head_dim']}"
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {dims} | {r['method']} | not run: {r['error'][:80]} | | |")
+        else:
+            lines.append(
+                f"| {r['shape']} | {dims} | {r['method']} | {r['median_ms']:.2f} | {r['tflops']:.0f} "
+                f"| {r['max_abs_err']:.3g} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["baseline_1.3b", "dlcm_2.3b_token", "dlcm_2.3b_backbone"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    unknown = sorted(set(args.shapes) - set(SHAPES))
+    if unknown:
+        parser.error(f"--shapes {unknown} not known: expected some of {sorted(SHAPES)}")
+    device = torch.device(args.device)
+    meta = {
+        "benchmark": "self_attention",
+        "command": "python bench/self_attention.py " + " ".join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        **{k: getattr(args, k) for k in ("dtype", "warmup", "iters")},
+    }
+    records = [r for name in args.shapes for r in bench_shape(name, args, device)]
+    data = {"meta": meta, "records": records}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+    print(markdown_table(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
