@@ -26,10 +26,11 @@ spec must go to a new ``--out``). ``<out>/summary.csv`` and ``summary.json`` lis
 Protocols:
 
 - ``grid``: the product of the axes (no axes: one run called ``base``).
-- ``mup-transfer`` (paper §6.1, SPEC §3): decoupled μP (the protocol adds :class:`dlcm.callbacks.mup.DecoupledMuP`;
-  the configs must not). Coordinate descent on the proxy (the first width) over the token-stream base LR, then the
-  concept-stream one (or both ``tied``), trying the multipliers around the current best until a round moves nothing
-  or ``max_rounds`` is reached; then, at every width, a line over each coordinate through the proxy's optimum.
+- ``mup-transfer`` (paper §6.1, SPEC §3): decoupled μP (the protocol adds :class:`dlcm.callbacks.mup.DecoupledMuP`,
+  or, when the configs already end their callback list with one, as the μP recipes do, sets that one's width and
+  rates; its other options stay). Coordinate descent on the proxy (the first width) over the token-stream base LR,
+  then the concept-stream one (or both ``tied``), trying the multipliers around the current best until a round moves
+  nothing or ``max_rounds`` is reached; then, at every width, a line over each coordinate through the proxy's optimum.
   Output ``mup_transfer.json``: the loss-vs-LR tables and whether the wider models' minima fall on the proxy's.
 - ``ratio-fraction``: for each compression ratio R and backbone share P, a DLCM shape that meets one inference-FLOPs
   budget per token (:func:`dlcm.shape_search.budget_shape`), listed with its FLOPs before anything runs; each run
@@ -201,6 +202,7 @@ class SweepSpec:
     axes: tuple[Axis, ...] = ()
     mup: MuPSpec | None = None
     ratio_fraction: RatioFractionSpec | None = None
+    vocab_size: int | None = None  # for planning shapes and FLOPs only (runs read theirs from the data)
 
     @property
     def name(self) -> str:
@@ -233,8 +235,9 @@ def _parse_axis(where: str, raw: Any) -> Axis:
     return Axis(name, {label: {raw["key"]: v} for label, v in zip(labels, values, strict=True)})
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Parse and check a sweep spec file; errors name the file and the offending key."""
+def load_spec(path: str | Path, vocab_size: int | None = None) -> SweepSpec:
+    """Parse and check a sweep spec file; errors name the file and the offending key. ``vocab_size`` stands in for
+    the data's vocabulary when planning shapes and FLOPs where the data directory is not built."""
     import yaml
 
     path = Path(path)
@@ -283,6 +286,7 @@ def load_spec(path: str | Path) -> SweepSpec:
             if protocol == "ratio-fraction"
             else None
         ),
+        vocab_size=vocab_size,
     )
 
 
@@ -345,7 +349,7 @@ def base_model(spec: SweepSpec) -> tuple[DLCMConfig | BaselineConfig, int]:
     spec's ``set`` overrides under ``model.init_args.config.`` applied (shapes come from there, not later configs)."""
     from dlcm.flops_report import dataclass_from_dict, load_recipe
 
-    recipe = load_recipe(spec.configs[0])
+    recipe = load_recipe(spec.configs[0], spec.vocab_size)
     values = dataclasses.asdict(recipe.config)
     for key, value in spec.overrides.items():
         if key.startswith(MODEL_PREFIX):
@@ -370,8 +374,9 @@ def _round_lr(value: float) -> float:
     return float(_lr_label(value))
 
 
-def _sets_up_mup(config: Path) -> bool:
-    """Whether a recipe's trainer callbacks (inline or in the trainer fragment it names) include DecoupledMuP."""
+def _callback_names(config: Path) -> list[str] | None:
+    """Class names of a recipe's trainer callbacks (inline or in the trainer fragment it names); None if it sets
+    none (a later config's list replaces an earlier one's)."""
     import yaml
 
     recipe = yaml.safe_load(config.read_text()) or {}
@@ -379,9 +384,10 @@ def _sets_up_mup(config: Path) -> bool:
     if isinstance(trainer, str):
         trainer = yaml.safe_load((config.parent / trainer).read_text()) or {}
     callbacks = trainer.get("callbacks") if isinstance(trainer, dict) else None
-    callbacks = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []
-    names = [c.get("class_path", "") if isinstance(c, dict) else str(c) for c in callbacks]
-    return any(name.rpartition(".")[2] == MUP_CALLBACK.rpartition(".")[2] for name in names)
+    if callbacks is None:
+        return None
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    return [(c.get("class_path", "") if isinstance(c, dict) else str(c)).rpartition(".")[2] for c in callbacks]
 
 
 @dataclass
@@ -390,15 +396,19 @@ class MuPProtocol:
 
     spec: SweepSpec
     base: DLCMConfig | BaselineConfig = field(init=False)
+    recipe_has_callback: bool = field(init=False)  # the configs' DecoupledMuP gets the run's values (else one added)
 
     def __post_init__(self) -> None:
         assert self.spec.mup is not None
-        for config in self.spec.configs:
-            if _sets_up_mup(config):
-                raise ValueError(
-                    f"{self.spec.path}: config {config} already sets up DecoupledMuP; the mup-transfer protocol adds "
-                    "its own (with each run's width and rates), so leave it out of configs"
-                )
+        lists = [names for names in map(_callback_names, self.spec.configs) if names is not None]
+        names, mup = (lists[-1] if lists else []), MUP_CALLBACK.rpartition(".")[2]
+        self.recipe_has_callback = mup in names
+        if self.recipe_has_callback and names[-1] != mup:
+            # Command-line init_args reach the last callback of the list only.
+            raise ValueError(
+                f"{self.spec.path}: the configs' trainer callbacks {names} include DecoupledMuP, but not last; the "
+                "mup-transfer protocol sets each run's width and rates on the last callback, so put it last"
+            )
         self.base, _ = base_model(self.spec)
 
     @property
@@ -417,7 +427,7 @@ class MuPProtocol:
         config = width_scaled(self.base, width, proxy)
         lr_token, lr_concept = lrs
         extra = (
-            f"--trainer.callbacks+={MUP_CALLBACK}",
+            *(() if self.recipe_has_callback else (f"--trainer.callbacks+={MUP_CALLBACK}",)),
             f"--trainer.callbacks.init_args.d_base={proxy}",
             f"--trainer.callbacks.init_args.lr_token={format_value(lr_token)}",
             f"--trainer.callbacks.init_args.lr_concept={format_value(lr_concept)}",
@@ -826,6 +836,9 @@ def _parser() -> argparse.ArgumentParser:
         help="OMP_NUM_THREADS of each run (default with --parallel > 1 and no --gpus: the CPU cores / parallel)",
     )
     run.add_argument("--dry-run", action="store_true", help="print the runs' commands (and shapes) and stop")
+    run.add_argument(
+        "--vocab-size", type=int, default=None, help="vocabulary for planning where the data is not built here"
+    )
     summary = sub.add_parser("summary", help="table of the finished runs of a sweep directory")
     summary.add_argument("out", type=Path, help="sweep directory")
     return parser
@@ -851,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"{args.out}: no finished run (no result.json below it)")
             print(format_summary(write_summary(args.out, results)))
             return 0
-        spec = load_spec(args.spec)
+        spec = load_spec(args.spec, args.vocab_size)
         out = (args.out or Path("runs") / "sweeps" / spec.name).resolve()
         if args.dry_run:
             if spec.protocol == "ratio-fraction":

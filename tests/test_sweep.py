@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dlcm.callbacks.mup import DecoupledMuP
+from dlcm.cli import run_cli
 from dlcm.config import DLCMConfig
 from dlcm.flops import inference_flops_per_token
 from dlcm.flops_report import dataclass_from_dict, load_recipe
@@ -170,13 +172,39 @@ def test_mup_runs_scale_the_widths_and_add_the_callback(tmp_path: Path) -> None:
         width_scaled(base, 96, 64)
 
 
-def test_mup_refuses_configs_with_their_own_callback(tmp_path: Path) -> None:
+def test_mup_sets_the_configs_own_callback_which_must_come_last(tmp_path: Path) -> None:
     spec = {"protocol": "mup-transfer", "mup": {"widths": [64, 256], "lr": 0.002}}
     spec["configs"] = [str(TINY), str(ROOT / "recipes" / "fragments" / "mup_tiny_cpu.yaml")]
     path = tmp_path / "mup.yaml"
     path.write_text(yaml.safe_dump(spec))
-    with pytest.raises(ValueError, match="already sets up DecoupledMuP"):
+    args = MuPProtocol(load_spec(path)).run(256, (0.004, 0.002)).args
+    assert not any(a.startswith("--trainer.callbacks+=") for a in args)  # the fragment's callback is reused
+    cli = run_cli([*args, "--trainer.logger=false"], run=False)
+    (mup,) = [c for c in cli.trainer.callbacks if isinstance(c, DecoupledMuP)]
+    assert (mup.d_base, mup.lr_token, mup.lr_concept, mup.lr_others) == (64, 0.004, 0.002, 0.001)
+    assert cli.model.config.d_token == 256
+
+    fragment = yaml.safe_load((ROOT / "recipes" / "fragments" / "mup_tiny_cpu.yaml").read_text())
+    fragment["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"})
+    (tmp_path / "mup_then_other.yaml").write_text(yaml.safe_dump(fragment))
+    spec["configs"] = [str(TINY), str(tmp_path / "mup_then_other.yaml")]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=r"include DecoupledMuP, but not last"):
         static_runs(load_spec(path))
+
+
+def test_paper_mup_spec_plans_with_a_given_vocabulary(capsys) -> None:
+    spec_path = ROOT / "recipes" / "sweeps" / "mup_transfer_paper_87m.yaml"
+    assert main(["run", str(spec_path), "--dry-run"]) == 2  # the paper data is not built here
+    assert "pass --vocab-size" in capsys.readouterr().err
+    assert main(["run", str(spec_path), "--dry-run", "--vocab-size", "128815"]) == 0
+    assert "--trainer.callbacks.init_args.lr_token=0.0003 " in capsys.readouterr().out
+    protocol = MuPProtocol(load_spec(spec_path, vocab_size=128815))
+    assert protocol.recipe_has_callback
+    args = protocol.run(1536, (3e-4, 3e-4)).args
+    assert not any(a.startswith("--trainer.callbacks+=") or "vocab_size" in a for a in args)
+    base = load_recipe(ROOT / "recipes" / "paper" / "mup_proxy_87m.yaml", 128815).config
+    assert config_from_args(base, args) == width_scaled(base, 1536, 384)
 
 
 def test_mup_descent_and_tables_with_a_fake_runner(tmp_path: Path) -> None:
@@ -265,7 +293,8 @@ def test_repro_recipes_are_flops_matched_and_parse() -> None:
     for spec_path in sorted((ROOT / "recipes" / "sweeps").rglob("sweep_*.yaml")) + sorted(
         (ROOT / "recipes" / "sweeps").glob("*.yaml")
     ):
-        assert static_runs(load_spec(spec_path)), spec_path
+        paper = spec_path.name.endswith("_paper_87m.yaml")  # the paper data is not built here
+        assert static_runs(load_spec(spec_path, vocab_size=128815 if paper else None)), spec_path
 
 
 # ---- summaries ---------------------------------------------------------------------------------------------------
