@@ -23,6 +23,11 @@ FAST = [
 ]
 
 
+def output_dirs(root: Path) -> list[str]:
+    """Checkpoints and TensorBoard logs under ``root``: the recipe's logger writes to ./runs otherwise."""
+    return [f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}"]
+
+
 def fit_args(root: Path, steps: int, *extra: str) -> list[str]:
     return [
         "fit",
@@ -30,8 +35,7 @@ def fit_args(root: Path, steps: int, *extra: str) -> list[str]:
         *FAST,
         f"--trainer.max_steps={steps}",
         "--trainer.val_check_interval=4",
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.logger.init_args.save_dir={root}",
+        *output_dirs(root),
         *extra,
     ]
 
@@ -74,7 +78,7 @@ def test_fit_writes_tensorboard_and_checkpoints_then_validate_reads_them(tmp_pat
     cli.after_fit()
     assert "(val/loss" not in capsys.readouterr().out
 
-    validate = run_cli([f"--config={RECIPE}", *FAST, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    validate = run_cli([f"--config={RECIPE}", *FAST, *output_dirs(tmp_path)], run=False)
     metrics = validate.trainer.validate(validate.model, validate.datamodule, ckpt_path=str(last))[0]
     assert math.isfinite(metrics["val/loss"]) and math.isfinite(metrics["val/bpb"])
     assert metrics["val/bpb"] > 0
@@ -119,7 +123,7 @@ def test_sequence_budget_below_two_tokens_is_rejected() -> None:
 def test_corrupt_checkpoint_and_vocab_mismatch_are_explained(tmp_path: Path) -> None:
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    cli = run_cli([f"--config={RECIPE}", *FAST, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = run_cli([f"--config={RECIPE}", *FAST, *output_dirs(tmp_path)], run=False)
     with pytest.raises(ValueError, match=r"bad\.ckpt cannot be read"):
         cli.trainer.validate(cli.model, cli.datamodule, ckpt_path=str(bad))
     state = {k: v.clone() for k, v in cli.model.state_dict().items()}
