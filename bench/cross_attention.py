@@ -16,11 +16,11 @@ import argparse
 import functools
 import json
 import statistics
-import sys
 import time
 
 import torch
 import torch._dynamo
+from report import run_meta, write_json  # bench/report.py (this script's folder is on sys.path)
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.attention.varlen import varlen_attn
 
@@ -140,16 +140,13 @@ def main() -> int:
                 print(json.dumps(rec), flush=True)
     if args.out and records:
         meta = {
-            "command": "python bench/cross_attention.py " + " ".join(sys.argv[1:]),
-            "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
+            **run_meta(),
             "heads": HEADS,
             "segment_mean_tokens": SEGMENT,
             "warmup": args.warmup,
             "iters": args.iters,
         }
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "records": records}, f, indent=1)
+        write_json(args.out, {"meta": meta, "records": records})
     return 0
 
 

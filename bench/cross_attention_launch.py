@@ -25,6 +25,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cross_attention import make_inputs, time_ms
+from report import run_meta, write_json
 
 from dlcm.concept_attention import flex_concept_attention, kernel_inputs, readable_block_mask
 
@@ -74,9 +75,7 @@ def main() -> int:
         records.append({"seq": args.seq, "hidden": args.hidden, "variant": name, "ms": round(ms, 3), "err": err})
         print(json.dumps(records[-1]), flush=True)
     if args.out:
-        meta = {"command": "python bench/cross_attention_launch.py " + " ".join(sys.argv[1:])}
-        meta |= {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-        Path(args.out).write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+        write_json(args.out, {"meta": run_meta(), "records": records})
     return 0
 
 

@@ -24,15 +24,14 @@ position (:func:`dlcm.flops.inference_flops_per_token`) and, on CUDA, the host s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from report import run_meta, write_json  # bench/report.py (this script's folder is on sys.path)
 
 from dlcm.config import BaselineConfig, DLCMConfig
 from dlcm.flops import inference_flops_per_token
@@ -94,6 +93,16 @@ class Timer:
             self.ms = (time.perf_counter() - self.t0) * 1e3
 
 
+def settle_steps(decoder, token_B: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Untimed steps until the decoder's CUDA graphs are captured (at most ``SETTLE_STEPS``); the last draw and the
+    number of steps."""
+    steps = 0
+    while not decoder.steps_settled and steps < SETTLE_STEPS:
+        token_B = sample_tokens(decoder.step(token_B), 1.0, generator=generator)
+        steps += 1
+    return token_B, steps
+
+
 def run_once(
     model, prompts_BP: torch.Tensor, new_tokens: int, generator: torch.Generator, cuda_graphs: bool
 ) -> dict[str, Any]:
@@ -105,10 +114,7 @@ def run_once(
     with Timer(prompts_BP.device) as prefill:
         token_B = sample_tokens(decoder.extend(prompts_BP, last_only=True), temperature=1.0, generator=generator)
     concepts_prompt = sum(decoder.num_concepts) if counts else 0
-    settle = 0
-    while not decoder.steps_settled and settle < SETTLE_STEPS:
-        token_B = sample_tokens(decoder.step(token_B), 1.0, generator=generator)
-        settle += 1
+    token_B, settle = settle_steps(decoder, token_B, generator)
     concepts_settled = sum(decoder.num_concepts) if counts else 0
     with Timer(prompts_BP.device) as decode:
         for _ in range(new_tokens):
@@ -128,10 +134,7 @@ def syncs_per_step(model, prompts_BP: torch.Tensor, generator: torch.Generator, 
         return None
     decoder = incremental_decoder(model, prompts_BP.shape[0], prompts_BP.shape[1] + SETTLE_STEPS + 2, cuda_graphs)
     token_B = sample_tokens(decoder.extend(prompts_BP, last_only=True), temperature=1.0, generator=generator)
-    for _ in range(SETTLE_STEPS):
-        if decoder.steps_settled:
-            break
-        token_B = sample_tokens(decoder.step(token_B), 1.0, generator=generator)
+    token_B, _ = settle_steps(decoder, token_B, generator)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -262,9 +265,7 @@ def main() -> int:
     device = torch.device(args.device)
     meta = {
         "benchmark": "decode",
-        "command": "python bench/decode.py " + " ".join(sys.argv[1:]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **run_meta(device),
         **{
             k: getattr(args, k) for k in ("dtype", "prompt_len", "new_tokens", "warmup", "iters", "seed", "cuda_graphs")
         },
@@ -274,9 +275,8 @@ def main() -> int:
         for name in PAIRS[pair]:
             for record in bench_model(name, model_config(name, args.vocab_size), args, device):
                 records.append({"pair": pair, **record})
-            if args.out:  # rewritten after every model, so a later failure keeps what was measured
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+            if args.out:  # after every model
+                write_json(args.out, {"meta": meta, "records": records})
     print(markdown_table({"meta": meta, "records": records}))
     return 0
 

@@ -13,15 +13,14 @@ one's (``max_abs_err``). A method a kernel cannot run (shape, dtype, GQA) is rec
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
+from report import run_meta, write_json  # bench/report.py (this script's folder is on sys.path)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dlcm.attention_backends import causal_attention, flash_attn_available
@@ -157,16 +156,13 @@ def main() -> int:
     device = torch.device(args.device)
     meta = {
         "benchmark": "self_attention",
-        "command": "python bench/self_attention.py " + " ".join(sys.argv[1:]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **run_meta(device),
         **{k: getattr(args, k) for k in ("dtype", "warmup", "iters")},
     }
     records = [r for name in args.shapes for r in bench_shape(name, args, device)]
     data = {"meta": meta, "records": records}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+        write_json(args.out, data)
     print(markdown_table(data))
     return 0
 

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import PAIRS, model_config  # the same model pairs as the decode benchmark
+from report import run_meta, write_json
 
 from dlcm.execution import ExecutionConfig, apply_execution, compiled_graphs
 from dlcm.flops import model_flops
@@ -237,16 +238,13 @@ def main() -> int:
 def write(out: str | None, records: list[dict], gemm: float) -> None:
     """Rewrite the result file after every configuration, so a later failure keeps what was measured."""
     result = {
-        "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
+        **run_meta(),
         "gemm_peak_flops": gemm,
         "peak_flops": H200_BF16_PEAK,
         "records": records,
     }
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ BENCH = Path(__file__).parents[1] / "bench"
 
 
 def load(name: str):
+    """A bench script as a module, imported as when it runs (its folder on sys.path, for bench/report.py)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
