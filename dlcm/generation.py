@@ -74,7 +74,9 @@ def _check_last_only(counts: list[int]) -> None:
         raise ValueError(f"last_only needs at least one new token per document, got counts={counts}")
 
 
-def _step_inputs(counts: list[int], lengths: list[int], n: int, *more: list[int], device: torch.device):
+def _step_inputs(
+    counts: list[int], lengths: list[int], n: int, *more: list[int], device: torch.device
+) -> tuple[torch.Tensor, ...]:
     """On the device, in one copy: the new rows' positions ``[B, n]`` (cached length + offset), each document's last
     new row, and the further host lists ``more``."""
     before_B, last_B, *rest = hosts_to_device([lengths, [max(c - 1, 0) for c in counts], *more], device)
