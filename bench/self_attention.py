@@ -13,6 +13,7 @@ one's (``max_abs_err``). A method a kernel cannot run (shape, dtype, GQA) is rec
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from report import run_meta, write_json  # bench/report.py (this script's folder is on sys.path)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -41,15 +43,30 @@ SDPA_KERNELS = {
 
 
 def methods(device: torch.device) -> dict[str, Callable[[], object]]:
-    """Context factories per method name; the backend name goes to ``causal_attention``."""
+    """Context factories per method name; the backend name goes to ``causal_attention`` (``njt_*``: SDPA on
+    nested jagged tensors, the packed layout without padding, under one SDPA kernel)."""
     found = {"varlen": nullcontext, "flex": nullcontext} if device.type == "cuda" else {"flex": nullcontext}
     if device.type == "cuda" and flash_attn_available():
         found["flash_attn"] = nullcontext
     if device.type == "cuda":
-        found.update({name: (lambda k=kernel: sdpa_kernel([k])) for name, kernel in SDPA_KERNELS.items()})
+        for name, kernel in SDPA_KERNELS.items():
+            found[name] = found["njt" + name.removeprefix("sdpa")] = lambda k=kernel: sdpa_kernel([k])
     else:
-        found["sdpa"] = nullcontext
+        found["sdpa"] = found["njt"] = nullcontext
     return found
+
+
+def njt_attention(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
+    """SDPA over the packed rows as nested jagged tensors (KV heads expanded: NJT SDPA takes no GQA flag)."""
+    groups = q_TNH.shape[1] // k_TKH.shape[1]
+    offsets = seqs.cu_seqlens.long()
+
+    def nest(x_TNH: torch.Tensor) -> torch.Tensor:
+        return torch.nested.nested_tensor_from_jagged(x_TNH, offsets).transpose(1, 2)  # [docs, N, (j), H]
+
+    k_TNH, v_TNH = (x.repeat_interleave(groups, dim=1) for x in (k_TKH, v_TKH))
+    out = F.scaled_dot_product_attention(nest(q_TNH), nest(k_TNH), nest(v_TNH), is_causal=True)
+    return out.transpose(1, 2).values()
 
 
 def executed_flops(heads: int, head_dim: int, lengths: list[int]) -> float:
@@ -91,10 +108,11 @@ def bench_shape(name: str, args: argparse.Namespace, device: torch.device) -> li
     for method, context in methods(device).items():
         backend = "sdpa" if method.startswith("sdpa") else method
         seqs = PackedSeqs.from_cu_seqlens(offsets, total, max(lengths))  # fresh: no mask cached across methods
+        attend = njt_attention if method.startswith("njt") else functools.partial(causal_attention, backend=backend)
 
-        def run(context=context, seqs=seqs, backend=backend) -> torch.Tensor:
+        def run(context=context, seqs=seqs, attend=attend) -> torch.Tensor:
             with context():
-                out = causal_attention(q, k, v, seqs, backend)
+                out = attend(q, k, v, seqs)
             torch.autograd.grad(out, (q, k, v), grad)
             return out
 
@@ -102,7 +120,7 @@ def bench_shape(name: str, args: argparse.Namespace, device: torch.device) -> li
         try:
             times = time_method(run, device, args.warmup, args.iters)
             with torch.no_grad(), context():
-                out = causal_attention(q, k, v, seqs, backend).float()
+                out = attend(q, k, v, seqs).float()
         except RuntimeError as err:  # e.g. no kernel of this SDPA backend for the shape or GQA
             records.append({**record, "error": str(err).splitlines()[0][:300]})
             print(f"{name:<20} {method:<15} not run: {records[-1]['error']}", flush=True)

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import PAIRS, model_config  # the same model pairs as the decode benchmark
 from report import run_meta, write_json
 
+from dlcm.attention_backends import BACKENDS
 from dlcm.execution import ExecutionConfig, apply_execution, compiled_graphs
 from dlcm.flops import model_flops
-from dlcm.loss import cross_entropy, next_token_targets
+from dlcm.loss import IGNORE_INDEX, next_token_targets, token_nats
 from dlcm.model import DLCM
 from dlcm.presets import DEEPSEEK_V3_VOCAB, build_model
 
@@ -82,13 +86,14 @@ class Batch:
         return ids_T, next_token_targets(ids_T, self.cu)
 
 
-def train_step(model, optimizer, batch: Batch, autocast: bool) -> int:
-    """One optimizer step; returns the concept count (0 for the baseline)."""
+def train_step(model, optimizer, batch: Batch, autocast: bool, compiled_loss: bool) -> int:
+    """One optimizer step (the loss as the Lightning module computes it); returns the concept count (0 for the
+    baseline)."""
     ids_T, targets_T = batch.next()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         out = model(ids_T, batch.cu, batch.context)
         logits_TV = out.logits_TV if isinstance(model, DLCM) else out
-        loss = cross_entropy(logits_TV, targets_T)
+        loss = token_nats(logits_TV, targets_T, compiled_loss).sum() / (targets_T != IGNORE_INDEX).sum()
         if isinstance(model, DLCM):
             loss = loss + model.cfg.parser.aux_weight * out.aux_loss
     loss.backward()
@@ -97,7 +102,7 @@ def train_step(model, optimizer, batch: Batch, autocast: bool) -> int:
     return out.layout.num_concepts if isinstance(model, DLCM) else 0
 
 
-def stage_breakdown(model: DLCM, optimizer, batch: Batch, autocast: bool) -> dict[str, float]:
+def stage_breakdown(model: DLCM, step: Callable[[], int]) -> dict[str, float]:
     """Forward and backward milliseconds of each top-level module of one step, from CUDA events at module hooks."""
     events: dict[str, list] = {}
 
@@ -121,7 +126,7 @@ def stage_breakdown(model: DLCM, optimizer, batch: Batch, autocast: bool) -> dic
         ]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    train_step(model, optimizer, batch, autocast)
+    step()
     end.record()
     torch.cuda.synchronize()
     for handle in handles:
@@ -138,9 +143,52 @@ def stage_breakdown(model: DLCM, optimizer, batch: Batch, autocast: bool) -> dic
     return stages
 
 
+# Kernel families by name (first match wins), for the profile's where-does-the-time-go table.
+KERNEL_FAMILIES = (
+    ("attention_bwd", re.compile(r"flash.*bwd|bwd.*flash|fmha.*bwd|attn.*bwd|dot_prod.*bwd|cudnn.*bprop", re.I)),
+    ("attention_fwd", re.compile(r"flash|fmha|attn|attention|cudnn|flex", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|matmul", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|adam", re.I)),
+    ("compiled (triton)", re.compile(r"^triton_", re.I)),
+    ("cross-entropy (eager)", re.compile(r"softmax|nll|cross_entropy", re.I)),
+    ("copy / cast", re.compile(r"copy|cast|convert|fill|cat|index|scatter|gather", re.I)),
+)
+
+
+def kernel_profile(step: Callable[[], int], top: int = 25) -> dict:
+    """GPU kernel time of one step by family and the ``top`` kernels, from torch.profiler's CUDA activity; the
+    step's wall time minus the kernel time is when the GPU waited (launch overhead, host syncs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    per_kernel: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e3)
+    families: dict[str, float] = {}
+    for kernel, times in per_kernel.items():
+        family = next((f for f, pattern in KERNEL_FAMILIES if pattern.search(kernel)), "other")
+        families[family] = families.get(family, 0.0) + sum(times)
+    kernel_ms = sum(families.values())
+    ranked = sorted(per_kernel.items(), key=lambda item: -sum(item[1]))[:top]
+    return {
+        "wall_ms": wall_ms,
+        "kernel_ms": kernel_ms,
+        "families_ms": dict(sorted(families.items(), key=lambda item: -item[1])),
+        "top": [{"name": k[:160], "ms": sum(t), "calls": len(t)} for k, t in ranked],
+    }
+
+
 def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
     torch.manual_seed(0)
     cfg = model_config(name, DEEPSEEK_V3_VOCAB)
+    if args.attn_backend:
+        cfg = dataclasses.replace(cfg, attn_backend=args.attn_backend)
     with torch.device("cuda"):
         model = build_model(cfg)
     true_bf16 = args.precision == "bf16-true"
@@ -151,10 +199,12 @@ def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
     apply_execution(model, ExecutionConfig(args.activation_checkpointing, compile_blocks))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = Batch(cfg.vocab_size, args.docs, args.context)
+    compiled_loss = compile_blocks and not args.eager_loss
+    step = functools.partial(train_step, model, optimizer, batch, not true_bf16, compiled_loss)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.warmup):
-        train_step(model, optimizer, batch, not true_bf16)
+        step()
     torch.cuda.synchronize()
     warm_s = time.perf_counter() - t0
     graphs_after_warmup = compiled_graphs()
@@ -162,7 +212,7 @@ def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
     for _ in range(args.steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        concepts.append(train_step(model, optimizer, batch, not true_bf16))
+        concepts.append(step())
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
@@ -174,6 +224,8 @@ def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
     flops = model_flops(cfg, doc_lengths, concept_lengths)
     rec = {
         "model": name,
+        "attn_backend": cfg.attn_backend,
+        "compiled_loss": compiled_loss,
         "kind": "dlcm" if isinstance(model, DLCM) else "baseline",
         "params": sum(p.numel() for p in model.parameters()),
         "precision": args.precision,
@@ -195,9 +247,11 @@ def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
     }
     if isinstance(model, DLCM) and args.breakdown and not compile_blocks:
         try:
-            rec["breakdown_ms"] = stage_breakdown(model, optimizer, batch, not true_bf16)
+            rec["breakdown_ms"] = stage_breakdown(model, step)
         except (RuntimeError, ValueError) as err:  # a breakdown failure must not lose the throughput numbers
             rec["breakdown_error"] = repr(err)
+    if args.profile:
+        rec["kernels"] = kernel_profile(step)
     print(json.dumps(rec), flush=True)
     del model, optimizer
     torch.cuda.empty_cache()
@@ -216,6 +270,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--breakdown", action="store_true", help="time DLCM's stages in one extra eager step")
     parser.add_argument("--kinds", nargs="+", default=["baseline", "dlcm"], choices=["baseline", "dlcm"])
+    parser.add_argument("--attn-backend", default=None, choices=["auto", *BACKENDS], help="override the models'")
+    parser.add_argument("--eager-loss", action="store_true", help="eager CE even with --compile on (A/B)")
+    parser.add_argument("--profile", action="store_true", help="kernel time by family in one extra step")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():

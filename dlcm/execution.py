@@ -40,7 +40,8 @@ class ExecutionConfig:
     # none: keep all activations; selective: recompute every second block of each stack (about half the memory
     # of full for a third less recomputation); full: recompute every block and Ψ in the backward pass.
     activation_checkpointing: Checkpointing = "none"
-    compile_blocks: bool = False  # torch.compile each block in place (one compiled graph per block shape)
+    # torch.compile each block in place (one compiled graph per block shape) and the token cross-entropy
+    compile_blocks: bool = False
     # FSDP2 only: dtype the sharded fp32 parameters are all-gathered in for compute. Gradients are always reduced
     # in float32 and the parameters and optimizer state stay float32; the parser always computes in float32.
     fsdp_param_dtype: ParamDtype = "bfloat16"

@@ -24,7 +24,7 @@ from torch import nn
 from dlcm.baseline import DenseBaseline
 from dlcm.config import BaselineConfig, DLCMConfig
 from dlcm.execution import ExecutionConfig, apply_execution, compiled_graphs, data_parallel_mesh
-from dlcm.loss import IGNORE_INDEX, next_token_targets
+from dlcm.loss import IGNORE_INDEX, next_token_targets, token_nats
 from dlcm.materialize import materialize
 from dlcm.model import DLCM, DLCMOutput
 from dlcm.optim import OptimizerConfig, ScheduleConfig, build_optimizer, default_param_groups
@@ -109,9 +109,7 @@ class LanguageModelModule(L.LightningModule):
         """Per-token CE (0 where no target), the target mask, and the subclass extras of one forward."""
         logits_TV, extras = self.run(batch)
         targets_T = next_token_targets(batch["input_ids"], batch["cu_seqlens"])
-        nats_T = torch.nn.functional.cross_entropy(
-            logits_TV.float(), targets_T, ignore_index=IGNORE_INDEX, reduction="none"
-        )
+        nats_T = token_nats(logits_TV, targets_T, compiled=self.execution_cfg.compile_blocks)
         return nats_T, targets_T != IGNORE_INDEX, extras
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
