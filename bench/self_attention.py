@@ -44,16 +44,15 @@ SDPA_KERNELS = {
 
 def methods(device: torch.device) -> dict[str, Callable[[], object]]:
     """Context factories per method name; the backend name goes to ``causal_attention`` (``njt_*``: SDPA on
-    nested jagged tensors, the packed layout without padding, under one SDPA kernel)."""
-    found = {"varlen": nullcontext, "flex": nullcontext} if device.type == "cuda" else {"flex": nullcontext}
-    if device.type == "cuda" and flash_attn_available():
+    nested jagged tensors, the packed layout without padding, under one SDPA kernel). Flex last: it compiles."""
+    if device.type != "cuda":
+        return {"sdpa": nullcontext, "njt": nullcontext, "flex": nullcontext}
+    found = {"varlen": nullcontext, "cudnn": nullcontext}
+    if flash_attn_available():
         found["flash_attn"] = nullcontext
-    if device.type == "cuda":
-        for name, kernel in SDPA_KERNELS.items():
-            found[name] = found["njt" + name.removeprefix("sdpa")] = lambda k=kernel: sdpa_kernel([k])
-    else:
-        found["sdpa"] = found["njt"] = nullcontext
-    return found
+    for name, kernel in SDPA_KERNELS.items():
+        found[name] = found["njt" + name.removeprefix("sdpa")] = lambda k=kernel: sdpa_kernel([k])
+    return {**found, "flex": nullcontext}
 
 
 def njt_attention(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
@@ -118,6 +117,7 @@ def bench_shape(name: str, args: argparse.Namespace, device: torch.device) -> li
 
         record = {"shape": name, "method": method, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
         try:
+            first_ms = time_method(run, device, 0, 1)[0]  # includes compilation or plan building
             times = time_method(run, device, args.warmup, args.iters)
             with torch.no_grad(), context():
                 out = attend(q, k, v, seqs).float()
@@ -131,6 +131,7 @@ def bench_shape(name: str, args: argparse.Namespace, device: torch.device) -> li
             {
                 **record,
                 "median_ms": median,
+                "first_call_ms": first_ms,
                 "tflops": flops / (median / 1e3) / 1e12,
                 "max_abs_err": (out - reference).abs().max().item(),
             }

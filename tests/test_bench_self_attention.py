@@ -22,7 +22,7 @@ def test_self_attention_bench_smoke(tmp_path: Path, monkeypatch, capsys) -> None
     # (or, once it has, equal to the first method's output)
     for method in ("flex", "njt"):
         assert "error" in records[method] or records[method]["max_abs_err"] < 1e-5
-    assert records["sdpa"]["median_ms"] > 0
+    assert records["sdpa"]["median_ms"] > 0 and records["sdpa"]["first_call_ms"] > 0
     capsys.readouterr()
     assert table.main(str(out)) == 0
     assert "| tiny | 4 / 2 / 16 | sdpa |" in capsys.readouterr().out
