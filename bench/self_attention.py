@@ -47,7 +47,7 @@ def methods(device: torch.device) -> dict[str, Callable[[], object]]:
     nested jagged tensors, the packed layout without padding, under one SDPA kernel). Flex last: it compiles."""
     if device.type != "cuda":
         return {"sdpa": nullcontext, "njt": nullcontext, "flex": nullcontext}
-    found = {"varlen": nullcontext, "cudnn": nullcontext}
+    found = {"varlen": nullcontext}
     if flash_attn_available():
         found["flash_attn"] = nullcontext
     for name, kernel in SDPA_KERNELS.items():

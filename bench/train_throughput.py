@@ -4,7 +4,8 @@ baseline and DLCM at matched inference FLOPs, and where DLCM's extra time goes.
 Each configuration runs full training steps — forward, CE (+ λ·L_aux for DLCM), backward, fused AdamW — on packed
 micro-batches of ``--docs`` documents of ``--context`` random tokens, timed with CUDA events after warm-up (which
 includes compilation). Precision is Lightning's ``bf16-mixed`` (fp32 master weights, bf16 autocast) unless
-``--precision bf16-true``. DLCM's parser runs as in training, but its sampled boundaries are replaced by
+``--precision bf16-true``. The loss is the Lightning module's: per-token fp32 CE, compiled with the blocks
+(``--eager-loss`` keeps it eager, for an A/B). DLCM's parser runs as in training, but its sampled boundaries are replaced by
 Bernoulli(1/R) draws: a freshly initialised parser does not compress at R, and throughput depends on the concept
 count (the realised ratio is reported).
 
@@ -14,6 +15,8 @@ including the head) against the dense bf16 peak (989 TFLOP/s on an H200) and aga
 same run. The DLCM breakdown (eager configurations only: a module compiled in place, such as Ψ's block, runs its
 hooks inside the compiled graph) times each top-level module's forward and backward with CUDA events from module
 hooks in one extra step; "other" is the remainder (concept layout and its host sync, ratio loss, CE, optimizer).
+``--profile`` adds one profiled step: GPU time per kernel family (GEMM, attention forward/backward, generated
+Triton kernels, optimizer, copies), the top kernels and the longest stretches where no kernel ran.
 
 Run on a CUDA machine, e.g.::
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import re
 import statistics
@@ -155,9 +159,10 @@ KERNEL_FAMILIES = (
 )
 
 
-def kernel_profile(step: Callable[[], int], top: int = 25) -> dict:
-    """GPU kernel time of one step by family and the ``top`` kernels, from torch.profiler's CUDA activity; the
-    step's wall time minus the kernel time is when the GPU waited (launch overhead, host syncs)."""
+def kernel_profile(step: Callable[[], int], top: int = 25, gaps: int = 12) -> dict:
+    """GPU kernel time of one step by family, the ``top`` kernels, and the ``gaps`` longest stretches with no
+    kernel running (named by the kernels around them: where the GPU waited for the host — launch overhead, the
+    host sync), from torch.profiler's CUDA activity. The profiler slows the host, so gaps are upper bounds."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -166,21 +171,31 @@ def kernel_profile(step: Callable[[], int], top: int = 25) -> dict:
         step()
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
     per_kernel: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e3)
+    for start, end, name in kernels:
+        per_kernel.setdefault(name, []).append((end - start) / 1e3)
     families: dict[str, float] = {}
     for kernel, times in per_kernel.items():
         family = next((f for f, pattern in KERNEL_FAMILIES if pattern.search(kernel)), "other")
         families[family] = families.get(family, 0.0) + sum(times)
-    kernel_ms = sum(families.values())
+    idle, busy_until = [], kernels[0][1] if kernels else 0
+    for (_, _, before), (start, end, after) in itertools.pairwise(kernels):
+        if start > busy_until:
+            idle.append(((start - busy_until) / 1e3, before[:80], after[:80]))
+        busy_until = max(busy_until, end)
     ranked = sorted(per_kernel.items(), key=lambda item: -sum(item[1]))[:top]
     return {
         "wall_ms": wall_ms,
-        "kernel_ms": kernel_ms,
+        "kernel_ms": sum(families.values()),
+        "idle_ms": sum(gap for gap, _, _ in idle),
         "families_ms": dict(sorted(families.items(), key=lambda item: -item[1])),
         "top": [{"name": k[:160], "ms": sum(t), "calls": len(t)} for k, t in ranked],
+        "longest_idle": [{"ms": g, "after": a, "before": b} for g, a, b in sorted(idle, reverse=True)[:gaps]],
     }
 
 

@@ -7,9 +7,6 @@ Every backend computes the same function: row ``i`` attends to rows ``j ≤ i`` 
   is tested against (itself tested against a per-document loop).
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 inside PyTorch), CUDA, fp16/bf16.
 - ``flash_attn``: the ``flash_attn`` package's ``flash_attn_varlen_func`` when it is importable.
-- ``cudnn``: cuDNN's fused attention on the packed (ragged) layout, through ATen's ``_cudnn_attention_forward`` /
-  ``_cudnn_attention_backward`` wrapped as custom ops (so compiled blocks keep it as one opaque call). CUDA,
-  fp16/bf16. cuDNN builds one execution plan per (rows, documents, ``max_seqlen``) and caches it.
 - ``flex``: FlexAttention with a document-causal block mask (compiled on CUDA, eager on CPU).
 - ``auto``: ``flash_attn`` > ``varlen`` for half-precision CUDA tensors, else ``sdpa``.
 
@@ -27,7 +24,7 @@ import torch.nn.functional as F
 
 from dlcm.packing import PackedSeqs
 
-BACKENDS = ("sdpa", "varlen", "flash_attn", "flex", "cudnn")
+BACKENDS = ("sdpa", "varlen", "flash_attn", "flex")
 
 
 def flash_attn_available() -> bool:
@@ -61,10 +58,6 @@ def causal_attention(
         )
     if name == "varlen":
         return _varlen(q_TNH, k_TKH, v_TKH, seqs)
-    if name == "cudnn":
-        return _cudnn_attention(
-            q_TNH.contiguous(), k_TKH.contiguous(), v_TKH.contiguous(), seqs.cu_seqlens, seqs.max_seqlen
-        )
     return _flash_attn(q_TNH, k_TKH, v_TKH, seqs)
 
 
@@ -155,85 +148,3 @@ def _flex(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: P
         enable_gqa=True,
     )
     return out_1NTH[0].transpose(0, 1)
-
-
-@torch.library.custom_op("dlcm::cudnn_attention", mutates_args=())
-def _cudnn_attention_fwd(
-    q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out_TNH, lse, *_ = torch.ops.aten._cudnn_attention_forward(
-        q_TNH, k_TKH, v_TKH, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, True, 0.0, True, False
-    )
-    if out_TNH.shape != q_TNH.shape or lse.shape != _lse_shape(q_TNH):
-        raise RuntimeError(
-            f"attn_backend='cudnn': this torch's _cudnn_attention_forward returned output {tuple(out_TNH.shape)} and "
-            f"log-sum-exp {tuple(lse.shape)}, expected {tuple(q_TNH.shape)} and {_lse_shape(q_TNH)}; use 'varlen'"
-        )
-    return out_TNH, lse
-
-
-def _lse_shape(q_TNH: torch.Tensor) -> tuple[int, int, int]:
-    return (q_TNH.shape[0], q_TNH.shape[1], 1)
-
-
-@_cudnn_attention_fwd.register_fake
-def _(q_TNH, k_TKH, v_TKH, cu_seqlens, max_seqlen):
-    return q_TNH.new_empty(q_TNH.shape), q_TNH.new_empty(_lse_shape(q_TNH), dtype=torch.float32)
-
-
-@torch.library.custom_op("dlcm::cudnn_attention_backward", mutates_args=())
-def _cudnn_attention_bwd(
-    grad_TNH: torch.Tensor,
-    q_TNH: torch.Tensor,
-    k_TKH: torch.Tensor,
-    v_TKH: torch.Tensor,
-    out_TNH: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    no_dropout = q_TNH.new_empty(0, dtype=torch.int64)  # philox seed and offset: read only with dropout
-    grads = torch.ops.aten._cudnn_attention_backward(
-        grad_TNH.contiguous(),
-        q_TNH,
-        k_TKH,
-        v_TKH,
-        out_TNH,
-        lse,
-        no_dropout,
-        no_dropout,
-        None,
-        cu_seqlens,
-        cu_seqlens,
-        max_seqlen,
-        max_seqlen,
-        0.0,
-        True,
-    )
-    return tuple(g.contiguous() for g in grads)
-
-
-@_cudnn_attention_bwd.register_fake
-def _(grad_TNH, q_TNH, k_TKH, v_TKH, out_TNH, lse, cu_seqlens, max_seqlen):
-    return q_TNH.new_empty(q_TNH.shape), k_TKH.new_empty(k_TKH.shape), v_TKH.new_empty(v_TKH.shape)
-
-
-def _cudnn_setup_context(ctx, inputs, output) -> None:
-    q_TNH, k_TKH, v_TKH, cu_seqlens, max_seqlen = inputs
-    ctx.save_for_backward(q_TNH, k_TKH, v_TKH, output[0], output[1], cu_seqlens)
-    ctx.max_seqlen = max_seqlen
-
-
-def _cudnn_backward(ctx, grad_TNH, _grad_lse):
-    q_TNH, k_TKH, v_TKH, out_TNH, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _cudnn_attention_bwd(grad_TNH, q_TNH, k_TKH, v_TKH, out_TNH, lse, cu_seqlens, ctx.max_seqlen)
-    return dq, dk, dv, None, None
-
-
-_cudnn_attention_fwd.register_autograd(_cudnn_backward, setup_context=_cudnn_setup_context)
-
-
-def _cudnn_attention(
-    q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
-) -> torch.Tensor:
-    return _cudnn_attention_fwd(q_TNH, k_TKH, v_TKH, cu_seqlens, max_seqlen)[0]
