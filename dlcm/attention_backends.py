@@ -102,13 +102,14 @@ def _varlen(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs:
     from torch.nn.attention.varlen import varlen_attn
 
     cu, m = seqs.cu_seqlens, seqs.max_seqlen
+    if q_TNH.shape[1] == k_TKH.shape[1]:
+        return varlen_attn(q_TNH, k_TKH, v_TKH, cu, cu, m, m, window_size=(-1, 0))
     if _varlen_takes_gqa():
         return varlen_attn(q_TNH, k_TKH, v_TKH, cu, cu, m, m, window_size=(-1, 0), enable_gqa=True)
-    # torch 2.11's varlen_attn has no GQA flag: expand KV heads (memory only; the kernel work is unchanged).
-    groups = q_TNH.shape[1] // k_TKH.shape[1]
-    k_TNH = k_TKH.repeat_interleave(groups, dim=1)
-    v_TNH = v_TKH.repeat_interleave(groups, dim=1)
-    return varlen_attn(q_TNH, k_TNH, v_TNH, cu, cu, m, m, window_size=(-1, 0))
+    # torch 2.11's varlen_attn has no GQA flag; the FlashAttention-2 entry it wraps takes KV heads dividing the
+    # query heads natively (differentiable, with a meta kernel for compile), so K/V are not expanded per layer.
+    out_TNH, *_ = torch.ops.aten._flash_attention_forward(q_TNH, k_TKH, v_TKH, cu, cu, m, m, 0.0, True, False)
+    return out_TNH
 
 
 def _flash_attn(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
