@@ -92,7 +92,8 @@ def time_method(run: Callable[[], torch.Tensor], device: torch.device, warmup: i
     return times
 
 
-def bench_shape(name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
+def bench_shape(name: str, args: argparse.Namespace, device: torch.device, recorded: Callable[[dict], None]) -> None:
+    """Time every method on one shape, handing each record to ``recorded`` as soon as it exists."""
     heads, kv_heads, head_dim, lengths = SHAPES[name]
     dtype = getattr(torch, args.dtype)
     g = torch.Generator(device=device).manual_seed(0)
@@ -103,7 +104,7 @@ def bench_shape(name: str, args: argparse.Namespace, device: torch.device) -> li
     grad = torch.randn(total, heads, head_dim, device=device, dtype=dtype, generator=g)
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     flops = executed_flops(heads, head_dim, lengths)
-    records, reference = [], None
+    reference = None
     for method, context in methods(device).items():
         backend = "sdpa" if method.startswith("sdpa") else method
         seqs = PackedSeqs.from_cu_seqlens(offsets, total, max(lengths))  # fresh: no mask cached across methods
@@ -122,22 +123,22 @@ def bench_shape(name: str, args: argparse.Namespace, device: torch.device) -> li
             with torch.no_grad(), context():
                 out = attend(q, k, v, seqs).float()
         except RuntimeError as err:  # e.g. no kernel of this SDPA backend for the shape or GQA
-            records.append({**record, "error": str(err).splitlines()[0][:300]})
-            print(f"{name:<20} {method:<15} not run: {records[-1]['error']}", flush=True)
+            record["error"] = str(err).splitlines()[0][:300]
+            recorded(record)
+            print(f"{name:<20} {method:<15} not run: {record['error']}", flush=True)
             continue
         reference = out if reference is None else reference
         median = statistics.median(times)
-        records.append(
+        record.update(
             {
-                **record,
                 "median_ms": median,
                 "first_call_ms": first_ms,
                 "tflops": flops / (median / 1e3) / 1e12,
                 "max_abs_err": (out - reference).abs().max().item(),
             }
         )
-        print(f"{name:<20} {method:<15} {median:8.2f} ms  {records[-1]['tflops']:6.1f} TFLOP/s", flush=True)
-    return records
+        recorded(record)
+        print(f"{name:<20} {method:<15} {median:8.2f} ms  {record['tflops']:6.1f} TFLOP/s", flush=True)
 
 
 def markdown_table(data: dict) -> str:
@@ -178,10 +179,15 @@ def main() -> int:
         **run_meta(device),
         **{k: getattr(args, k) for k in ("dtype", "warmup", "iters")},
     }
-    records = [r for name in args.shapes for r in bench_shape(name, args, device)]
-    data = {"meta": meta, "records": records}
-    if args.out:
-        write_json(args.out, data)
+    data = {"meta": meta, "records": []}
+
+    def recorded(record: dict) -> None:
+        data["records"].append(record)
+        if args.out:  # rewritten after every method: a run cut by a time limit keeps what it measured
+            write_json(args.out, data)
+
+    for name in args.shapes:
+        bench_shape(name, args, device, recorded)
     print(markdown_table(data))
     return 0
 

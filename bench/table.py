@@ -61,6 +61,26 @@ def throughput_table(data: dict) -> str:
             f"| {r['median_step_ms']:.0f} | {r['tokens_per_sec'] / 1e3:.1f}k | {r['mfu']:.1%} "
             f"| {r['mfu_vs_measured_gemm']:.1%} | {ratio} | {r['peak_memory_gib']:.1f} |"
         )
+    profiled = [r for r in data["records"] if "kernels" in r]
+    if profiled:
+        lines += ["", profile_table(profiled)]
+    return "\n".join(lines)
+
+
+def profile_table(records: list[dict]) -> str:
+    """GPU milliseconds per kernel family of each ``--profile`` step, side by side."""
+    families = list(dict.fromkeys(f for r in records for f in r["kernels"]["families_ms"]))
+    lines = [
+        "| kernel family (profiled step, ms) | " + " | ".join(r["model"] for r in records) + " |",
+        "|---" * (len(records) + 1) + "|",
+    ]
+    for family in families:
+        cells = " | ".join(f"{r['kernels']['families_ms'].get(family, 0.0):.1f}" for r in records)
+        lines.append(f"| {family} | {cells} |")
+    for label, key in (("all kernels", "kernel_ms"), ("GPU idle (no kernel running)", "idle_ms")):
+        # Profiles written before the idle stretches were recorded have no idle_ms.
+        cells = (f"{r['kernels'][key]:.1f}" if key in r["kernels"] else "–" for r in records)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -5,9 +5,9 @@ Each configuration runs full training steps — forward, CE (+ λ·L_aux for DLC
 micro-batches of ``--docs`` documents of ``--context`` random tokens, timed with CUDA events after warm-up (which
 includes compilation). Precision is Lightning's ``bf16-mixed`` (fp32 master weights, bf16 autocast) unless
 ``--precision bf16-true``. The loss is the Lightning module's: per-token fp32 CE, compiled with the blocks
-(``--eager-loss`` keeps it eager, for an A/B). DLCM's parser runs as in training, but its sampled boundaries are replaced by
-Bernoulli(1/R) draws: a freshly initialised parser does not compress at R, and throughput depends on the concept
-count (the realised ratio is reported).
+(``--eager-loss`` keeps it eager, for an A/B). DLCM's parser runs as in training, but its sampled boundaries are
+replaced by Bernoulli(1/R) draws: a freshly initialised parser does not compress at R, and throughput depends on
+the concept count (the realised ratio is reported).
 
 MFU = model FLOPs / time / peak, with :mod:`dlcm.flops`'s training count (3 × forward matmul and attention FLOPs,
 no causal discount: ``(6·N + 12·layers·width·seq)·tokens`` for the baseline, N counting every matmul weight
