@@ -6,7 +6,9 @@ each variant one compiled graph with :func:`dlcm.concept_attention.readable_bloc
 - ``where``: the exact bias (own row ``log(t − start + 1)``, other rows ``log length``) — what the model computes;
 - ``arith``: the same bias written as key bias + own-row correction (no ``where``);
 - ``keyonly`` / ``nobias``: wrong functions (no own-row term / no bias), the cost floor;
-- ``where_w8``: the exact bias with ``kernel_options={"num_warps": 8}``.
+- ``where_w8``: the exact bias with ``kernel_options={"num_warps": 8}``;
+- ``where_w{W}_s{S}``: the exact bias for every ``--warps`` × ``--stages`` pair given (a launch sweep, e.g. to
+  find the setting for another head dim: ``--hidden 1024 --seq 8192 --warps 2 4 8 --stages 1 2 3``).
 
 ``err`` is the max abs difference from :func:`dlcm.concept_attention.flex_concept_attention`'s output.
 Run on a CUDA machine: ``python bench/cross_attention_launch.py --out bench/results/cross_attention_launch_h200.json``.
@@ -62,10 +64,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=16384)
     parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--warps", type=int, nargs="*", default=[], help="num_warps values of the launch sweep")
+    parser.add_argument("--stages", type=int, nargs="*", default=[], help="num_stages values of the launch sweep")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 256
     variants = {kind: variant(kind) for kind in SCORE_MODS} | {"where_w8": variant("where", {"num_warps": 8})}
+    for warps in args.warps:
+        for stages in args.stages or [None]:
+            options = {"num_warps": warps} | ({"num_stages": stages} if stages else {})
+            variants[f"where_w{warps}" + (f"_s{stages}" if stages else "")] = variant("where", options)
     tok, layout, q, k, v, grad = make_inputs(args.seq, args.hidden)
     ref = flex_concept_attention(q, k, v, layout, tok, tuned_launch=False).float()
     records = []
