@@ -46,6 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import source_commit  # bench/report.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_FILES = {"mup": "sweep_mup_transfer.yaml", "scope": "sweep_ratio_scope.yaml", "baseline": "sweep_baseline.yaml"}
 GROUP_OF_SPEC = {"mup": "mup", "scope": "main", "baseline": "main"}  # runs of a group train the same steps
@@ -294,11 +297,7 @@ def environment() -> dict[str, Any]:
         "lightning": lightning.__version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
     }
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        info["git_commit"] = commit.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["git_commit"] = None
+    info["git_commit"] = source_commit()
     return info
 
 
