@@ -17,7 +17,11 @@ Validation reads every ``world``-th document per rank (in the training process, 
 
 Resume. The position (epoch, batches processed in it) is saved in the checkpoint through the data module's
 ``state_dict``; the next training iterator skips exactly those batches. Exact continuation needs the same
-``seed``, ``tokens_per_batch``, ``max_seq_len``, world size and ``num_workers``.
+``seed``, ``tokens_per_batch``, ``max_seq_len``, world size and ``num_workers``. Skipping builds no batch: every
+batch holds exactly ``tokens_per_batch`` tokens, so a slot's k-th batch starts k · ``tokens_per_batch`` tokens into
+its document stream, and the stream is started there (the document the cut falls in split where packing would
+have cut it). Whole shards before that point are not even read — their documents' shuffle is replayed from the
+manifest's per-shard document count and their tokens subtracted — so a resume costs O(shards), not O(tokens).
 
 Mixtures. With ``mixture`` the stream interleaves several shard directories by token share
 (:mod:`dlcm.data.mixture`); everything above holds for it unchanged.
@@ -59,6 +63,20 @@ class StreamSpec:
     by_document: bool = False  # split documents (not shards) across slots, as validation does
     epoch: int = 0
     skip: int = 0  # batches of this epoch already consumed
+    # Per shard, from the manifest (same order as ``shards``): lets a resume pass over whole shards unread.
+    shard_tokens: tuple[int, ...] = ()
+    shard_docs: tuple[int, ...] = ()
+
+
+def resume_pieces(ids: np.ndarray, tokens: int, max_seq_len: int) -> tuple[list[np.ndarray], int]:
+    """What a document still adds to a stream whose first ``tokens`` tokens (counted from this document on) are
+    already packed, and the count left for the documents after it: nothing if all of it was packed; else the rest of
+    the piece the cut falls in, then the remainder, which packing cuts at multiples of ``max_seq_len`` from the
+    document's start (empty parts dropped)."""
+    if tokens >= len(ids):
+        return [], tokens - len(ids)
+    boundary = -(-tokens // max_seq_len) * max_seq_len
+    return [part for part in (ids[tokens:boundary], ids[boundary:]) if len(part)], 0
 
 
 class PackedStream(IterableDataset):
@@ -68,7 +86,8 @@ class PackedStream(IterableDataset):
         super().__init__()
         self.spec = spec
 
-    def documents(self, slot: int, slots: int) -> Iterator[tuple[np.ndarray, int]]:
+    def documents(self, slot: int, slots: int, skip_tokens: int = 0) -> Iterator[tuple[np.ndarray, int]]:
+        """The slot's endless document stream, from ``skip_tokens`` tokens in (see Resume in the module doc)."""
         from dlcm.data.shards import iter_shard_documents
 
         spec = self.spec
@@ -79,9 +98,16 @@ class PackedStream(IterableDataset):
                 rng.shuffle(order)
             by_shard = not spec.by_document and len(order) >= slots
             mine = order[slot::slots] if by_shard else order
+            passable = by_shard and len(spec.shard_tokens) == len(spec.shards) == len(spec.shard_docs)
             yielded = False
             counter = 0
             for shard_index in mine:
+                if passable and skip_tokens >= spec.shard_tokens[shard_index] > 0:
+                    if spec.shuffle:  # the draw shuffling its documents would take: it depends on their count only
+                        rng.shuffle([None] * spec.shard_docs[shard_index])
+                    skip_tokens -= spec.shard_tokens[shard_index]
+                    yielded = True
+                    continue
                 docs = list(iter_shard_documents(spec.shards[shard_index]))
                 if spec.shuffle:
                     rng.shuffle(docs)
@@ -96,7 +122,9 @@ class PackedStream(IterableDataset):
                             "them with `dlcm data build`"
                         )
                     yielded = True
-                    yield ids, spec.domains.get(meta.get("domain", ""), 0)
+                    pieces, skip_tokens = resume_pieces(ids, skip_tokens, spec.max_seq_len)
+                    for piece in pieces:
+                        yield piece, spec.domains.get(meta.get("domain", ""), 0)
             if not yielded:
                 raise ValueError(
                     f"data slot {slot} of {slots} (rank × worker) received no document: the split has too few "
@@ -109,13 +137,14 @@ class PackedStream(IterableDataset):
         workers = max(spec.num_workers, 1)
         logical = (spec.skip + (info.id if info else 0)) % workers
         slot, slots = spec.rank * workers + logical, spec.world_size * workers
-        batches = pack_documents(self.documents(slot, slots), spec.tokens_per_batch, spec.max_seq_len, spec.token_bytes)
-        for k, batch in enumerate(batches):
-            index = logical + k * workers
-            if index >= spec.batches:
+        # This worker's batches k (global index logical + k·workers) that come before the resume point.
+        done = max(0, -(-(spec.skip - logical) // workers))
+        documents = self.documents(slot, slots, done * spec.tokens_per_batch)
+        batches = pack_documents(documents, spec.tokens_per_batch, spec.max_seq_len, spec.token_bytes)
+        for k, batch in enumerate(batches, start=done):
+            if logical + k * workers >= spec.batches:
                 return
-            if index >= spec.skip:
-                yield batch
+            yield batch
 
 
 class PackedLoader:
@@ -224,6 +253,8 @@ class PackedDataModule(L.LightningDataModule):
             batches = min(batches, self.val_batches)
         return StreamSpec(
             shards=tuple(self.manifest.shard_paths(split)),
+            shard_tokens=tuple(s.tokens for s in info.shards),
+            shard_docs=tuple(s.docs for s in info.shards),
             domains={name: i for i, name in enumerate(self.manifest.domains)},
             token_bytes=self.token_bytes,
             vocab_size=self.vocab_size,

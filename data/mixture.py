@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcm.data.datamodule import PackedStream, StreamSpec
+from dlcm.data.datamodule import PackedStream, StreamSpec, resume_pieces
 from dlcm.data.shards import Manifest, ShardInfo, SplitInfo
 
 # Weights must add up to 1 this closely: a typo (0.5 / 0.25 / 0.15 / 0.01) must not silently renormalise.
@@ -171,16 +171,28 @@ class MixtureStream(PackedStream):
         self.sources = sources
         self.source_specs = []
         for name, directory, _ in sources:
-            shards = tuple(p for p in spec.shards if p.parent == directory)
+            mine = [i for i, p in enumerate(spec.shards) if p.parent == directory]
+            shards = tuple(spec.shards[i] for i in mine)
             if not shards:
                 raise ValueError(
                     f"data.mixture source {name!r} has no shards in this split ({directory}); rebuild it with "
                     "`dlcm data build` (a validation split needs --val-fraction > 0)"
                 )
             # domains={} labels every document 0 inside the source stream; documents() relabels by source.
-            self.source_specs.append(replace(spec, shards=shards, domains={}, seed=source_seed(spec.seed, name)))
+            self.source_specs.append(
+                replace(
+                    spec,
+                    shards=shards,
+                    shard_tokens=tuple(spec.shard_tokens[i] for i in mine) if spec.shard_tokens else (),
+                    shard_docs=tuple(spec.shard_docs[i] for i in mine) if spec.shard_docs else (),
+                    domains={},
+                    seed=source_seed(spec.seed, name),
+                )
+            )
 
-    def documents(self, slot: int, slots: int) -> Iterator[tuple[np.ndarray, int]]:
+    def documents(self, slot: int, slots: int, skip_tokens: int = 0) -> Iterator[tuple[np.ndarray, int]]:
+        # Which source comes next depends on the length of every earlier document, so a resume reads the sources
+        # up to the resume point (building no batch); only a single directory's stream passes over whole shards.
         streams = [PackedStream(spec).documents(slot, slots) for spec in self.source_specs]
         weights = [w for _, _, w in self.sources]
         delivered = [0] * len(streams)
@@ -191,4 +203,6 @@ class MixtureStream(PackedStream):
             except ValueError as err:
                 raise ValueError(f"data.mixture source {self.sources[i][0]!r}: {err}") from err
             delivered[i] += len(ids)
-            yield ids, i
+            pieces, skip_tokens = resume_pieces(ids, skip_tokens, self.spec.max_seq_len)
+            for piece in pieces:
+                yield piece, i

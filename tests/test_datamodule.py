@@ -8,6 +8,7 @@ Documents carry a ``<index>`` marker so that the documents a stream read can be 
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import replace
@@ -202,6 +203,44 @@ def test_skip_yields_exactly_the_suffix(many_shards: Path, num_workers: int) -> 
     assert all(type(b["max_seqlen"]) is int for b in full)  # still a host int after the DataLoader's conversion
     for k in (1, 2, 3, 5, spec.batches - 1, spec.batches):
         assert_same(run(replace(spec, skip=k)), full[k:])
+
+
+@pytest.mark.parametrize(("fixture", "world", "num_workers"), [("many_shards", 2, 2), ("one_shard", 1, 0)])
+def test_skip_is_exact_across_cycles_and_document_cuts(
+    request: pytest.FixtureRequest, fixture: str, world: int, num_workers: int
+) -> None:
+    """Resuming at every batch of a stream that cycles its shards about three times over (pieces cut by
+    max_seq_len and by batch ends, shard- and document-level splits, ranks and workers) gives exactly the suffix."""
+    dm = module(request.getfixturevalue(fixture), tokens_per_batch=40, max_seq_len=12, num_workers=num_workers)
+    attach_trainer(dm, world - 1, world)
+    spec = dm.stream_spec("train")
+    spec = replace(spec, batches=3 * spec.batches)
+    full = run(spec)
+    for k in range(0, spec.batches + 1, 7 if num_workers else 1):
+        assert_same(run(replace(spec, skip=k)), full[k:])
+
+
+def test_resume_passes_over_whole_shards_unread(many_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume reads only the shard its position falls in and those after it, also in a later cycle."""
+    import dlcm.data.shards as shards
+
+    dm = module(many_shards)
+    spec = replace(dm.stream_spec("train"), batches=10_000)
+    reads: list[str] = []
+    real = shards.iter_shard_documents
+
+    def counted(path):
+        reads.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(shards, "iter_shard_documents", counted)
+    per_cycle = sum(spec.shard_tokens) // spec.tokens_per_batch  # batches one pass over the 16 shards fills
+    skip = 2 * per_cycle + per_cycle // 2  # half-way through the third cycle
+    first = next(iter(PackedStream(replace(spec, skip=skip))))
+    assert len(reads) <= 2  # the shard holding the cut, and the next one if the batch runs past its end
+    monkeypatch.setattr(shards, "iter_shard_documents", real)
+    full = PackedStream(spec)
+    assert_same([first], [next(itertools.islice(iter(full), skip, None))])
 
 
 def test_restored_position_is_consumed_once(many_shards: Path) -> None:
