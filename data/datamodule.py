@@ -91,14 +91,14 @@ class PackedStream(IterableDataset):
         from dlcm.data.shards import iter_shard_documents
 
         spec = self.spec
+        by_shard = not spec.by_document and len(spec.shards) >= slots
+        passable = by_shard and len(spec.shard_tokens) == len(spec.shards) == len(spec.shard_docs)
         for cycle in itertools.count():
             rng = random.Random(f"{spec.seed}/{spec.epoch}/{cycle}")
             order = list(range(len(spec.shards)))
             if spec.shuffle:
                 rng.shuffle(order)
-            by_shard = not spec.by_document and len(order) >= slots
             mine = order[slot::slots] if by_shard else order
-            passable = by_shard and len(spec.shard_tokens) == len(spec.shards) == len(spec.shard_docs)
             yielded = False
             counter = 0
             for shard_index in mine:

@@ -171,24 +171,17 @@ class MixtureStream(PackedStream):
         self.sources = sources
         self.source_specs = []
         for name, directory, _ in sources:
-            mine = [i for i, p in enumerate(spec.shards) if p.parent == directory]
-            shards = tuple(spec.shards[i] for i in mine)
+            shards = tuple(p for p in spec.shards if p.parent == directory)
             if not shards:
                 raise ValueError(
                     f"data.mixture source {name!r} has no shards in this split ({directory}); rebuild it with "
                     "`dlcm data build` (a validation split needs --val-fraction > 0)"
                 )
-            # domains={} labels every document 0 inside the source stream; documents() relabels by source.
-            self.source_specs.append(
-                replace(
-                    spec,
-                    shards=shards,
-                    shard_tokens=tuple(spec.shard_tokens[i] for i in mine) if spec.shard_tokens else (),
-                    shard_docs=tuple(spec.shard_docs[i] for i in mine) if spec.shard_docs else (),
-                    domains={},
-                    seed=source_seed(spec.seed, name),
-                )
-            )
+            # domains={} labels every document 0 inside the source stream; documents() relabels by source. No
+            # per-shard counts: a source is always read from its start (a resume skips on the interleaved stream).
+            seed = source_seed(spec.seed, name)
+            source = replace(spec, shards=shards, shard_tokens=(), shard_docs=(), domains={}, seed=seed)
+            self.source_specs.append(source)
 
     def documents(self, slot: int, slots: int, skip_tokens: int = 0) -> Iterator[tuple[np.ndarray, int]]:
         # Which source comes next depends on the length of every earlier document, so a resume reads the sources
