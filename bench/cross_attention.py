@@ -3,7 +3,7 @@ segments of ~6 tokens. Methods, each timed with its own per-step metadata constr
 
 - ``replicate_varlen``: the paper's path (Eq. 17): gather concept K/V to tokens, causal ``varlen_attn``;
 - ``flex_create_block_mask``: the paper's baseline: FlexAttention L×C with ``create_block_mask`` every step;
-- ``ours``: :func:`dlcm.concept_attention.flex_concept_attention` (block tables from concept offsets, the exact
+- ``ours``: :func:`dlcm.model.concept_attention.flex_concept_attention` (block tables from concept offsets, the exact
   replication function with its log-count bias, one compiled graph per step).
 
 Run on a CUDA machine: ``python bench/cross_attention.py --out bench/results/cross_attention_h200.json``.
@@ -24,9 +24,9 @@ from report import run_meta, write_json  # bench/report.py (this script's folder
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.attention.varlen import varlen_attn
 
-from dlcm.concept_attention import flex_concept_attention, readable_rows
-from dlcm.packing import PackedSeqs
-from dlcm.pooling import concept_layout
+from dlcm.model.concept_attention import flex_concept_attention, readable_rows
+from dlcm.model.packing import PackedSeqs
+from dlcm.model.pooling import concept_layout
 
 torch._dynamo.config.cache_size_limit = 256  # one compiled kernel per shape; never fall back to eager
 HEADS = 32

@@ -1,7 +1,7 @@
 """What the exact Ψ kernel's log-count bias costs, and which launch configuration hides it (issue 5 ablation).
 
 Same setup as ``bench/cross_attention.py`` (fwd+bwd, bf16, batch 1, 32 heads, segments of ~6 tokens) at one size,
-each variant one compiled graph with :func:`dlcm.concept_attention.readable_block_mask`:
+each variant one compiled graph with :func:`dlcm.model.concept_attention.readable_block_mask`:
 
 - ``where``: the exact bias (own row ``log(t − start + 1)``, other rows ``log length``) — what the model computes;
 - ``arith``: the same bias written as key bias + own-row correction (no ``where``);
@@ -10,7 +10,7 @@ each variant one compiled graph with :func:`dlcm.concept_attention.readable_bloc
 - ``where_w{W}_s{S}``: the exact bias for every ``--warps`` × ``--stages`` pair given (a launch sweep, e.g. to
   find the setting for another head dim: ``--hidden 1024 --seq 8192 --warps 2 4 8 --stages 1 2 3``).
 
-``err`` is the max abs difference from :func:`dlcm.concept_attention.flex_concept_attention`'s output.
+``err`` is the max abs difference from :func:`dlcm.model.concept_attention.flex_concept_attention`'s output.
 Run on a CUDA machine: ``python bench/cross_attention_launch.py --out bench/results/cross_attention_launch_h200.json``.
 """
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cross_attention import make_inputs, time_ms
 from report import run_meta, write_json
 
-from dlcm.concept_attention import flex_concept_attention, kernel_inputs, readable_block_mask
+from dlcm.model.concept_attention import flex_concept_attention, kernel_inputs, readable_block_mask
 
 SCORE_MODS = ("where", "arith", "keyonly", "nobias")
 

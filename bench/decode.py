@@ -1,5 +1,5 @@
 """Decode throughput (SPEC §7, issue 7): generated tokens/s of DLCM vs its FLOPs-matched dense baseline, batched
-incremental decoding (:mod:`dlcm.generation`) at batch 1 and 32.
+incremental decoding (:mod:`dlcm.infer.generation`) at batch 1 and 32.
 
 Each (pair, model, batch) builds a randomly initialised network in ``--dtype`` on ``--device``, prefills ``batch``
 prompts of ``--prompt-len`` random tokens, then decodes ``--new-tokens`` tokens per prompt one step at a time
@@ -13,7 +13,7 @@ A freshly initialised parser does not compress at the target ratio R, and decode
 completes (each completion is a backbone step). The parser's probabilities are therefore replaced by Bernoulli(1/R)
 draws thresholded as usual (its projections still run); the realised ratios of the prompts and of the generated
 tokens are reported. Also reported: prefill time, peak memory, inference FLOPs per token at the mean decode
-position (:func:`dlcm.flops.inference_flops_per_token`) and, on CUDA, the host synchronisations of one decode step
+position (:func:`dlcm.model.flops.inference_flops_per_token`) and, on CUDA, the host synchronisations of one decode step
 (DLCM reads the step's boundary decisions back once; the baseline never waits).
 
     python bench/decode.py --out bench/results/decode_h200.json          # on the H200: paper and small pairs
@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from report import run_meta, write_json  # bench/report.py (this script's folder is on sys.path)
 
-from dlcm.config import BaselineConfig, DLCMConfig
-from dlcm.flops import inference_flops_per_token
-from dlcm.flops_report import load_preset, load_recipe
-from dlcm.generation import DLCMDecoder, incremental_decoder, sample_tokens
-from dlcm.model import DLCM
-from dlcm.presets import DEEPSEEK_V3_VOCAB, build_model
+from dlcm.infer.generation import DLCMDecoder, incremental_decoder, sample_tokens
+from dlcm.model.config import BaselineConfig, DLCMConfig
+from dlcm.model.dlcm import DLCM
+from dlcm.model.flops import inference_flops_per_token
+from dlcm.model.presets import DEEPSEEK_V3_VOCAB, build_model
+from dlcm.research.flops_report import load_preset, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # (baseline, DLCM): presets or recipe files; the recipes' vocabulary comes from --vocab-size.

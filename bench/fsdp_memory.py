@@ -25,12 +25,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from dlcm.checkpoint_io import AtomicModelParallelStrategy
-from dlcm.config import DLCMConfig
-from dlcm.execution import ExecutionConfig
-from dlcm.lightning_modules import BaselineModule, DLCMModule
-from dlcm.optim import ScheduleConfig
-from dlcm.presets import PRESETS, preset_config
+from dlcm.model.config import DLCMConfig
+from dlcm.model.presets import PRESETS, preset_config
+from dlcm.train.checkpoint_io import AtomicModelParallelStrategy
+from dlcm.train.execution import ExecutionConfig
+from dlcm.train.lightning_modules import BaselineModule, DLCMModule
+from dlcm.train.optim import ScheduleConfig
 
 GIB = 2**30
 

@@ -111,14 +111,14 @@ def _log(message: str) -> None:
 
 
 def load_specs(mode: Mode) -> dict[str, Any]:
-    from dlcm.sweep import load_spec
+    from dlcm.research.sweep import load_spec
 
     return {key: load_spec(ROOT / mode.spec_dir / name) for key, name in SPEC_FILES.items()}
 
 
 def group_runs(specs: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> list[Any]:
     """Every training run, named ``<spec key>/<run name>``, with the per-group ``overrides`` added to its spec."""
-    from dlcm.sweep import Run, static_runs
+    from dlcm.research.sweep import Run, static_runs
 
     runs = []
     for key, spec in specs.items():
@@ -163,7 +163,7 @@ def probe_overrides(steps: int) -> dict[str, Any]:
 
 def seconds_per_step(run_dir: Path, skip_fraction: float = 1 / 3) -> float | None:
     """Median seconds per optimizer step of a (probe) run from its ``perf/tokens_per_sec`` points."""
-    from dlcm.run_metrics import read_run_config, read_scalars, tokens_per_step
+    from dlcm.research.run_metrics import read_run_config, read_scalars, tokens_per_step
 
     points = read_scalars(run_dir, ["perf/tokens_per_sec"]).get("perf/tokens_per_sec", {})
     config = read_run_config(run_dir)
@@ -227,8 +227,8 @@ RUN_KEYS = (
 
 def dlcm_vs_baseline(runs: dict[str, dict], specs: dict[str, Any]) -> dict[str, Any]:
     """Reproduction 2: held-out bits per byte and training FLOPs of the DLCM and the baseline."""
-    from dlcm.shape_search import matmul_parameters
-    from dlcm.sweep import base_model
+    from dlcm.research.shape_search import matmul_parameters
+    from dlcm.research.sweep import base_model
 
     d, b = runs.get(MAIN_RUN, {}), runs.get(BASELINE_RUN, {})
     out: dict[str, Any] = {"dlcm": _pick(d, RUN_KEYS), "baseline": _pick(b, RUN_KEYS)}
@@ -276,7 +276,7 @@ def tokens_per_concept(runs: dict[str, dict]) -> dict[str, Any]:
 
 def mup_tables(specs: dict[str, Any], runs: dict[str, dict]) -> dict[str, Any]:
     """Reproduction 1: the loss-vs-rate tables of the μP widths (names as the mup-transfer protocol gives them)."""
-    from dlcm.sweep import MuPProtocol
+    from dlcm.research.sweep import MuPProtocol
 
     protocol = MuPProtocol(specs["mup"])
     losses = {}
@@ -306,7 +306,7 @@ def environment() -> dict[str, Any]:
 
 def run_driver(args: argparse.Namespace) -> dict[str, Any]:
     from dlcm.data.corpus import ensure_default_corpus
-    from dlcm.sweep import Executor, write_json, write_summary
+    from dlcm.research.sweep import Executor, write_json, write_summary
 
     mode = MODES["smoke" if args.smoke else "h200"]
     start = time.perf_counter()
@@ -434,7 +434,7 @@ def format_report(result: dict[str, Any]) -> str:
     def num(value: Any, fmt: str = ".4f") -> str:
         return "-" if value is None else format(value, fmt)
 
-    from dlcm.sweep import format_mup_tables
+    from dlcm.research.sweep import format_mup_tables
 
     lines = [f"== repro_small ({result['mode']}): {result['note']}", format_mup_tables(result["mup_transfer"])]
     dv = result["dlcm_vs_baseline"]
@@ -471,7 +471,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 def draw(result: dict[str, Any], figures_dir: Path, tensorboard_dir: Path | None) -> list[Path]:
     """The reproduction's figures from its results JSON alone."""
-    from dlcm import plots
+    from dlcm.research import plots
 
     runs = result["runs"]
     main = {

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from report import run_meta, write_json  # bench/report.py (this script's folder is on sys.path)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dlcm.attention_backends import causal_attention, flash_attn_available
-from dlcm.packing import PackedSeqs
+from dlcm.model.attention_backends import causal_attention, flash_attn_available
+from dlcm.model.packing import PackedSeqs
 
 # (query heads, KV heads, head dim, document lengths): the paper models' attention at 2 × 8,192 tokens per step.
 SHAPES = {

@@ -1,6 +1,6 @@
 """Does the global parser find the phrases, or only the rate? Tiny DLCMs on the synthetic phrase language
 (:mod:`dlcm.data.synthetic`, known phrase starts), trained with ``router_grad: aux`` and ``ste``, scored by
-boundary precision/recall/F1 (:mod:`dlcm.boundary_metrics`, exact and ±1 token) with inference-mode boundaries on
+boundary precision/recall/F1 (:mod:`dlcm.eval.boundary_metrics`, exact and ±1 token) with inference-mode boundaries on
 held-out batches, against a chance reference with the same number of boundaries per document.
 
     python bench/synthetic_boundaries.py --router-grad aux ste --steps 600 --out synthetic.json
@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from dlcm.boundary_metrics import boundary_scores, chance_boundaries
 from dlcm.data.synthetic import PhraseLanguage
-from dlcm.loss import cross_entropy, next_token_targets
-from dlcm.presets import build_model, tiny_dlcm
-from dlcm.shape_search import width_scaled
+from dlcm.eval.boundary_metrics import boundary_scores, chance_boundaries
+from dlcm.model.loss import cross_entropy, next_token_targets
+from dlcm.model.presets import build_model, tiny_dlcm
+from dlcm.research.shape_search import width_scaled
 
 TOLERANCES = (0, 1)
 

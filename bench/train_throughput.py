@@ -9,7 +9,7 @@ includes compilation). Precision is Lightning's ``bf16-mixed`` (fp32 master weig
 replaced by Bernoulli(1/R) draws: a freshly initialised parser does not compress at R, and throughput depends on
 the concept count (the realised ratio is reported).
 
-MFU = model FLOPs / time / peak, with :mod:`dlcm.flops`'s training count (3 × forward matmul and attention FLOPs,
+MFU = model FLOPs / time / peak, with :mod:`dlcm.model.flops`'s training count (3 × forward matmul and attention FLOPs,
 no causal discount: ``(6·N + 12·layers·width·seq)·tokens`` for the baseline, N counting every matmul weight
 including the head) against the dense bf16 peak (989 TFLOP/s on an H200) and against a bf16 GEMM measured in the
 same run. The DLCM breakdown (eager configurations only: a module compiled in place, such as Ψ's block, runs its
@@ -43,12 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import PAIRS, model_config  # the same model pairs as the decode benchmark
 from report import run_meta, write_json
 
-from dlcm.attention_backends import BACKENDS
-from dlcm.execution import ExecutionConfig, apply_execution, compiled_graphs
-from dlcm.flops import model_flops
-from dlcm.loss import IGNORE_INDEX, next_token_targets, token_nats
-from dlcm.model import DLCM
-from dlcm.presets import DEEPSEEK_V3_VOCAB, build_model
+from dlcm.model.attention_backends import BACKENDS
+from dlcm.model.dlcm import DLCM
+from dlcm.model.flops import model_flops
+from dlcm.model.loss import IGNORE_INDEX, next_token_targets, token_nats
+from dlcm.model.presets import DEEPSEEK_V3_VOCAB, build_model
+from dlcm.train.execution import ExecutionConfig, apply_execution, compiled_graphs
 
 H200_BF16_PEAK = 989e12
 

@@ -4,7 +4,7 @@ The init σ (``mup_std``) and the logit multiplier ``1/s_token`` live in the mod
 ``LMHead``) because they must survive meta-device materialisation. What the model cannot own is the optimizer side:
 per-group Adam learning rates and ε. This callback installs a group function on the LightningModule
 (``param_groups_fn``, called by ``configure_optimizers``), checks the optimizer it produced at fit start, and logs
-the group table once to TensorBoard. Without the callback training uses ``dlcm.optim.default_param_groups``.
+the group table once to TensorBoard. Without the callback training uses ``dlcm.train.optim.default_param_groups``.
 
 Groups, with ``s_token = d_token/d_base`` and ``s_concept = d_concept/d_base``:
 
@@ -53,10 +53,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from dlcm.config import BaselineConfig, DLCMConfig, require
-from dlcm.linear import Embedding, Linear
-from dlcm.norm import RMSNorm
-from dlcm.optim import OptimizerConfig
+from dlcm.model.config import BaselineConfig, DLCMConfig, require
+from dlcm.model.linear import Embedding, Linear
+from dlcm.model.norm import RMSNorm
+from dlcm.train.optim import OptimizerConfig
 
 GROUPS = ("token_hidden", "concept_hidden", "embeddings", "norms", "readout")
 # Wrapper segments in parameter names: torch.compile (OptimizedModule), activation checkpointing

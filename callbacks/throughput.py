@@ -1,4 +1,4 @@
-"""Training throughput and MFU from the analytic FLOPs of every micro-batch (:mod:`dlcm.flops`).
+"""Training throughput and MFU from the analytic FLOPs of every micro-batch (:mod:`dlcm.model.flops`).
 
 Logged on logging steps (``trainer.log_every_n_steps``), over the last ``window − 1`` logging intervals:
 
@@ -13,7 +13,7 @@ Convention (SPEC §10): model FLOPs are 3 × forward matmul and attention FLOPs 
 document of length ``seq`` per sequence this is ``(6·N_non-embedding + 12·layers·width·seq)·tokens``, the number
 the dense baseline reports, so DLCM and baseline MFU compare like for like.
 
-Cost: each micro-batch adds its length sums (:func:`dlcm.flops.packed_length_sums`, a few tiny kernels) on the
+Cost: each micro-batch adds its length sums (:func:`dlcm.model.flops.packed_length_sums`, a few tiny kernels) on the
 device, with no host sync: token offsets come from the batch, concept offsets from ``training_step``'s
 ``layout``, and the Ψ kernel that ran from the host-side ``max_seqlen``. On logging steps the callback
 synchronises the device (the clock must time finished work), all-reduces the sums once over ranks (so unequal
@@ -30,8 +30,8 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 
-from dlcm.config import DLCMConfig
-from dlcm.flops import LengthStats, cross_kernel, flops_from_stats, packed_length_sums, resolve_config
+from dlcm.model.config import DLCMConfig
+from dlcm.model.flops import LengthStats, cross_kernel, flops_from_stats, packed_length_sums, resolve_config
 
 # Rows of the pending sums: micro-batches whose Ψ ran on each kernel (with impl='auto' it can change per batch).
 KERNELS = ("replicate", "exact")

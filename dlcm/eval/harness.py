@@ -12,15 +12,15 @@ or from Python: ``import dlcm.eval.harness`` then ``lm_eval.simple_evaluate(mode
 ``simple_evaluate(model=DLCMHarnessLM.from_network(network, tokenizer, context_length), …)``.
 
 The three request types run on dlcm's own machinery, so the harness and ``dlcm eval`` give identical scores for
-the same ``(context, continuation)`` pairs (``tests/test_harness.py`` checks it on a local task):
+the same ``(context, continuation)`` pairs (``tests/eval/test_harness.py`` checks it on a local task):
 
 - ``loglikelihood``: :func:`dlcm.eval.scoring.score_requests` (packed, one document per request; the
   continuation is whatever the joint encoding adds after the context, left-truncated to the context length).
   dlcm models have no start-of-document token, so an empty context is an error.
 - ``loglikelihood_rolling``: the harness's rolling windows of ``context_length`` tokens, scored the same way. The
   document's first token conditions the rest and is itself not scored (there is no token to predict it from).
-- ``generate_until``: batched incremental decoding (:func:`dlcm.generation.generate_batch`), prompts left-truncated
-  to leave room for ``max_gen_toks`` (the harness's convention), cut at the first ``until`` string.
+- ``generate_until``: batched incremental decoding (:func:`dlcm.infer.generation.generate_batch`), prompts
+  left-truncated to leave room for ``max_gen_toks`` (the harness's convention), cut at the first ``until`` string.
 
 Metric conventions differ from ``dlcm eval`` in one place: the harness's ``acc_norm`` divides by the *characters*
 of the choice without the target delimiter, ``dlcm eval`` by the UTF-8 bytes of the continuation including its
@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from dlcm.data.tokenizer import encode_documents
 from dlcm.eval.scoring import Request, encode_request, score_requests
-from dlcm.generation import check_sampling, first_stop, fit_to_context, generate_batch
+from dlcm.infer.generation import check_sampling, first_stop, fit_to_context, generate_batch
 
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
 DEFAULT_MAX_GEN_TOKS = 256
@@ -73,8 +73,8 @@ class DLCMHarnessLM(LM):
         super().__init__()
         if config is None:
             raise ValueError("model_args needs config=<recipe.yaml> (and checkpoint=<last.ckpt>) for --model dlcm")
-        from dlcm.eval.cli import build_from_recipe, load_weights
-        from dlcm.generate_cli import DTYPES
+        from dlcm.infer.generate_cli import DTYPES
+        from dlcm.train.restore import build_from_recipe, load_weights
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not allowed: expected one of {', '.join(sorted(DTYPES))}")

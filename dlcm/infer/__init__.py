@@ -1,0 +1,1 @@
+"""Inference: KV caches, incremental decoding steps, CUDA-graph replay, generation and ``dlcm generate``."""

@@ -1,0 +1,77 @@
+"""The four-stage DLCM network (paper Eqs. 1–4 and 11–15), on packed token streams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dlcm.model.block import TransformerStack
+from dlcm.model.config import DLCMConfig
+from dlcm.model.cross_attention import CrossAttentionBlock
+from dlcm.model.linear import Embedding, mup_std
+from dlcm.model.lm_head import LMHead
+from dlcm.model.packing import PackedSeqs
+from dlcm.model.parser import GlobalParser, ParserOutput
+from dlcm.model.pooling import ConceptLayout, ConceptPooling, concept_layout
+from dlcm.model.ratio_loss import RatioLoss, RatioStats
+from dlcm.model.smoothing import ConceptSmoothing
+
+
+@dataclass
+class DLCMOutput:
+    """Logits plus everything the losses and the logging callbacks need from the same forward pass."""
+
+    logits_TV: torch.Tensor
+    aux_loss: torch.Tensor  # L_aux (Eq. 10), unweighted; the total loss adds aux_weight · aux_loss
+    ratio: RatioStats
+    parser: ParserOutput
+    layout: ConceptLayout
+    tokens: PackedSeqs
+
+
+class DLCM(nn.Module):
+    """Encoder E → global parser → mean pooling + W_up → concept backbone M → smoothing S → Ψ → decoder D.
+
+    ``forward(input_ids_T, cu_seqlens_tok)`` takes one packed stream of ``T`` tokens. In training mode with
+    ``parser.boundary_mode='sample'`` boundaries are sampled (pass a ``generator`` for reproducible draws);
+    otherwise, and always in eval mode, they are thresholded at ``p ≥ 0.5``.
+    """
+
+    def __init__(self, cfg: DLCMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d_tok, d_cpt = cfg.d_token, cfg.d_concept
+        std_tok = mup_std(cfg.init_std, d_tok, cfg.d_base)
+        std_cpt = mup_std(cfg.init_std, d_cpt, cfg.d_base)
+        eps, backend = cfg.norm_eps, cfg.attn_backend
+        self.embed = Embedding(cfg.vocab_size, d_tok, cfg.init_std)
+        self.encoder = TransformerStack(cfg.encoder, std_tok, eps, backend)
+        self.parser = GlobalParser(d_tok, cfg.parser)
+        self.pooling = ConceptPooling(d_tok, d_cpt, std_tok)
+        self.backbone = TransformerStack(cfg.backbone, std_cpt, eps, backend)
+        self.smoothing = ConceptSmoothing(cfg.smoothing)
+        self.cross = CrossAttentionBlock(d_tok, d_cpt, cfg.cross, std_tok, std_cpt, cfg.init_std, eps, backend)
+        self.decoder = TransformerStack(cfg.decoder, std_tok, eps, backend)
+        self.head = LMHead(d_tok, cfg.vocab_size, cfg.init_std, cfg.d_base)
+        self.ratio_loss = RatioLoss(cfg.parser.target_ratio, cfg.parser.ratio_scope)
+
+    def forward(
+        self,
+        input_ids_T: torch.Tensor,
+        cu_seqlens_tok: torch.Tensor,
+        max_seqlen_tok: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DLCMOutput:
+        tok = PackedSeqs.from_cu_seqlens(cu_seqlens_tok, input_ids_T.shape[0], max_seqlen_tok)
+        h_TD = self.encoder(self.embed(input_ids_T), tok)
+        sample = self.training and self.cfg.parser.boundary_mode == "sample"
+        parsed = self.parser(h_TD, tok, sample=sample, generator=generator)
+        layout = concept_layout(parsed.boundary_T, tok)
+        z_CD = self.backbone(self.pooling(h_TD, layout), layout.seqs)
+        z_CD = self.smoothing(z_CD, parsed.prob_T, layout)
+        x_TD = self.cross(h_TD, z_CD, layout, tok, parsed.confidence_T)
+        logits_TV = self.head(self.decoder(x_TD, tok))
+        ratio = self.ratio_loss(parsed.prob_T, parsed.boundary_T, tok)
+        return DLCMOutput(logits_TV, ratio.loss, ratio, parsed, layout, tok)

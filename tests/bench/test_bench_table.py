@@ -1,0 +1,39 @@
+"""bench/table.py on a training-throughput result: the throughput rows and, for profiled steps, the kernel-family
+table side by side."""
+
+from __future__ import annotations
+
+from tests.bench.test_bench_decode import load
+
+
+def record(model: str, families: dict[str, float] | None) -> dict:
+    rec = {
+        "model": model,
+        "precision": "bf16-mixed",
+        "compile_blocks": True,
+        "tokens_per_step": 16384,
+        "median_step_ms": 400.0,
+        "tokens_per_sec": 40960.0,
+        "mfu": 0.478,
+        "mfu_vs_measured_gemm": 0.596,
+        "realised_ratio": None,
+        "peak_memory_gib": 54.4,
+    }
+    if families is not None:
+        rec["kernels"] = {"families_ms": families, "kernel_ms": sum(families.values()), "idle_ms": 7.0}
+    return rec
+
+
+def test_throughput_table_renders_rows_and_the_profile_side_by_side() -> None:
+    table = load("table")
+    data = {"command": "cmd", "device": "gpu", "torch": "2.11", "gemm_peak_flops": 7.9e14}
+    plain = table.throughput_table({**data, "records": [record("a", None)]})
+    assert "| a | bf16-mixed | on | 16384 | 400 | 41.0k | 47.8% | 59.6% | – | 54.4 |" in plain
+    assert "kernel family" not in plain
+    profiled = table.throughput_table(
+        {**data, "records": [record("a", {"gemm": 140.0, "optimizer": 10.0}), record("b", {"gemm": 150.0})]}
+    )
+    assert "| kernel family (profiled step, ms) | a | b |" in profiled
+    assert "| gemm | 140.0 | 150.0 |" in profiled
+    assert "| optimizer | 10.0 | 0.0 |" in profiled  # a family one step did not run reads 0
+    assert "| all kernels | 150.0 | 150.0 |" in profiled

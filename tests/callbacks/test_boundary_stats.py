@@ -1,0 +1,124 @@
+"""BoundaryStats on a tiny CPU fit: the scalars in TensorBoard equal the statistics of the logged batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dlcm.callbacks.boundary_stats import BoundaryStats
+from dlcm.train.cli import run_cli
+
+RECIPE = str(Path(__file__).parents[2] / "recipes" / "dlcm_tiny_r4_defaultcorpus_cpu.yaml")
+
+
+class Keep(Callback):
+    """Records what training and validation steps returned, as the callback under test saw it."""
+
+    def __init__(self) -> None:
+        self.train: list[tuple[dict, dict]] = []
+        self.val: list[tuple[dict, dict]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.train.append((outputs, {k: v for k, v in batch.items()}))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self.val.append((outputs, batch))
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("boundary")
+    cli = run_cli(
+        [
+            f"--config={RECIPE}",
+            "--data.tokens_per_batch=512",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=4",
+            "--trainer.limit_val_batches=2",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+            "--boundary_stats.histogram_every_n_steps=2",
+            "--boundary_stats.warmup_steps=0",
+            f"--trainer.default_root_dir={root}",
+            f"--trainer.logger.init_args.save_dir={root}",
+        ],
+        run=False,
+    )
+    keep = Keep()
+    assert sum(isinstance(c, BoundaryStats) for c in cli.trainer.callbacks) == 1  # the CLI adds it
+    cli.trainer.callbacks.append(keep)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    events = EventAccumulator(cli.trainer.logger.log_dir)
+    events.Reload()
+    return cli, keep, events
+
+
+def series(events: EventAccumulator, tag: str) -> list[float]:
+    return [e.value for e in events.Scalars(tag)]
+
+
+def test_training_scalars_match_the_batches(fitted) -> None:
+    cli, keep, events = fitted
+    cfg = cli.model.config.parser
+    expected_f = [out["parser"].boundary_T.float().mean().item() for out, _ in keep.train]
+    assert series(events, "boundary/F_sampled") == pytest.approx(expected_f, rel=1e-5)
+    expected_thr = [out["parser"].threshold_T.float().mean().item() for out, _ in keep.train]
+    assert series(events, "boundary/F_threshold") == pytest.approx(expected_thr, rel=1e-5)
+    expected_g = [out["parser"].prob_T.mean().item() for out, _ in keep.train]
+    assert series(events, "boundary/G") == pytest.approx(expected_g, rel=1e-5)
+    assert series(events, "boundary/ratio") == pytest.approx([1 / f for f in expected_f], rel=1e-5)
+    assert series(events, "boundary/target_R") == [cfg.target_ratio] * len(keep.train)
+    per_seq = [out["layout"].num_concepts / (len(batch["cu_seqlens"]) - 1) for out, batch in keep.train]
+    assert series(events, "boundary/concepts_per_seq") == pytest.approx(per_seq, rel=1e-5)
+    cv = [
+        (out["layout"].length_C.float().std(unbiased=False) / out["layout"].length_C.float().mean()).item()
+        for out, _ in keep.train
+    ]
+    assert series(events, "boundary/length_cv") == pytest.approx(cv, rel=1e-4)
+    share = [cfg.aux_weight * out["aux"].item() / out["loss"].item() for out, _ in keep.train]
+    assert series(events, "boundary/aux_share") == pytest.approx(share, rel=1e-4)
+
+
+def test_per_domain_tokens_per_concept(fitted) -> None:
+    cli, keep, events = fitted
+    domains = cli.datamodule.manifest.domains
+    out, batch = keep.train[0]
+    tokens_D = batch["cu_seqlens"].diff()
+    concepts_D = out["layout"].seqs.cu_seqlens.diff()
+    for i, name in enumerate(domains):
+        mine = batch["domain"] == i
+        if mine.any():
+            expected = (tokens_D[mine].sum() / concepts_D[mine].sum()).item()
+            assert series(events, f"boundary/tokens_per_concept/{name}")[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_validation_scalars_histograms_and_text(fitted) -> None:
+    _, keep, events = fitted
+    tokens = sum(out["parser"].boundary_T.numel() for out, _ in keep.val)
+    thresholded = sum(out["parser"].threshold_T.sum().item() for out, _ in keep.val)
+    assert series(events, "val_boundary/ratio_threshold") == pytest.approx([tokens / thresholded], rel=1e-5)
+    histograms = events.Tags()["histograms"]
+    assert {"boundary/concept_length", "boundary/boundary_prob", "val_boundary/concept_length"} <= set(histograms)
+    text = events.Tensors("val_boundary/segmentation/text_summary")[0].tensor_proto.string_val[0].decode()
+    first_out, first_batch = keep.val[0]
+    end = min(int(first_batch["cu_seqlens"][1]), 160)
+    concepts = len(set(first_out["layout"].concept_id_T[:end].tolist()))
+    assert text.startswith(f"**document 0** ({concepts} concepts, {end} tokens)")
+    assert text.split("\n\n")[1].count("][") == concepts - 1
+
+
+def test_collapse_flag_and_warning_when_the_ratio_leaves_the_band(fitted) -> None:
+    cli, _, events = fitted
+    flags = series(events, "val_boundary/collapse")
+    ratio = series(events, "val_boundary/ratio_threshold")[0]
+    target = cli.model.config.parser.target_ratio
+    assert flags == [0.0 if 0.8 * target <= ratio <= 1.25 * target else 1.0]
+    stats = BoundaryStats(warmup_steps=0)
+    with pytest.warns(UserWarning, match=r"boundary collapse: validation ratio 9\.00"):
+        assert stats._check_band(cli.trainer, cli.model, "validation", 9.0) == 1.0
+    assert stats._check_band(cli.trainer, cli.model, "validation", 9.5) == 1.0  # no second warning
+    assert stats._check_band(cli.trainer, cli.model, "validation", target) == 0.0
