@@ -1,4 +1,4 @@
-"""Decode throughput (SPEC §7, issue 7): generated tokens/s of DLCM vs its FLOPs-matched dense baseline, batched
+"""Decode throughput (docs/design.md): generated tokens/s of DLCM vs its FLOPs-matched dense baseline, batched
 incremental decoding (:mod:`dlcm.infer.generation`) at batch 1 and 32.
 
 Each (pair, model, batch) builds a randomly initialised network in ``--dtype`` on ``--device``, prefills ``batch``

@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import source_commit  # bench/report.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_FILES = {"mup": "sweep_mup_transfer.yaml", "scope": "sweep_ratio_scope.yaml", "baseline": "sweep_baseline.yaml"}
-GROUP_OF_SPEC = {"mup": "mup", "scope": "main", "baseline": "main"}  # runs of a group train the same steps
+SWEEP_FILES = {"mup": "sweep_mup_transfer.yaml", "scope": "sweep_ratio_scope.yaml", "baseline": "sweep_baseline.yaml"}
+GROUP_OF_SWEEP = {"mup": "mup", "scope": "main", "baseline": "main"}  # runs of a group train the same steps
 MAIN_RUN, SEQUENCE_RUN, BASELINE_RUN = "scope/scope-global", "scope/scope-sequence", "baseline/base"
 SAFETY = 0.85  # share of the measured-rate budget actually planned (the probe runs under full load, but noisy)
 
@@ -113,7 +113,7 @@ def _log(message: str) -> None:
 def load_specs(mode: Mode) -> dict[str, Any]:
     from dlcm.research.sweep import load_spec
 
-    return {key: load_spec(ROOT / mode.spec_dir / name) for key, name in SPEC_FILES.items()}
+    return {key: load_spec(ROOT / mode.spec_dir / name) for key, name in SWEEP_FILES.items()}
 
 
 def group_runs(specs: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> list[Any]:
@@ -122,7 +122,7 @@ def group_runs(specs: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> l
 
     runs = []
     for key, spec in specs.items():
-        spec = dataclasses.replace(spec, overrides={**spec.overrides, **overrides[GROUP_OF_SPEC[key]]})
+        spec = dataclasses.replace(spec, overrides={**spec.overrides, **overrides[GROUP_OF_SWEEP[key]]})
         runs += [Run(f"{key}/{r.name}", r.args, r.meta, r.sidecar) for r in static_runs(spec)]
     return runs
 
@@ -181,7 +181,7 @@ def plan_steps(
     """Steps per group that fit ``seconds_left`` at the slowest measured rate of the group (see module docstring)."""
     steps, slowest = {}, {}
     for group in mode.max_steps:
-        measured = [s for name, s in rates.items() if GROUP_OF_SPEC[name.split("/")[0]] == group and s]
+        measured = [s for name, s in rates.items() if GROUP_OF_SWEEP[name.split("/")[0]] == group and s]
         if not measured:
             raise RuntimeError(f"the probe measured no step time for group {group!r}; see the probe's train.log files")
         slowest[group] = max(measured)

@@ -13,7 +13,7 @@ Logged (``boundary/…`` for training steps, ``val_boundary/…`` per validation
 - histograms of concept lengths and boundary probabilities, and a text view of a few validation documents with
   concepts bracketed: ``[In the beginning][ God created]…``;
 - ``collapse``: 1 when, after ``warmup_steps``, the smoothed training ratio or the validation ratio leaves
-  ``[0.8·R, 1.25·R]`` (a warning is printed when it leaves): the boundary-collapse pitfall of SPEC §9.
+  ``[0.8·R, 1.25·R]`` (a warning is printed when it leaves): a boundary rate that stalls or collapses.
 
 Training statistics are computed on logging steps only (``trainer.log_every_n_steps``): each costs one small
 all-reduce and one host copy.

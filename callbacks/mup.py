@@ -1,4 +1,4 @@
-"""Decoupled μP (SPEC §3, paper Eqs. 18–21) as one callback that owns the parameter-group rules.
+"""Decoupled μP (paper Eqs. 18–21, docs/design.md) as one callback that owns the parameter-group rules.
 
 The init σ (``mup_std``) and the logit multiplier ``1/s_token`` live in the model (``reset_parameters`` and
 ``LMHead``) because they must survive meta-device materialisation. What the model cannot own is the optimizer side:

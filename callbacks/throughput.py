@@ -9,7 +9,7 @@ Logged on logging steps (``trainer.log_every_n_steps``), over the last ``window 
 - ``perf/model_flops_per_token`` and ``perf/hardware_flops_per_token``: training FLOPs per token of the last
   interval (they move with document and concept lengths).
 
-Convention (SPEC §10): model FLOPs are 3 × forward matmul and attention FLOPs with no causal discount; for one
+Convention (docs/design.md): model FLOPs are 3 × forward matmul and attention FLOPs with no causal discount; for one
 document of length ``seq`` per sequence this is ``(6·N_non-embedding + 12·layers·width·seq)·tokens``, the number
 the dense baseline reports, so DLCM and baseline MFU compare like for like.
 
@@ -57,7 +57,7 @@ class FlopsThroughput(L.Callback):
             ≈7.9e14 measured on large GEMMs). ``None``: Lightning's table for the device; MFU/HFU are not logged
             when it does not know the device (CPU, H200).
         window: logging points the rates are averaged over (≥ 2; 2 = the last logging interval).
-        causal_discount: count only attention pairs inside the causal mask (default: no discount, SPEC §10).
+        causal_discount: count only attention pairs inside the causal mask (default: no discount, the MFU convention).
         sync_ranks: all-reduce the length sums over ranks on logging steps; ``False`` scales rank 0's count by
             the world size (Lightning's convention), which is exact only when every rank does the same work.
     """

@@ -1,4 +1,4 @@
-"""Batched incremental decoding for DLCM and the dense baseline (SPEC §7), and a sampling loop on top of it.
+"""Batched incremental decoding for DLCM and the dense baseline (docs/design.md), and a sampling loop on top of it.
 
 A decoder holds ``B`` documents of different lengths and runs one forward per call for all of them: a prompt chunk
 (``counts[b]`` new tokens for document ``b``, padded to the longest) or one generated token each. Its logits equal

@@ -72,7 +72,7 @@ class ParserConfig:
     target_ratio: float = 4.0  # R: tokens per concept the ratio loss steers towards
     d_scan: int | None = None  # width of W_q/W_k; None means d_token (identity init is then exact)
     boundary_mode: BoundaryMode = "sample"  # training-time discretisation; eval always thresholds at 0.5
-    # α in sharpen(p) = σ(logit(p)/α); → 0 recovers the threshold rule. The paper gives no value; SPEC guessed 0.5,
+    # α in sharpen(p) = σ(logit(p)/α); → 0 recovers the threshold rule. The paper gives no value; 0.5 is tempting,
     # but nothing in L_aux makes p bimodal, so at α = 0.5 the sampled ratio meets R while thresholded inference
     # drifts far from it (tiny demo: validation ratio 187 at R = 4). 0.1 samples only near p = 0.5 and keeps the
     # two in step (validation ratio 4.16); see docs/design.md.

@@ -5,7 +5,7 @@ right by one inside each document, a learned null concept first; output ``H + W_
 block's own pre-norm SwiGLU FFN (Table 3 "Interm. size (cross)"). No RoPE: queries and keys live on different
 axes (tokens vs concepts) and the concept order is already encoded by the backbone.
 
-Causality (SPEC §2.4): a token in concept ``j`` may read concepts ``0 … j−1`` only — concept ``j`` is a mean
+Causality (docs/design.md): a token in concept ``j`` may read concepts ``0 … j−1`` only — concept ``j`` is a mean
 over tokens that include the token's own next-token target. Shifting makes key row ``j`` hold concept ``j−1``
 (null for a document's first concept), so "rows ``≤ j``" is exactly "completed concepts". Continuing the example
 of :mod:`dlcm.model.pooling` (documents A = tokens 0–4, B = tokens 5–7):
@@ -116,7 +116,7 @@ class CrossAttentionBlock(nn.Module):
         self.impl = cfg.impl
         self.backend = backend
         self.null_std = null_std
-        # Bridge matrices go by fan-in (SPEC §3): W_Q, W_O read/write the token stream, W_K, W_V read concepts.
+        # μP: bridge matrices go by fan-in: W_Q, W_O read/write the token stream, W_K, W_V read concepts.
         self.wq = Linear(d_token, cfg.n_heads * self.head_dim, std_token)
         self.wk = Linear(d_concept, cfg.n_kv_heads * self.head_dim, std_concept)
         self.wv = Linear(d_concept, cfg.n_kv_heads * self.head_dim, std_concept)

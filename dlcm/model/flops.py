@@ -1,14 +1,14 @@
 """Analytic FLOPs of DLCM and the dense baseline from the actual document lengths of a packed batch.
 
 Why analytic: the number of concepts is data-dependent (a meta-device ``measure_flops`` cannot run the parser),
-and ``FlopCounterMode`` counts 0 for ``varlen_attn`` (SPEC §9). One convention serves both models:
+and ``FlopCounterMode`` counts 0 for ``varlen_attn`` (torch 2.11). One convention serves both models:
 
 - **Matmuls**: 2 FLOPs per multiply-add, forward. Every matrix counts once per row it is applied to: token rows
   ``T`` (encoder, parser W_q/W_k, cross W_Q/W_O and the cross FFN, decoder, LM head) or concept rows ``C``
   (W_up — it acts on the pooled concepts —, cross W_K/W_V, backbone). Embedding lookups, norms, RoPE, pooling
   sums, smoothing and the loss are not matmuls and count 0.
 - **Attention**: QKᵀ and PV, ``2·2·head_dim·heads`` per (query, key) pair scored, forward. *Model FLOPs*
-  (SPEC §10, the MFU convention) score every pair of a document, no causal discount: ``Σ_i L_i²`` for token
+  (the MFU convention, docs/design.md) score every pair of a document, no causal discount: ``Σ_i L_i²`` for token
   self-attention, ``Σ_i C_i²`` for the backbone, and the model's definition of Ψ — tokens against the unique
   concepts of their document — ``Σ_i L_i·C_i``. With one document of length ``seq`` this is the familiar
   ``12·layers·width·seq`` per training token.

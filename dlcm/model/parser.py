@@ -9,7 +9,7 @@ forced boundary (``p = b = 1``), which keeps concepts inside documents. Training
 ``b_t ~ Bernoulli(σ(logit(p_t)/α))``; evaluation thresholds ``p_t ≥ 0.5`` (the α → 0 limit of the same rule).
 The projections are identity-initialised and run in (at least) fp32 whatever the autocast or parameter dtype.
 
-Gradient paths (SPEC §2): with ``router_grad='aux'`` the discrete decision is decoupled from the LM loss, so
+Gradient paths (docs/design.md): with ``router_grad='aux'`` the discrete decision is decoupled from the LM loss, so
 W_q/W_k learn only from the ratio loss through ``p``. With ``'ste'`` the parser also returns an H-Net style
 confidence ``c_t = p_t if b_t else 1 − p_t`` made to read 1 in the forward pass; the cross-attention scales its
 output by it, which routes the LM gradient into ``p``.

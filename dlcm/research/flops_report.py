@@ -5,7 +5,7 @@
                --baseline-config recipes/baseline_small_defaultcorpus_h200.yaml --json
 
 Counts follow :mod:`dlcm.model.flops`: forward FLOPs per token for documents of exactly ``--context`` tokens split into
-``context / R`` concepts, 2 FLOPs per multiply-add, attention without causal discount (SPEC §10) unless
+``context / R`` concepts, 2 FLOPs per multiply-add, attention without causal discount (the MFU convention) unless
 ``--causal-discount``. The table gives each stage's matmul and attention parts, the backbone's share and the
 DLCM/baseline ratio; ``--json`` prints the same numbers as a list with one object per context.
 
@@ -187,7 +187,7 @@ def format_report(result: dict[str, Any]) -> str:
     model, base = result["model"], result.get("baseline")
     mf = model["flops_per_token"]
     scale, unit = _unit(mf["total"])
-    convention = "causal pairs only" if result["causal_discount"] else "no causal discount (SPEC §10)"
+    convention = "causal pairs only" if result["causal_discount"] else "every pair, no causal discount"
     lines = [f"Inference FLOPs per token at context {result['context']:,} ({unit}/token; attention: {convention})"]
     for role, m in (("model", model), ("baseline", base)):
         if m is None:

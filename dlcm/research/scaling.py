@@ -1,4 +1,4 @@
-"""Compression-aware scaling law (paper Eq. 22, SPEC §4): fit, predict, and allocate compute over (R, P).
+"""Compression-aware scaling law (paper Eq. 22, docs/design.md): fit, predict, and allocate compute over (R, P).
 
     L(N, D, R, P) = E0 + A_tok / (N(1−P) + t_tok)^δ1 + A_con · R^γ / (N·P + t_con)^δ2 + A_data / (D + t_data)^α
 

@@ -26,7 +26,7 @@ spec must go to a new ``--out``). ``<out>/summary.csv`` and ``summary.json`` lis
 Protocols:
 
 - ``grid``: the product of the axes (no axes: one run called ``base``).
-- ``mup-transfer`` (paper §6.1, SPEC §3): decoupled μP (the protocol adds :class:`dlcm.callbacks.mup.DecoupledMuP`,
+- ``mup-transfer`` (paper §6.1): decoupled μP (the protocol adds :class:`dlcm.callbacks.mup.DecoupledMuP`,
   or, when the configs already end their callback list with one, as the μP recipes do, sets that one's width and
   rates; its other options stay). Coordinate descent on the proxy (the first width) over the token-stream base LR,
   then the concept-stream one (or both ``tied``), trying the multipliers around the current best until a round moves
@@ -63,7 +63,7 @@ from dlcm.model.config import BaselineConfig, DLCMConfig
 
 PROTOCOLS = ("grid", "mup-transfer", "ratio-fraction")
 COORDINATES = ("token", "concept", "tied")
-SPEC_KEYS = ("protocol", "configs", "set", "axes", "mup", "ratio_fraction")
+SWEEP_KEYS = ("protocol", "configs", "set", "axes", "mup", "ratio_fraction")
 MUP_CALLBACK = "dlcm.callbacks.mup.DecoupledMuP"
 MODEL_PREFIX = "model.init_args.config."
 # Summary columns besides the run's own meta keys; per-domain tokens per concept follow them.
@@ -245,8 +245,8 @@ def load_spec(path: str | Path, vocab_size: int | None = None) -> SweepSpec:
         raise FileNotFoundError(f"sweep spec {path} does not exist")
     raw = yaml.safe_load(path.read_text())
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a sweep spec is a YAML mapping with keys {', '.join(SPEC_KEYS)}")
-    _check_keys(str(path), raw, SPEC_KEYS, ("configs",))
+        raise ValueError(f"{path}: a sweep spec is a YAML mapping with keys {', '.join(SWEEP_KEYS)}")
+    _check_keys(str(path), raw, SWEEP_KEYS, ("configs",))
     protocol = raw.get("protocol", "grid")
     if protocol not in PROTOCOLS:
         raise ValueError(f"{path}: protocol={protocol!r} is not allowed: one of {', '.join(PROTOCOLS)}")

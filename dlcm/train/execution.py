@@ -1,5 +1,5 @@
 """How the network executes, applied from one place outside the model code: activation checkpointing, per-block
-``torch.compile`` and FSDP2 sharding (SPEC: model code is free of distributed and execution concerns).
+``torch.compile`` and FSDP2 sharding (so that model code stays free of distributed and execution concerns).
 
 All three act on whole blocks in place — the encoder, backbone and decoder ``TransformerBlock``s and the
 cross-attention block Ψ — so parameter names (and with them checkpoints and the μP name rules) do not change. The
@@ -84,7 +84,7 @@ def shard_network(network: nn.Module, mesh: DeviceMesh, param_dtype: ParamDtype)
     for unit in blocks_of(network) + heads:
         fully_shard(unit, mesh=mesh, mp_policy=compute)
     for parser in (m for m in network.modules() if isinstance(m, GlobalParser)):
-        # SPEC §2: boundary scores in fp32. Kept gathered until the backward: FSDP2 hooks its pre-backward
+        # Boundary scores in fp32. Kept gathered until the backward: FSDP2 hooks its pre-backward
         # all-gather on the tensors of a unit's output, and ParserOutput (a dataclass) shows it none, so a
         # resharded parser failed in the backward on the H200 (torch 2.11: "storage of size 0", [d, d] fp32).
         fully_shard(parser, mesh=mesh, mp_policy=exact, reshard_after_forward=False)

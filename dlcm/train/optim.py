@@ -26,7 +26,7 @@ ScheduleKind = Literal["constant", "cosine", "wsd"]
 
 @dataclass
 class OptimizerConfig:
-    """AdamW hyper-parameters (defaults: LLaMA-1, SPEC §5)."""
+    """AdamW hyper-parameters (defaults: LLaMA-1's, which the paper adopts)."""
 
     lr: float = 3e-4  # peak learning rate of the base group
     betas: tuple[float, float] = (0.9, 0.95)

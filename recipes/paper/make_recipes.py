@@ -8,7 +8,7 @@ optimizer settings, and every number a header states (parameters, FLOPs per toke
 is computed here from the model, never typed. ``tests/train/test_paper_recipes.py`` checks the files are current and
 recomputes each stated number from the recipe as the CLI instantiates it. Edit this file, not the YAML.
 
-Choices the paper leaves open (SPEC §4–5), made once here:
+Choices the paper leaves open (docs/design.md, "What the paper leaves open"), made once here:
 - Sequence length 2,048 and 4,194,304 (2²²) tokens per optimizer step: the paper trains with "the same global
   batch size, learning rate and sequence length as LLaMA" (LLaMA-1: 4M tokens, 2,048). Table 3's 8k maximum
   position is reachable with ``--model.init_args.context_length=8192`` (the step keeps its token count).
@@ -177,18 +177,18 @@ def header(run: Run) -> list[str]:
     ]
     if run.mup:
         lines += [
-            f"# Learning rate: decoupled μP (SPEC §3) at d_base = {MUP_D_BASE}, base rates {PEAK_LR} for every group",
+            f"# Learning rate: decoupled μP at d_base = {MUP_D_BASE}, base rates {PEAK_LR} for every group",
             f"#   (the coordinate descent's start); WSD: {run.warmup_steps:,} warm-up steps, flat, linear decay over",
             f"#   the last 10% of the {steps:,} steps to 10%.",
         ]
     elif run.schedule == "cosine":
         lines += [
-            f"# Learning rate (LLaMA-1, SPEC §5): AdamW peak {PEAK_LR}, β = (0.9, 0.95), weight decay 0.1, clip 1.0;",
+            f"# Learning rate (LLaMA-1's): AdamW peak {PEAK_LR}, β = (0.9, 0.95), weight decay 0.1, clip 1.0;",
             f"#   {run.warmup_steps:,} warm-up steps, then cosine to 10% of the peak at step {steps:,}.",
         ]
     else:
         lines += [
-            f"# Learning rate: AdamW peak {PEAK_LR}, β = (0.9, 0.95), weight decay 0.1, clip 1.0 (LLaMA-1, SPEC §5);",
+            f"# Learning rate: AdamW peak {PEAK_LR}, β = (0.9, 0.95), weight decay 0.1, clip 1.0 (LLaMA-1's);",
             f"#   WSD (the paper's scaling-law schedule): {run.warmup_steps:,} warm-up steps, flat, linear decay over",
             f"#   the last 10% of the {steps:,} steps to 10%.",
         ]
@@ -285,7 +285,7 @@ def trainer_lines(run: Run) -> list[str]:
     ]
     if gpus > 1:
         lines += [
-            "  strategy: # FSDP2 (SPEC §9): parameters, gradients and AdamW state sharded over every GPU",
+            "  strategy: # FSDP2: parameters, gradients and AdamW state sharded over every GPU",
             f"    class_path: {STRATEGY} # sharding applied in configure_model",
             "    init_args:",
             f"      data_parallel_size: {gpus} # = devices × num_nodes: pure data parallelism",
@@ -305,7 +305,7 @@ def trainer_lines(run: Run) -> list[str]:
     if run.mup:
         lines += [
             "  callbacks:",
-            "    - class_path: dlcm.callbacks.mup.DecoupledMuP # μP parameter groups (SPEC §3)",
+            "    - class_path: dlcm.callbacks.mup.DecoupledMuP # μP parameter groups (docs/design.md)",
             "      init_args:",
             f"        d_base: {MUP_D_BASE} # μP base width; must equal model.config.d_base",
             f"        lr_token: {PEAK_LR} # η_token at d_base (Adam lr = η_token / s_token)",
@@ -341,7 +341,7 @@ def render(run: Run) -> str:
         "throughput: # dlcm.callbacks.throughput.FlopsThroughput: tokens/s, FLOPs/s, MFU (perf/*)",
         "  peak_flops_per_device: 9.89e+14 # FLOP/s per GPU: H200 dense bf16 datasheet",
         "  window: 2 # logging points averaged over",
-        "  causal_discount: false # false = SPEC §10 model FLOPs",
+        "  causal_discount: false # false = model FLOPs, no causal discount (docs/design.md)",
     ]
     body = ["seed_everything: 0 # global seed at start"]
     body += trainer_lines(run) + throughput + model_lines(run) + data_lines(run)

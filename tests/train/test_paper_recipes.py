@@ -221,7 +221,7 @@ def test_recipe_instantiates_and_its_header_is_right(recipe: Path, mixture_root:
     assert gpus == trainer.num_devices and nodes == trainer.num_nodes and trainer.world_size == gpus * nodes
     assert step == micro * acc * gpus * nodes
     if "mup" not in recipe.name:
-        assert step == 2**22  # LLaMA-1's 4M-token batch (SPEC §5)
+        assert step == 2**22  # LLaMA-1's 4M-token batch, which the paper adopts
     if gpus * nodes > 1:
         assert isinstance(trainer.strategy, AtomicModelParallelStrategy)  # FSDP2, atomic sharded checkpoints
         strategy = cli.config.trainer.strategy.init_args
@@ -239,7 +239,7 @@ def test_recipe_instantiates_and_its_header_is_right(recipe: Path, mixture_root:
     assert integer(seen) == steps * step
     assert float(compute) == pytest.approx(3 * flops.total * steps * step, rel=5e-3)
 
-    # Optimisation: LLaMA-1's settings (SPEC §5); cosine for the 1T runs, WSD over the last 10% otherwise.
+    # Optimisation: LLaMA-1's settings, as the paper says; cosine for the 1T runs, WSD over the last 10% otherwise.
     opt, schedule = model.optimizer_cfg, model.schedule_cfg
     assert (opt.betas, opt.eps, opt.weight_decay, trainer.gradient_clip_val) == ((0.9, 0.95), 1e-8, 0.1, 1.0)
     assert schedule.total_steps is None and schedule.min_lr_ratio == 0.1
