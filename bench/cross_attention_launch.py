@@ -1,4 +1,4 @@
-"""What the exact Ψ kernel's log-count bias costs, and which launch configuration hides it (issue 5 ablation).
+"""What the exact Ψ kernel's log-count bias costs, and which launch configuration hides it (an ablation).
 
 Same setup as ``bench/cross_attention.py`` (fwd+bwd, bf16, batch 1, 32 heads, segments of ~6 tokens) at one size,
 each variant one compiled graph with :func:`dlcm.model.concept_attention.readable_block_mask`:

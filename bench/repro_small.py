@@ -1,4 +1,4 @@
-"""Small-scale reproduction of five DLCM findings on one H200, as concurrent ``dlcm fit`` subprocesses (issue 8).
+"""Small-scale reproduction of five DLCM findings on one H200, as concurrent ``dlcm fit`` subprocesses.
 
     python bench/repro_small.py --runs-dir /tmp/repro          # H200, ≈ 8 min: bench/results/repro_small_h200.json
     python bench/repro_small.py --smoke --runs-dir /tmp/smoke  # CPU, tiny shapes, a few minutes (checks the driver)
@@ -83,7 +83,7 @@ MODES = {
         max_steps={"mup": 850, "main": 850},
         min_steps=100,
         val_points=5,
-        budget_s=450.0,  # leaves ≈ 2 minutes of a 10-minute device call for installs and slack
+        budget_s=450.0,  # leaves ≈ 2 minutes of a 10-minute job for installs and slack
         reserve_s=90.0,
         synthetic={"steps": 2000, "width": 128, "tokens": 2048, "doc-len": 256, "eval-batches": 32},
     ),
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU version (checks the driver end to end)")
-    parser.add_argument("--runs-dir", type=Path, required=True, help="run directories (checkpoints: keep off $OUT)")
+    parser.add_argument("--runs-dir", type=Path, required=True, help="run directories and their checkpoints")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: see the module docstring)")
     parser.add_argument("--figures", type=Path, default=None, help="PNG directory (default: docs/figures, smoke: runs)")
     parser.add_argument("--no-plots", action="store_true", help="skip the figures (draw them later with `plot`)")

@@ -1,4 +1,4 @@
-"""Self-attention kernel rates on the training shapes (issue 5): forward + backward milliseconds and executed
+"""Self-attention kernel rates on the training shapes: forward + backward milliseconds and executed
 TFLOP/s of each ``causal_attention`` backend on packed documents, and of SDPA's padded layout under each of its
 kernels (cuDNN, FlashAttention-2, memory-efficient), side by side in one run.
 

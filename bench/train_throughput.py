@@ -1,4 +1,4 @@
-"""End-to-end training throughput on one GPU (issue 5, benchmark 2): tokens/s, MFU and peak memory of the dense
+"""End-to-end training throughput on one GPU: tokens/s, MFU and peak memory of the dense
 baseline and DLCM at matched inference FLOPs, and where DLCM's extra time goes.
 
 Each configuration runs full training steps — forward, CE (+ λ·L_aux for DLCM), backward, fused AdamW — on packed
