@@ -42,8 +42,6 @@ from dlcm.model.config import BaselineConfig, DLCMConfig, StackConfig
 
 Stream = Literal["token", "concept", "cross", "none"]
 CrossKernel = Literal["replicate", "exact"]
-DLCM_STAGES = ("embedding", "encoder", "parser", "pooling", "backbone", "cross_attention", "decoder", "head")
-BASELINE_STAGES = ("embedding", "stack", "head")
 # Order of the entries of packed_length_sums / LengthStats.from_sums.
 SUM_FIELDS = ("tokens", "concepts", "token_pairs", "concept_pairs", "cross_pairs", "documents")
 

@@ -235,9 +235,6 @@ class Flatness:
     ratio: float
     slope: float
 
-    def is_flat(self, max_ratio: float = 1.5) -> bool:
-        return self.ratio <= max_ratio
-
 
 def flatness(
     records: list[CoordRecord], parametrisation: Parametrisation, stream: str, metric: Metric, step: int

@@ -36,7 +36,7 @@ def test_an_export_inside_another_checkout_reports_the_exported_commit(head: str
     outer = tmp_path / "stale"
     outer.mkdir()
     git("init", "-q", cwd=outer)  # stands for the GPU machine's stale checkout around the exported copy
-    export = outer / ".clean"
+    export = outer / "export"
     export.mkdir()
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
