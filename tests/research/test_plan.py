@@ -66,6 +66,14 @@ def test_memory_model_is_within_ten_percent_of_the_measured_fsdp2_peak() -> None
         mode = run["activation_checkpointing"]
         predicted = states + activation_gib(recipe.config, measured["tokens_per_batch"], mode, compiled_loss=False)
         assert predicted == pytest.approx(run["peak_allocated_gib"], rel=0.10), mode
+    # Eager blocks: the compiled estimate plus the extra the same benchmark run measured for eager blocks.
+    eager = plan(dataclasses.replace(recipe, micro_batch_tokens=16_384, compile_blocks=False), 1, 1, H200, MEASURED)
+    compiled = plan(dataclasses.replace(recipe, micro_batch_tokens=16_384, compile_blocks=True), 1, 1, H200, MEASURED)
+    extra = eager["memory_gib"]["activations_none"] - compiled["memory_gib"]["activations_none"]
+    assert extra == pytest.approx(101.31 - 81.30 + 2 * 7.86, abs=0.1)  # measured blocks + fp32 logits and gradient
+    assert eager["memory_gib"]["activations_full"] - compiled["memory_gib"]["activations_full"] == pytest.approx(
+        2 * 7.86, abs=0.1
+    )  # fully checkpointed blocks keep only their inputs, eager or compiled
     # And the compiled-loss single-GPU throughput runs' peaks (fp32 weights, gradients and AdamW state).
     for _, record in records():
         if record["compile_blocks"] and record.get("compiled_loss") and record["precision"] == "bf16-mixed":
