@@ -398,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nvlink-gbps", type=float, default=None, help="NCCL bus bandwidth in a node, GB/s")
     parser.add_argument("--network-gbps", type=float, default=None, help="NCCL bus bandwidth across nodes, GB/s")
     parser.add_argument("--throughput", type=Path, nargs="*", default=None, help="train_throughput JSON files")
+    parser.add_argument("--compile-blocks", choices=["true", "false"], help="override execution.compile_blocks")
+    parser.add_argument(
+        "--activation-checkpointing", choices=["none", "selective", "full"], help="override the recipe's"
+    )
+    parser.add_argument("--gradient-sync", choices=["micro_batch", "step", "replicas_at_step"], help="override")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = parser.parse_args(argv)
     for name in ("nodes", "gpus_per_node"):
@@ -409,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     files = args.throughput or sorted(RESULTS.glob("train_throughput_*.json"))
     try:
         recipe = read_recipe(args.recipe, args.vocab_size, args.step_tokens)
+        if args.compile_blocks is not None:
+            recipe.compile_blocks = args.compile_blocks == "true"
+        recipe.checkpointing = args.activation_checkpointing or recipe.checkpointing
+        recipe.gradient_sync = args.gradient_sync or recipe.gradient_sync
         result = plan(recipe, args.nodes, args.gpus_per_node, gpu, files)
     except (ValueError, FileNotFoundError) as err:
         print(f"dlcm plan: {err}", file=sys.stderr)
