@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import lightning as L
 import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 
 from dlcm.train.cli import run_cli
 from dlcm.train.global_batch import GlobalBatch, accumulation_for, apply_global_batch
-from tests.train.test_distributed import RECIPE
+from tests.model.test_ratio_loss import run_bounded
+from tests.train.test_distributed import RECIPE, args
+
+FRAGMENT = Path(RECIPE).parent / "fragments" / "strategy_fsdp2.yaml"
 
 MICRO_BATCH = 256
 
@@ -63,3 +73,59 @@ def test_the_cli_derives_accumulation_from_the_recipe_key() -> None:
         run=False,
     )
     assert cli.trainer.accumulate_grad_batches == 2
+
+
+class StepTokens(Callback):
+    """Tokens of every optimizer step, summed over the step's micro-batches and all ranks."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.pending += batch["input_ids"].numel()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        total = torch.tensor(self.pending)
+        dist.all_reduce(total)
+        self.steps.append(int(total))
+        self.pending = 0
+
+
+def _launch(rank: int, tmp: str, world: int) -> None:
+    """One rank of a ``world``-process launch of the tiny recipe with the FSDP2 fragment (as torchrun would)."""
+    torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)
+    root = Path(tmp)
+    dist.init_process_group("gloo", init_method=f"file://{root / 'rendezvous'}", rank=rank, world_size=world)
+    try:
+        cli = run_cli(
+            args(
+                root,
+                "global",
+                f"--config={FRAGMENT}",
+                f"--trainer.devices={world}",
+                "--model.init_args.execution.fsdp_param_dtype=float32",
+                f"--global_batch.tokens={4 * MICRO_BATCH}",
+                "--trainer.max_steps=2",
+            ),
+            run=False,
+        )
+        record = StepTokens()
+        cli.trainer.callbacks.append(record)
+        cli.trainer.fit(cli.model, cli.datamodule)
+        if rank == 0:
+            (root / "steps.json").write_text(json.dumps([cli.trainer.accumulate_grad_batches, record.steps]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_launched_on_one_two_and_four_processes_every_step_holds_the_same_tokens(tmp_path: Path) -> None:
+    for world in (1, 2, 4):
+        root = tmp_path / str(world)
+        root.mkdir()
+        run_bounded(_launch, (str(root), world), world, timeout_s=600.0)
+        accumulation, steps = json.loads((root / "steps.json").read_text())
+        assert accumulation == 4 // world
+        assert steps == [4 * MICRO_BATCH] * 2, world
