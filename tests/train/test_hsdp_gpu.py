@@ -18,11 +18,10 @@ from torch.distributed.tensor import Replicate, Shard
 
 from dlcm.train.checkpoint_io import AtomicModelParallelStrategy
 from dlcm.train.cli import run_cli
+from tests.train.test_fsdp_gpu import STEPS, small_fsdp2_args
 
 pytestmark = pytest.mark.gpu
 
-RECIPES = Path(__file__).parents[2] / "recipes"
-STEPS = 3
 MICRO_BATCH = 16_384  # the small recipe's tokens per micro-batch
 
 
@@ -36,21 +35,12 @@ class Losses(Callback):
 
 def fit(root: Path, sharding: str, gradient_sync: str) -> tuple[list[float], object, int]:
     cli = run_cli(
-        [
-            f"--config={RECIPES / 'dlcm_small_r4_defaultcorpus_h200.yaml'}",
-            f"--config={RECIPES / 'fragments' / 'strategy_fsdp2.yaml'}",
-            "--trainer.devices=1",
+        small_fsdp2_args(
+            root,
             f"--global_batch.tokens={2 * MICRO_BATCH}",
-            f"--trainer.max_steps={STEPS}",
-            "--trainer.limit_val_batches=0",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-            "--checkpoint.monitor=null",
-            f"--trainer.default_root_dir={root}",
-            "--data.num_workers=0",
             f"--model.init_args.execution.sharding={sharding}",
             f"--model.init_args.execution.gradient_sync={gradient_sync}",
-        ],
+        ),
         run=False,
     )
     assert isinstance(cli.trainer.strategy, AtomicModelParallelStrategy)
