@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -94,6 +96,18 @@ def train(network: torch.nn.Module, ranks: list[int], mode: str = "micro_batch")
     return {"grads": grads, "rates": rates, "params": {n: full(p) for n, p in network.named_parameters()}}
 
 
+def reshard_through_checkpoint(hybrid: torch.nn.Module, mesh, path: Path) -> dict[str, torch.Tensor]:
+    """Save the hybrid-sharded network with torch.distributed.checkpoint (the format of the sharded Lightning
+    checkpoints) and load it into a fully sharded one: its gathered parameters."""
+    dcp.save(get_model_state_dict(hybrid), checkpoint_id=path)
+    fresh = build_model(network_config("batch")).train()
+    apply_execution(fresh, ExecutionConfig(fsdp_param_dtype="float32"), mesh)
+    state = get_model_state_dict(fresh)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(fresh, state)
+    return {n: full(p) for n, p in fresh.named_parameters()}
+
+
 def _worker(rank: int, tmp: str, variants: tuple[tuple[str, str, str], ...]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{Path(tmp) / 'rendezvous'}", rank=rank, world_size=WORLD)
@@ -109,6 +123,8 @@ def _worker(rank: int, tmp: str, variants: tuple[tuple[str, str, str], ...]) -> 
             apply_execution(network, execution, mesh)
             results[scope, sharding, mode] = train(network, [rank], mode)
             results[scope, sharding, mode]["mesh"] = tuple(network.embed.weight.device_mesh.shape)
+            if (scope, sharding, mode) == QUICK[0]:
+                results["resharded"] = reshard_through_checkpoint(network, mesh, Path(tmp) / "hybrid.distcp")
         torch.save(results, Path(tmp) / f"rank-{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -174,6 +190,14 @@ def test_meshes_are_two_by_two_hybrid_and_four_way_full(quick: list[dict]) -> No
     for result in quick:
         assert result["batch", "hybrid", "micro_batch"]["mesh"] == (WORLD // SHARD, SHARD)
         assert result["batch", "full", "micro_batch"]["mesh"] == (WORLD,)
+
+
+def test_a_hybrid_checkpoint_loads_into_full_sharding_unchanged(quick: list[dict]) -> None:
+    for result in quick:
+        trained = result[QUICK[0]]["params"]
+        assert set(result["resharded"]) == set(trained)
+        for name, value in trained.items():
+            assert torch.equal(result["resharded"][name], value), name
 
 
 def test_hybrid_full_and_skipped_sync_equal_one_process_on_the_union_batch(quick: list[dict], single: dict) -> None:
