@@ -3,8 +3,9 @@
 ``fit`` / ``validate`` / ``test`` go to the LightningCLI (:mod:`dlcm.train.cli`); ``dlcm data …`` (tokenizers and
 shards), ``dlcm flops …`` (inference FLOPs per token of a recipe or preset), ``dlcm eval …`` (zero-shot benchmarks of
 a checkpoint), ``dlcm generate …``, ``dlcm consolidate …``, ``dlcm scaling fit …`` (the compression-aware scaling
-law), ``dlcm sweep …``, ``dlcm analyze …`` (loss by position inside a concept) and ``dlcm plot …`` go to their own
-module's ``main(argv)``.
+law), ``dlcm sweep …``, ``dlcm analyze …`` (loss by position inside a concept), ``dlcm plot …`` and
+``dlcm plan …`` (memory, communication, time and GPU-hours of a recipe on a cluster) go to their own module's
+``main(argv)``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ SUBCOMMANDS = {
     "sweep": "dlcm.research.sweep",
     "analyze": "dlcm.research.concept_analysis",
     "plot": "dlcm.research.plots",
+    "plan": "dlcm.research.plan",
 }
 
 

@@ -109,7 +109,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` (FSDP2; dlcm applies it in ``configure_model``) whose sharded
-    checkpoints are complete or absent, and whose load errors name the checkpoint."""
+    checkpoints are complete or absent, and whose load errors name the checkpoint.
+
+    ``data_parallel_size: auto`` means every process (dlcm is data-parallel only; Lightning's ``auto`` would make
+    the processes of a node tensor-parallel), so recipes leave the world size to the launcher."""
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            if self._tensor_parallel_size == "auto":
+                self._tensor_parallel_size = 1
+            self._data_parallel_size = max(self.num_nodes * self.num_processes // self._tensor_parallel_size, 1)
+        super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if not self._save_distributed_checkpoint:  # one consolidated file, written by the checkpoint IO plugin

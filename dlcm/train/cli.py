@@ -3,7 +3,8 @@
 Recipes are YAML files for LightningCLI (``--config`` may be given several times and composes in order; OmegaConf
 interpolation is enabled). Arguments that must agree are linked rather than repeated: the tokenizer's vocabulary
 size (known once the data module has read its manifest) fills ``model.config.vocab_size``, and the model's
-``context_length`` sets the data packer's ``max_seq_len``.
+``context_length`` sets the data packer's ``max_seq_len``. ``global_batch.tokens`` fixes the optimizer step in tokens:
+the trainer's gradient accumulation is derived from it for the world size of the launch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dlcm.callbacks.boundary_stats import BoundaryStats
 from dlcm.callbacks.throughput import FlopsThroughput
 from dlcm.data.datamodule import PackedDataModule
 from dlcm.train.checkpoint_io import AtomicCheckpointIO
+from dlcm.train.global_batch import GlobalBatch, apply_global_batch
 from dlcm.train.lightning_modules import LanguageModelModule
 
 
@@ -42,6 +44,7 @@ class DLCMCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(BoundaryStats, "boundary_stats")
         parser.add_lightning_class_args(FlopsThroughput, "throughput")
+        parser.add_class_arguments(GlobalBatch, "global_batch")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         plugins = config.get("plugins") or []
@@ -51,7 +54,9 @@ class DLCMCLI(LightningCLI):
         config["plugins"] = plugins
         if config.get("logger") is False:  # LearningRateMonitor refuses to run without a logger
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        apply_global_batch(trainer, self._get(self.config_init, "global_batch"), self.datamodule.tokens_per_batch)
+        return trainer
 
     def after_fit(self) -> None:
         trainer = self.trainer

@@ -8,7 +8,11 @@ a recomputation, and their shapes depend on the sampled boundaries.
 
 Order, as torchtitan applies them: checkpointing, then compile, then ``fully_shard``, whose all-gather and
 reduce-scatter hooks wrap the checkpointed, compiled block. Gradients then equal the plain network's (tested with
-two gloo ranks in ``tests/train/test_fsdp.py``).
+two gloo ranks in ``tests/train/test_fsdp.py``, and on a 2 × 2 hybrid mesh in ``tests/train/test_hsdp.py``).
+
+Hybrid sharding (HSDP) shards within a group of ranks (one node: all-gathers and reduce-scatters stay on NVLink) and
+replicates across groups (one gradient all-reduce of a shard per step crosses the network). Under gradient
+accumulation ``gradient_sync`` decides which of these collectives run on every micro-batch.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from dlcm.model.block import TransformerBlock
 from dlcm.model.config import require, require_choice
@@ -31,6 +35,8 @@ from dlcm.model.parser import GlobalParser
 
 Checkpointing = Literal["none", "selective", "full"]
 ParamDtype = Literal["bfloat16", "float32"]
+Sharding = Literal["full", "hybrid"]
+GradientSync = Literal["micro_batch", "step", "replicas_at_step"]
 
 
 @dataclass
@@ -48,10 +54,31 @@ class ExecutionConfig:
     # Build the network on the meta device; configure_model allocates it (each rank only its shards under FSDP2)
     # and runs reset_parameters in the eager build's order. For models too large to build in full on every rank.
     meta_init: bool = False
+    # FSDP2 only. full: shard over every data-parallel rank. hybrid (HSDP): shard within groups of
+    # hsdp_shard_size consecutive ranks, replicate across the groups (gradients all-reduced between replicas).
+    sharding: Sharding = "full"
+    # Ranks per shard group under hybrid sharding; null: the processes of one node (trainer.devices), so a shard
+    # group is one node and only the replica all-reduce crosses the network.
+    hsdp_shard_size: int | None = None
+    # FSDP2 under gradient accumulation. micro_batch: reduce (and all-reduce between replicas) every micro-batch;
+    # gradients stay sharded. step: no gradient collective until the step's last micro-batch; each GPU holds the
+    # full fp32 gradients meanwhile (+4 bytes per parameter). replicas_at_step (hybrid): reduce-scatter within the
+    # shard group every micro-batch, all-reduce between replicas once per step; no extra memory.
+    gradient_sync: GradientSync = "micro_batch"
 
     def __post_init__(self) -> None:
         require_choice("execution.activation_checkpointing", self.activation_checkpointing, Checkpointing)
         require_choice("execution.fsdp_param_dtype", self.fsdp_param_dtype, ParamDtype)
+        require_choice("execution.sharding", self.sharding, Sharding)
+        require_choice("execution.gradient_sync", self.gradient_sync, GradientSync)
+        if self.hsdp_shard_size is not None:
+            require(self.hsdp_shard_size >= 1, "execution.hsdp_shard_size", self.hsdp_shard_size, "null or >= 1")
+        require(
+            self.gradient_sync != "replicas_at_step" or self.sharding == "hybrid",
+            "execution.gradient_sync",
+            self.gradient_sync,
+            "micro_batch or step with sharding=full (replicas_at_step needs sharding=hybrid)",
+        )
 
 
 def blocks_of(network: nn.Module) -> list[nn.Module]:
@@ -72,11 +99,27 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
+def hybrid_mesh(data_parallel: DeviceMesh, shard_size: int) -> DeviceMesh:
+    """The 2-D (replicate, shard) mesh over the ranks of ``data_parallel``: shard groups of ``shard_size``
+    consecutive ranks (launchers number the ranks of a node consecutively), replicas across them."""
+    world = data_parallel.size()
+    require(
+        world % shard_size == 0,
+        "execution.hsdp_shard_size",
+        shard_size,
+        f"a divisor of the {world} data-parallel ranks (null: the processes of one node)",
+    )
+    return init_device_mesh(
+        data_parallel.device_type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard")
+    )
+
+
 def shard_network(network: nn.Module, mesh: DeviceMesh, param_dtype: ParamDtype) -> None:
     """FSDP2 ``fully_shard`` per block, Ψ, embedding and head, the parser in fp32, then the root for the rest.
 
     One all-gather per unit keeps at most a block's full parameters alive at a time; reducing in fp32 keeps
     gradient averaging exact whatever the compute dtype (Lightning's FSDP1 ``bf16-mixed`` would reduce in bf16).
+    A 2-D ``(replicate, shard)`` mesh makes it HSDP: the all-reduce between replicas is in fp32 too.
     """
     compute = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32)
     exact = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
@@ -91,9 +134,12 @@ def shard_network(network: nn.Module, mesh: DeviceMesh, param_dtype: ParamDtype)
     fully_shard(network, mesh=mesh, mp_policy=compute)
 
 
-def apply_execution(network: nn.Module, cfg: ExecutionConfig, mesh: DeviceMesh | None = None) -> None:
+def apply_execution(
+    network: nn.Module, cfg: ExecutionConfig, mesh: DeviceMesh | None = None, node_size: int = 1
+) -> None:
     """Apply ``cfg`` to ``network`` once (Lightning may call ``configure_model`` more than once); shard it over
-    ``mesh`` (a data-parallel mesh) when one is given."""
+    ``mesh`` (a 1-D data-parallel mesh) when one is given, hybrid over shard groups of ``cfg.hsdp_shard_size``
+    (default ``node_size``, the processes of one node) when ``cfg.sharding`` says so."""
     if getattr(network, "_dlcm_execution_applied", False):
         return
     for stack in (m for m in network.modules() if isinstance(m, nn.ModuleList)):
@@ -110,8 +156,24 @@ def apply_execution(network: nn.Module, cfg: ExecutionConfig, mesh: DeviceMesh |
         for block in blocks_of(network):
             block.compile()
     if mesh is not None:
+        if cfg.sharding == "hybrid":
+            mesh = hybrid_mesh(mesh, cfg.hsdp_shard_size or node_size)
         shard_network(network, mesh, cfg.fsdp_param_dtype)
     network._dlcm_execution_applied = True
+
+
+def set_gradient_sync(network: nn.Module, mode: GradientSync, last_micro_batch: bool) -> None:
+    """Before a micro-batch's backward: which gradient collectives FSDP2 runs for it (see ``gradient_sync``).
+
+    Skipped collectives accumulate locally (FSDP2 keeps unsharded fp32 gradients, or partial shards for
+    ``replicas_at_step``) and the step's last backward reduces the sum, so the step's gradient is the same.
+    """
+    if not isinstance(network, FSDPModule):
+        return  # not sharded: Lightning's own no_sync covers DDP, one device has nothing to skip
+    if mode == "step":
+        network.set_requires_gradient_sync(last_micro_batch)
+    elif mode == "replicas_at_step":
+        network.set_requires_all_reduce(last_micro_batch)
 
 
 def compiled_graphs() -> int:

@@ -25,7 +25,13 @@ from dlcm.model.baseline import DenseBaseline
 from dlcm.model.config import BaselineConfig, DLCMConfig
 from dlcm.model.dlcm import DLCM, DLCMOutput
 from dlcm.model.loss import IGNORE_INDEX, next_token_targets, token_nats
-from dlcm.train.execution import ExecutionConfig, apply_execution, compiled_graphs, data_parallel_mesh
+from dlcm.train.execution import (
+    ExecutionConfig,
+    apply_execution,
+    compiled_graphs,
+    data_parallel_mesh,
+    set_gradient_sync,
+)
 from dlcm.train.materialize import materialize
 from dlcm.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, default_param_groups
 
@@ -81,10 +87,10 @@ class LanguageModelModule(L.LightningModule):
         self.val_bytes = torchmetrics.SumMetric()
 
     def configure_model(self) -> None:
-        # Only ModelParallelStrategy provides a mesh: the network is then FSDP2-sharded; DDP and single-device
-        # runs get checkpointing and compile only.
+        # Only ModelParallelStrategy provides a mesh: the network is then FSDP2-sharded (over a 2-D replicate ×
+        # shard mesh when hybrid); DDP and single-device runs get checkpointing and compile only.
         mesh = None if self.device_mesh is None else data_parallel_mesh(self.device_mesh)
-        apply_execution(self.network, self.execution_cfg, mesh)
+        apply_execution(self.network, self.execution_cfg, mesh, node_size=self.trainer.num_devices)
         if any(p.is_meta for p in self.network.parameters()):
             # Here rather than in Lightning's setup, which would also `to_empty` the torchmetrics states and reset
             # modules parents first (not the eager build's RNG order).
@@ -114,6 +120,9 @@ class LanguageModelModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         self.before_micro_batch(batch_idx)
+        # Lightning's own decision for this micro-batch (it steps the optimizer after it unless accumulating).
+        last_micro_batch = not self.trainer.fit_loop._should_accumulate()
+        set_gradient_sync(self.network, self.execution_cfg.gradient_sync, last_micro_batch)
         nats_T, has_target_T, extras = self.lm_terms(batch)
         ce = nats_T.sum() / has_target_T.sum().clamp(min=1)
         loss = ce

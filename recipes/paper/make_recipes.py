@@ -43,6 +43,7 @@ from dlcm.model.presets import (
     dlcm_87m,
     dlcm_grid,
 )
+from dlcm.train.global_batch import accumulation_for
 
 HERE = Path(__file__).resolve().parent
 CONTEXT = 2048
@@ -69,6 +70,9 @@ MIXTURE = (  # paper Table 1 (§5): source directory name, token share, what it 
 DATA_DIR = "/data/dlcm/paper_mix"
 # FSDP2 through Lightning's ModelParallelStrategy, subclassed so a crash mid-save never corrupts the last checkpoint.
 STRATEGY = "dlcm.train.checkpoint_io.AtomicModelParallelStrategy"
+# Per-block torch.compile in every paper recipe: switch on once the same-run A/B at context 2,048
+# (bench/train_throughput.py --pairs paper --compile off on --context 2048) measures it faster.
+COMPILE_BLOCKS = False
 
 
 @dataclass(frozen=True)
@@ -109,10 +113,8 @@ def count(config: DLCMConfig | BaselineConfig) -> tuple[int, int, int]:
 
 
 def accumulation(run: Run) -> int:
-    per_micro_step = MICRO_BATCH * run.gpus_per_node * run.nodes
-    if run.tokens_per_step % per_micro_step:
-        raise ValueError(f"{run.path}: {run.tokens_per_step} tokens per step is no multiple of {per_micro_step}")
-    return run.tokens_per_step // per_micro_step
+    """Micro-batches per step on the planned hardware (the trainer derives it again from the launch's world size)."""
+    return accumulation_for(run.tokens_per_step, MICRO_BATCH, run.gpus_per_node * run.nodes)
 
 
 def planned_steps(run: Run) -> int:
@@ -170,6 +172,7 @@ def header(run: Run) -> list[str]:
     lines += [
         f"# Tokens per optimizer step: {run.tokens_per_step:,} = {MICRO_BATCH:,} per micro-batch × "
         f"{accumulation(run)} accumulation × {gpus} × {nodes}.",
+        "#   global_batch.tokens fixes it: on another GPU count the trainer derives the accumulation again.",
         f"# Training tokens: {run.tokens:,} ({run.tokens_source})",
         f"#   → planned steps: {steps:,} = ceil(tokens / tokens per step) = trainer.max_steps.",
         f"# Training compute ≈ 3 × FLOPs per token × {steps * run.tokens_per_step:,} tokens = "
@@ -260,8 +263,12 @@ def model_lines(run: Run) -> list[str]:
     lines += [
         "    execution:",
         "      activation_checkpointing: none # none | selective | full: recompute blocks to save memory",
-        "      compile_blocks: false # true compiles each block; watch compile/graphs for recompiles",
+        f"      compile_blocks: {str(COMPILE_BLOCKS).lower()} # true compiles each block; watch compile/graphs for "
+        "recompiles",
         "      meta_init: true # build on the meta device; configure_model allocates only each rank's shards",
+    ]
+    lines += sharding_lines(run)
+    lines += [
         "    schedule:",
         f"      kind: {run.schedule} # " + ("warm-up, cosine" if run.schedule == "cosine" else "warm-up, flat, decay"),
         f"      warmup_steps: {run.warmup_steps} # optimizer steps of linear warm-up",
@@ -273,32 +280,51 @@ def model_lines(run: Run) -> list[str]:
     return lines
 
 
+def sharding_lines(run: Run) -> list[str]:
+    """FSDP2 layout: several nodes replicate across nodes and shard within one (HSDP), so per step only one fp32
+    all-reduce of each GPU's gradient shard crosses the network; one node shards over all its GPUs."""
+    if run.gpus_per_node * run.nodes == 1:
+        return []
+    if run.nodes == 1:
+        return [
+            "      sharding: full # FSDP2 over every GPU (hybrid: shard in a node, replicate across nodes)",
+            "      gradient_sync: micro_batch # reduce-scatter every micro-batch (step: +4 B/param, once per step)",
+        ]
+    return [
+        "      sharding: hybrid # HSDP: shard within each node, replicate across nodes",
+        "      hsdp_shard_size: null # null = the GPUs of one node (trainer.devices)",
+        "      gradient_sync: replicas_at_step # reduce-scatter in the node every micro-batch; all-reduce across "
+        "nodes once per step",
+    ]
+
+
 def trainer_lines(run: Run) -> list[str]:
     gpus = run.gpus_per_node * run.nodes
-    acc = accumulation(run)
+    devices = (
+        f"  devices: {run.gpus_per_node} # one GPU, one process"
+        if gpus == 1
+        else f"  devices: auto # GPUs per node, one process each (auto: all visible; planned: {run.gpus_per_node})"
+    )
     lines = [
         "trainer:",
         "  accelerator: gpu # CUDA",
-        f"  devices: {run.gpus_per_node} # GPUs per node (one process each)",
+        devices,
         f"  num_nodes: {run.nodes} # nodes"
         + (" (SLURM: --nodes; ranks come from the SLURM environment)" if run.nodes > 1 else ""),
     ]
     if gpus > 1:
         lines += [
-            "  strategy: # FSDP2: parameters, gradients and AdamW state sharded over every GPU",
+            "  strategy: # FSDP2: parameters, gradients, AdamW state sharded (model's execution.sharding)",
             f"    class_path: {STRATEGY} # sharding applied in configure_model",
             "    init_args:",
-            f"      data_parallel_size: {gpus} # = devices × num_nodes: pure data parallelism",
+            "      data_parallel_size: auto # auto = devices × num_nodes: pure data parallelism",
             "      tensor_parallel_size: 1 # dlcm has no tensor parallelism",
         ]
     lines += [
         "  precision: bf16-mixed # bf16 compute; gradients reduced and AdamW state kept in fp32",
         f"  max_steps: {planned_steps(run)} # planned optimizer steps (header)",
-        f"  accumulate_grad_batches: {acc} # micro-batches per optimizer step",
         "  gradient_clip_val: 1.0 # global gradient-norm clip (LLaMA-1)",
-        f"  val_check_interval: {run.validation_every * acc} # training micro-batches between validations"
-        f" ({run.validation_every:,} steps)",
-        "  check_val_every_n_epoch: null # count val_check_interval across epochs",
+        "  check_val_every_n_epoch: null # count the validation interval across epochs",
         "  num_sanity_val_steps: 0 # no pre-fit validation",
         "  log_every_n_steps: 10 # optimizer steps between scalar writes",
     ]
@@ -343,8 +369,13 @@ def render(run: Run) -> str:
         "  window: 2 # logging points averaged over",
         "  causal_discount: false # false = model FLOPs, no causal discount (docs/design.md)",
     ]
+    global_batch = [
+        "global_batch: # the optimizer step in tokens; accumulation = tokens / (tokens_per_batch × world size)",
+        f"  tokens: {run.tokens_per_step} # tokens per optimizer step over all GPUs",
+        f"  validate_every_steps: {run.validation_every} # optimizer steps between validations",
+    ]
     body = ["seed_everything: 0 # global seed at start"]
-    body += trainer_lines(run) + throughput + model_lines(run) + data_lines(run)
+    body += trainer_lines(run) + global_batch + throughput + model_lines(run) + data_lines(run)
     return "\n".join(header(run)) + "\n" + comment(body)
 
 

@@ -54,23 +54,30 @@ class Peak(Callback):
         self.peak_gib = max(self.run_peak, torch.cuda.max_memory_allocated()) / 2**30
 
 
+def small_fsdp2_args(root: Path, *extra: str) -> list[str]:
+    """The small H200 recipe with the FSDP2 fragment on one device for ``STEPS`` steps, no validation or logging."""
+    return [
+        f"--config={RECIPES / 'dlcm_small_r4_defaultcorpus_h200.yaml'}",
+        f"--config={RECIPES / 'fragments' / 'strategy_fsdp2.yaml'}",
+        "--trainer.devices=1",
+        f"--trainer.max_steps={STEPS}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--checkpoint.monitor=null",
+        f"--trainer.default_root_dir={root}",
+        "--data.num_workers=0",
+        *extra,
+    ]
+
+
 def fit_fsdp2(root: Path, checkpointing: str) -> Peak:
     cli = run_cli(
-        [
-            f"--config={RECIPES / 'dlcm_small_r4_defaultcorpus_h200.yaml'}",
-            f"--config={RECIPES / 'fragments' / 'strategy_fsdp2.yaml'}",
-            "--trainer.devices=1",
-            "--trainer.strategy.init_args.data_parallel_size=1",
-            f"--trainer.max_steps={STEPS}",
-            "--trainer.limit_val_batches=0",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-            "--checkpoint.monitor=null",
-            f"--trainer.default_root_dir={root}",
-            "--data.num_workers=0",
+        small_fsdp2_args(
+            root,
             f"--model.init_args.execution.activation_checkpointing={checkpointing}",
             "--model.init_args.execution.compile_blocks=true",
-        ],
+        ),
         run=False,
     )
     assert isinstance(cli.trainer.strategy, AtomicModelParallelStrategy)

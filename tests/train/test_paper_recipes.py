@@ -156,7 +156,8 @@ def test_slurm_example_matches_the_multi_node_recipes() -> None:
     recipe = Path(__file__).parents[2] / stated(script, r"RECIPE:-(recipes/paper/\S+\.yaml)", PAPER / "sbatch")[0]
     text = recipe.read_text()
     assert "8nodes" in recipe.name and directives["nodes"] == stated(text, r"num_nodes: (\d+)", recipe)[0] == "8"
-    assert directives["ntasks-per-node"] == directives["gpus-per-node"] == stated(text, r"devices: (\d+)", recipe)[0]
+    planned = stated(text, r"devices: auto .*planned: (\d+)\)", recipe)[0]  # auto: the node's GPUs
+    assert directives["ntasks-per-node"] == directives["gpus-per-node"] == planned
     assert re.search(r"^srun .*dlcm fit --config \"\$RECIPE\"", script, flags=re.M)
 
 
@@ -166,7 +167,8 @@ def test_slurm_example_matches_the_multi_node_recipes() -> None:
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_instantiates_and_its_header_is_right(recipe: Path, mixture_root: Path) -> None:
     text = recipe.read_text()
-    cli = instantiate(recipe, mixture_root)
+    planned = re.search(r"devices: auto .*planned: (\d+)\)", text)  # as launched on the planned node
+    cli = instantiate(recipe, mixture_root, *([f"--trainer.devices={planned[1]}"] if planned else []))
     assert all(p.is_meta for p in cli.model.network.parameters())  # nothing was allocated
     model, trainer, data = cli.model, cli.trainer, cli.datamodule
     config = dataclasses.replace(model.config, vocab_size=DEEPSEEK_V3_VOCAB)
@@ -225,7 +227,10 @@ def test_recipe_instantiates_and_its_header_is_right(recipe: Path, mixture_root:
     if gpus * nodes > 1:
         assert isinstance(trainer.strategy, AtomicModelParallelStrategy)  # FSDP2, atomic sharded checkpoints
         strategy = cli.config.trainer.strategy.init_args
-        assert strategy.data_parallel_size == gpus * nodes and strategy.tensor_parallel_size == 1
+        assert strategy.data_parallel_size == "auto" and strategy.tensor_parallel_size == 1  # = devices × num_nodes
+        assert model.execution_cfg.sharding == ("hybrid" if nodes > 1 else "full")  # HSDP across nodes
+    # The step is fixed in tokens: accumulation was derived from it for this world size.
+    assert cli.config.global_batch.tokens == step
 
     # Planned steps = ceil(training tokens / tokens per step) = trainer.max_steps, and the compute they imply.
     tokens = integer(stated(text, rf"Training tokens: {NUMBER}", recipe)[0])
