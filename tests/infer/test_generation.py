@@ -123,7 +123,7 @@ def test_dlcm_batched_decoding_equals_full_forward(
     for schedule in (prompt_then_tokens(), irregular_schedule()):
         decoder = incremental_decoder(model, batch=len(docs), capacity=8)
         got = decode_in_chunks(decoder, docs, schedule)
-        assert decoder.starts == [o.layout.start_C.tolist() for o in outs]
+        assert decoder.concept_starts() == [o.layout.start_C.tolist() for o in outs]
         assert decoder.num_concepts == concepts
         for d in range(len(docs)):
             torch.testing.assert_close(got[d], outs[d].logits_TV, atol=atol, rtol=0)
@@ -177,7 +177,7 @@ def test_single_token_steps_equal_full_forward(variant, dtype: torch.dtype, atol
         out = full_output(model, doc)
         torch.testing.assert_close(got[d], full_logits(model, doc), atol=atol, rtol=0)
         if variant != "baseline":
-            assert decoder.starts[d] == out.layout.start_C.tolist()
+            assert decoder.concept_starts()[d] == out.layout.start_C.tolist()
 
 
 @pytest.mark.parametrize("family", ["dlcm", "baseline"])
