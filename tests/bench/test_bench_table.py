@@ -28,7 +28,7 @@ def test_throughput_table_renders_rows_and_the_profile_side_by_side() -> None:
     table = load("table")
     data = {"command": "cmd", "device": "gpu", "torch": "2.11", "gemm_peak_flops": 7.9e14}
     plain = table.throughput_table({**data, "records": [record("a", None)]})
-    assert "| a | bf16-mixed | on | 16384 | 400 | 41.0k | 47.8% | 59.6% | – | 54.4 |" in plain
+    assert "| a | – | bf16-mixed | on | 16384 | 400 | 41.0k | 47.8% | 59.6% | – | 54.4 |" in plain
     assert "kernel family" not in plain
     profiled = table.throughput_table(
         {**data, "records": [record("a", {"gemm": 140.0, "optimizer": 10.0}), record("b", {"gemm": 150.0})]}
