@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlcm.infer.kv_cache import StackCache, host_to_device, hosts_to_device
+from dlcm.infer.kv_cache import StackCache, cached_attention, host_to_device, hosts_to_device
 from dlcm.infer.step_graph import StepGraph
 from dlcm.model.baseline import DenseBaseline
 from dlcm.model.cross_attention import log_count_bias
@@ -449,13 +449,8 @@ class DLCMDecoder:
             readable_BnR,
         )
         q_BnNH = m.cross.queries(h_BnD)
-        out_BNnH = F.scaled_dot_product_attention(
-            q_BnNH.transpose(1, 2),
-            self.cross_k_BRKH[:, :rows].transpose(1, 2),
-            self.cross_v_BRKH[:, :rows].transpose(1, 2),
-            attn_mask=bias_BnR[:, None].to(q_BnNH.dtype),
-            enable_gqa=True,
-        )
+        mask_B1nR = bias_BnR[:, None].to(q_BnNH.dtype)
+        out_BNnH = cached_attention(q_BnNH, self.cross_k_BRKH[:, :rows], self.cross_v_BRKH[:, :rows], mask_B1nR)
         confidence_Bn = m.parser.confidence(prob_Bn, boundary_Bn) if m.cfg.parser.router_grad == "ste" else None
         return m.cross.finish(h_BnD, out_BNnH.transpose(1, 2), confidence_Bn)
 
