@@ -1,5 +1,6 @@
 """Markdown table of a cross-attention, self-attention, decode, prefill or training-throughput benchmark JSON:
-``python bench/table.py bench/results/<file>.json``."""
+``python bench/table.py bench/results/<file>.json``. Several training-throughput JSONs (e.g. one per context, from
+separate runs) render as one table: ``python bench/table.py a.json b.json``."""
 
 from __future__ import annotations
 
@@ -7,11 +8,19 @@ import importlib
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 
-def main(path: str) -> int:
+def main(path: str, *more: str) -> int:
     with open(path) as f:
         data = json.load(f)
+    if more:
+        runs = [data] + [json.loads(Path(p).read_text()) for p in more]
+        if any("meta" in run for run in runs):
+            print("bench/table.py: only training-throughput JSONs combine into one table", file=sys.stderr)
+            return 2
+        print(throughput_table({"runs": runs, "records": [r for run in runs for r in run["records"]]}))
+        return 0
     benchmark = data.get("meta", {}).get("benchmark")
     if benchmark in ("decode", "prefill", "self_attention"):  # bench/<name>.py (this script's folder is on sys.path)
         print(importlib.import_module(benchmark).markdown_table(data))
@@ -48,10 +57,14 @@ def main(path: str) -> int:
 def throughput_table(data: dict) -> str:
     """One row per configuration of ``bench/train_throughput.py``; DLCM against the baseline at each context and
     compile mode run side by side; the kernel families of profiled steps."""
-    commit = f", commit {data['commit'][:10]}" if data.get("commit") else ""
-    lines = [
-        f"`{data['command']}` — {data['device']}, torch {data['torch']}{commit}, measured bf16 GEMM "
-        f"{data['gemm_peak_flops'] / 1e12:.0f} TFLOP/s\n",
+    lines = []
+    for run in data.get("runs", [data]):  # the runs whose records are combined, or this one
+        commit = f", commit {run['commit'][:10]}" if run.get("commit") else ""
+        lines.append(
+            f"`{run['command']}` — {run['device']}, torch {run['torch']}{commit}, measured bf16 GEMM "
+            f"{run['gemm_peak_flops'] / 1e12:.0f} TFLOP/s\n"
+        )
+    lines += [
         "| model | context | precision | compile | tokens/step | step ms | tokens/s | MFU (989 TF) | MFU (GEMM) "
         "| R realised | peak GiB |",
         "|---" * 11 + "|",
@@ -66,10 +79,14 @@ def throughput_table(data: dict) -> str:
         )
     pairs = dlcm_vs_baseline(data["records"])
     if pairs:
-        lines += ["", "| context | compile | DLCM / baseline MFU | DLCM / baseline tokens/s |", "|---|---|---|---|"]
-        for (context, compiled), (base, dlcm) in pairs.items():
+        lines += [
+            "",
+            "| context | precision | compile | DLCM / baseline MFU | DLCM / baseline tokens/s |",
+            "|---|---|---|---|---|",
+        ]
+        for (context, precision, compiled), (base, dlcm) in pairs.items():
             lines.append(
-                f"| {context} | {'on' if compiled else 'off'} | {dlcm['mfu'] / base['mfu']:.2f}× "
+                f"| {context} | {precision} | {'on' if compiled else 'off'} | {dlcm['mfu'] / base['mfu']:.2f}× "
                 f"| {dlcm['tokens_per_sec'] / base['tokens_per_sec']:.2f}× |"
             )
     profiled = [r for r in data["records"] if "kernels" in r]
@@ -79,11 +96,11 @@ def throughput_table(data: dict) -> str:
 
 
 def dlcm_vs_baseline(records: list[dict]) -> dict[tuple, tuple[dict, dict]]:
-    """(baseline, DLCM) records of the same context and compile mode, in run order."""
+    """(baseline, DLCM) records of the same context, precision and compile mode, in run order."""
     by_kind: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in records:
         kind = "dlcm" if r["realised_ratio"] else "baseline"  # older records carry no "kind"
-        by_kind[(r.get("context"), r["compile_blocks"])][kind] = r
+        by_kind[(r.get("context"), r["precision"], r["compile_blocks"])][kind] = r
     return {key: (kinds["baseline"], kinds["dlcm"]) for key, kinds in by_kind.items() if len(kinds) == 2}
 
 
@@ -107,4 +124,4 @@ def profile_table(records: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1]))
+    raise SystemExit(main(*sys.argv[1:]))

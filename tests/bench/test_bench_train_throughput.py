@@ -28,7 +28,7 @@ def test_train_throughput_records_every_context_in_one_json(tmp_path: Path, monk
     assert table.main(str(out)) == 0
     rendered = capsys.readouterr().out
     assert "| tiny_dlcm | 64 | bf16-mixed | off | 128 |" in rendered
-    assert "| 32 | off |" in rendered and "| 64 | off |" in rendered  # DLCM / baseline at each context
+    assert "| 32 | bf16-mixed | off |" in rendered and "| 64 | bf16-mixed | off |" in rendered  # DLCM / baseline
 
 
 def test_train_throughput_rejects_a_context_that_does_not_divide_the_step(monkeypatch, capsys) -> None:
