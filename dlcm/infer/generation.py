@@ -11,8 +11,8 @@ DLCM decoding state per document, after ``t`` tokens:
 - the encoder states and ``p`` of its tokens (a concept is pooled once the next boundary shows it is complete, and
   the EMA reads ``p`` at the concept's first token);
 - a backbone KV cache over *completed* concepts (RoPE position = concept index): one backbone step per concept,
-  which keeps the FLOPs saving at decode time. Only the documents whose concept completed in a call step the
-  backbone, batched together;
+  which keeps the FLOPs saving at decode time. A call steps it for all documents at once on the concepts they
+  complete (padded to the most any completes; padding rows are written past a document's concepts, never read);
 - the EMA state ``z̃`` of the last completed concept;
 - Ψ's key/value rows of the shifted concept sequence: row 0 the null concept, row ``c + 1`` concept ``c``; and every
   concept's first token and length, which give the replication log-count bias.
@@ -27,8 +27,10 @@ newest row. Replication (Eq. 17) is computed on the unique rows with its log-cou
     rows read          ∅    ∅    ∅,z̃0   ∅,z̃0   ∅,z̃0
     bias (log n)       0    l2   l2,0    l2,l2   l2,l3   (lk = log k)
 
-Every call reads the new tokens' boundary decisions back to the host once (which documents completed a concept,
-and so which shapes the backbone step has); nothing else in a call waits for the device.
+Every call reads back once, per document, how many concepts its new tokens start and where the newest starts
+(which sizes the backbone step: ``M`` completed concepts per document at most); the concept work itself —
+starts, lengths, pooling, backbone, smoothing, Ψ rows — runs on the device from the boundary flags, and nothing
+else in a call waits for the device.
 
 Generation is bound by kernel launches, not arithmetic, so single-token steps have their own path:
 :meth:`DLCMDecoder.step` keeps the step's state on the device (positions, concept counts, the open concept's first
