@@ -2,8 +2,9 @@
 baseline and DLCM at matched inference FLOPs, and where DLCM's extra time goes.
 
 Each configuration runs full training steps — forward, CE (+ λ·L_aux for DLCM), backward, fused AdamW — on packed
-micro-batches of ``--docs`` documents of ``--context`` random tokens, timed with CUDA events after warm-up (which
-includes compilation). Precision is Lightning's ``bf16-mixed`` (fp32 master weights, bf16 autocast) unless
+micro-batches of ``--tokens-per-step`` random tokens in documents of ``--context`` tokens (every context given is
+run, in one JSON: the paper recipes train at 2048), timed with CUDA events after warm-up (which includes
+compilation). Precision is Lightning's ``bf16-mixed`` (fp32 master weights, bf16 autocast) unless
 ``--precision bf16-true``. The loss is the Lightning module's: per-token fp32 CE, compiled with the blocks
 (``--eager-loss`` keeps it eager, for an A/B). DLCM's parser runs as in training, but its sampled boundaries are
 replaced by Bernoulli(1/R) draws: a freshly initialised parser does not compress at R, and throughput depends on
@@ -20,7 +21,11 @@ Triton kernels, optimizer, copies), the top kernels and the longest stretches wh
 
 Run on a CUDA machine, e.g.::
 
-    python bench/train_throughput.py --out bench/results/train_throughput_h200.json
+    python bench/train_throughput.py --pairs paper --compile on --context 2048 8192 --profile \
+        --out bench/results/train_throughput_paper_h200.json
+    python bench/table.py bench/results/train_throughput_paper_h200.json
+
+``--device cpu`` runs the same steps on the CPU (the tiny pair, for a smoke test; no profile or breakdown).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import PAIRS, model_config  # the same model pairs as the decode benchmark
+from decode import PAIRS, Timer, model_config  # the same model pairs as the decode benchmark
 from report import run_meta, write_json
 
 from dlcm.model.attention_backends import BACKENDS
@@ -65,28 +70,27 @@ def force_ratio(model: DLCM) -> None:
     model.parser.forward = at_ratio
 
 
-def gemm_peak(n: int = 8192, iters: int = 20) -> float:
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+def gemm_peak(device: torch.device, iters: int = 20) -> float:
+    """FLOP/s of a square bf16 GEMM (8192 on a GPU, 512 on a CPU)."""
+    n = 8192 if device.type == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3)
+    with Timer(device) as timer:
+        for _ in range(iters):
+            a @ b
+    return 2 * n**3 * iters / (timer.ms / 1e3)
 
 
 class Batch:
     """A packed micro-batch of ``docs`` documents of ``context`` random tokens, fresh every step."""
 
-    def __init__(self, vocab: int, docs: int, context: int) -> None:
-        self.vocab, self.docs, self.context = vocab, docs, context
-        self.cu = torch.arange(docs + 1, device="cuda", dtype=torch.int32) * context
+    def __init__(self, vocab: int, docs: int, context: int, device: torch.device) -> None:
+        self.vocab, self.docs, self.context, self.device = vocab, docs, context, device
+        self.cu = torch.arange(docs + 1, device=device, dtype=torch.int32) * context
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ids_T = torch.randint(0, self.vocab, (self.docs * self.context,), device="cuda")
+        ids_T = torch.randint(0, self.vocab, (self.docs * self.context,), device=self.device)
         return ids_T, next_token_targets(ids_T, self.cu)
 
 
@@ -94,7 +98,7 @@ def train_step(model, optimizer, batch: Batch, autocast: bool, compiled_loss: bo
     """One optimizer step (the loss as the Lightning module computes it); returns the concept count (0 for the
     baseline)."""
     ids_T, targets_T = batch.next()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(ids_T, batch.cu, batch.context)
         logits_TV = out.logits_TV if isinstance(model, DLCM) else out
         loss = token_nats(logits_TV, targets_T, compiled_loss).sum() / (targets_T != IGNORE_INDEX).sum()
@@ -199,12 +203,14 @@ def kernel_profile(step: Callable[[], int], top: int = 25, gaps: int = 12) -> di
     }
 
 
-def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
+def run_config(name: str, args, context: int, compile_blocks: bool, gemm: float) -> dict:
     torch.manual_seed(0)
+    device, docs = torch.device(args.device), args.tokens_per_step // context
+    cuda = device.type == "cuda"
     cfg = model_config(name, DEEPSEEK_V3_VOCAB)
     if args.attn_backend:
         cfg = dataclasses.replace(cfg, attn_backend=args.attn_backend)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = build_model(cfg)
     true_bf16 = args.precision == "bf16-true"
     if true_bf16:
@@ -213,29 +219,25 @@ def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
         force_ratio(model)
     apply_execution(model, ExecutionConfig(args.activation_checkpointing, compile_blocks))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batch = Batch(cfg.vocab_size, args.docs, args.context)
+    batch = Batch(cfg.vocab_size, docs, context, device)
     compiled_loss = compile_blocks and not args.eager_loss
     step = functools.partial(train_step, model, optimizer, batch, not true_bf16, compiled_loss)
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    torch.cuda.synchronize()
-    warm_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with Timer(device) as warm:
+        for _ in range(args.warmup):
+            step()
     graphs_after_warmup = compiled_graphs()
     times, concepts = [], []
     for _ in range(args.steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        concepts.append(step())
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        with Timer(device) as timer:
+            concepts.append(step())
+        times.append(timer.ms)
     step_ms = statistics.median(times)
-    tokens = args.docs * args.context
-    doc_lengths = [args.context] * args.docs
+    tokens = docs * context
+    doc_lengths = [context] * docs
     mean_concepts = statistics.mean(concepts)
-    concept_lengths = [mean_concepts / args.docs] * args.docs if isinstance(model, DLCM) else None
+    concept_lengths = [mean_concepts / docs] * docs if isinstance(model, DLCM) else None
     flops = model_flops(cfg, doc_lengths, concept_lengths)
     rec = {
         "model": name,
@@ -246,7 +248,8 @@ def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
         "precision": args.precision,
         "compile_blocks": compile_blocks,
         "activation_checkpointing": args.activation_checkpointing,
-        "context": args.context,
+        "context": context,
+        "docs": docs,
         "tokens_per_step": tokens,
         "median_step_ms": step_ms,
         "p10_step_ms": sorted(times)[len(times) // 10],
@@ -256,8 +259,8 @@ def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
         "mfu": flops.total / (step_ms / 1e3) / H200_BF16_PEAK,
         "mfu_vs_measured_gemm": flops.total / (step_ms / 1e3) / gemm,
         "realised_ratio": tokens / mean_concepts if concept_lengths else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "warmup_s": warm_s,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "warmup_s": warm.ms / 1e3,
         "graphs_compiled_during_timed_steps": compiled_graphs() - graphs_after_warmup,
     }
     if isinstance(model, DLCM) and args.breakdown and not compile_blocks:
@@ -269,15 +272,16 @@ def run_config(name: str, args, compile_blocks: bool, gemm: float) -> dict:
         rec["kernels"] = kernel_profile(step)
     print(json.dumps(rec), flush=True)
     del model, optimizer
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return rec
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", nargs="+", default=["small", "paper"], choices=sorted(PAIRS))
-    parser.add_argument("--context", type=int, default=8192)
-    parser.add_argument("--docs", type=int, default=2, help="documents of --context tokens per micro-batch")
+    parser.add_argument("--context", type=int, nargs="+", default=[2048, 8192], help="document lengths, each run")
+    parser.add_argument("--tokens-per-step", type=int, default=16384, help="tokens per micro-batch, at every context")
     parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "bf16-true"])
     parser.add_argument("--activation-checkpointing", default="none", choices=["none", "selective", "full"])
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
@@ -288,29 +292,37 @@ def main() -> int:
     parser.add_argument("--attn-backend", default=None, choices=["auto", *BACKENDS], help="override the models'")
     parser.add_argument("--eager-loss", action="store_true", help="eager CE even with --compile on (A/B)")
     parser.add_argument("--profile", action="store_true", help="kernel time by family in one extra step")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench/train_throughput.py needs a CUDA device", file=sys.stderr)
+    uneven = [c for c in args.context if c < 1 or args.tokens_per_step % c]
+    if uneven:
+        parser.error(f"--context {uneven[0]} is not allowed: a positive divisor of --tokens-per-step")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench/train_throughput.py needs a CUDA device (or --device cpu for a smoke test)", file=sys.stderr)
         return 2
+    if device.type != "cuda" and (args.profile or args.breakdown):
+        parser.error("--profile and --breakdown time CUDA kernels: they need --device cuda")
     torch._dynamo.config.cache_size_limit = 64
-    gemm = gemm_peak()
+    gemm = gemm_peak(device)
     print(f"measured bf16 GEMM peak: {gemm / 1e12:.0f} TFLOP/s", flush=True)
     records = []
     for pair in args.pairs:
-        for mode in args.compile:
-            for kind, name in zip(("baseline", "dlcm"), PAIRS[pair], strict=True):
-                if kind not in args.kinds:
-                    continue
-                records.append(run_config(name, args, mode == "on", gemm))
-                write(args.out, records, gemm)
+        for context in args.context:
+            for mode in args.compile:
+                for kind, name in zip(("baseline", "dlcm"), PAIRS[pair], strict=True):
+                    if kind not in args.kinds:
+                        continue
+                    records.append(run_config(name, args, context, mode == "on", gemm))
+                    write(args.out, records, gemm, device)
     return 0
 
 
-def write(out: str | None, records: list[dict], gemm: float) -> None:
+def write(out: str | None, records: list[dict], gemm: float, device: torch.device) -> None:
     """Rewrite the result file after every configuration, so a later failure keeps what was measured."""
     result = {
-        **run_meta(),
+        **run_meta(device),
         "gemm_peak_flops": gemm,
         "peak_flops": H200_BF16_PEAK,
         "records": records,

@@ -11,8 +11,8 @@ DLCM decoding state per document, after ``t`` tokens:
 - the encoder states and ``p`` of its tokens (a concept is pooled once the next boundary shows it is complete, and
   the EMA reads ``p`` at the concept's first token);
 - a backbone KV cache over *completed* concepts (RoPE position = concept index): one backbone step per concept,
-  which keeps the FLOPs saving at decode time. Only the documents whose concept completed in a call step the
-  backbone, batched together;
+  which keeps the FLOPs saving at decode time. A call steps it for all documents at once on the concepts they
+  complete (padded to the most any completes; padding rows are written past a document's concepts, never read);
 - the EMA state ``z̃`` of the last completed concept;
 - Ψ's key/value rows of the shifted concept sequence: row 0 the null concept, row ``c + 1`` concept ``c``; and every
   concept's first token and length, which give the replication log-count bias.
@@ -27,8 +27,10 @@ newest row. Replication (Eq. 17) is computed on the unique rows with its log-cou
     rows read          ∅    ∅    ∅,z̃0   ∅,z̃0   ∅,z̃0
     bias (log n)       0    l2   l2,0    l2,l2   l2,l3   (lk = log k)
 
-Every call reads the new tokens' boundary decisions back to the host once (which documents completed a concept,
-and so which shapes the backbone step has); nothing else in a call waits for the device.
+Every call reads back once, per document, how many concepts its new tokens start and where the newest starts
+(which sizes the backbone step: ``M`` completed concepts per document at most); the concept work itself —
+starts, lengths, pooling, backbone, smoothing, Ψ rows — runs on the device from the boundary flags, and nothing
+else in a call waits for the device.
 
 Generation is bound by kernel launches, not arithmetic, so single-token steps have their own path:
 :meth:`DLCMDecoder.step` keeps the step's state on the device (positions, concept counts, the open concept's first
@@ -50,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlcm.infer.kv_cache import StackCache, host_to_device, hosts_to_device
+from dlcm.infer.kv_cache import StackCache, cached_attention, host_to_device, hosts_to_device
 from dlcm.infer.step_graph import StepGraph
 from dlcm.model.baseline import DenseBaseline
 from dlcm.model.cross_attention import log_count_bias
@@ -153,7 +155,9 @@ class DLCMDecoder:
         self.encoder = StackCache(model.encoder, batch, capacity, device, dtype)
         self.backbone = StackCache(model.backbone, batch, capacity, device, dtype)  # concepts ≤ tokens
         self.decoder = StackCache(model.decoder, batch, capacity, device, dtype)
-        self.starts: list[list[int]] = [[] for _ in range(batch)]  # first token of every started concept
+        # Host view of each document's concepts: how many started, and the open (newest) one's first token.
+        self.concept_count = [0] * batch
+        self.open_start = [0] * batch
         self.capacity = capacity
         self.h_BLD = torch.zeros(batch, capacity, model.cfg.d_token, device=device, dtype=dtype)
         self.prob_BL = torch.zeros(batch, capacity, device=device, dtype=acc)
@@ -185,7 +189,11 @@ class DLCMDecoder:
     @property
     def num_concepts(self) -> list[int]:
         """Concepts started in each document (the open one included), as a full forward would count them."""
-        return [len(s) for s in self.starts]
+        return list(self.concept_count)
+
+    def concept_starts(self) -> list[list[int]]:
+        """First token of every started concept of each document (read from the device: for inspection)."""
+        return [row[:count] for row, count in zip(self.start_BR.tolist(), self.concept_count, strict=True)]
 
     def _reserve(self, tokens: int) -> None:
         if tokens <= self.capacity:
@@ -209,10 +217,10 @@ class DLCMDecoder:
         counts = _counts(ids_Bn, counts)
         if last_only:
             _check_last_only(counts)
-        before = list(self.lengths)
+        before, concepts_before, open_before = list(self.lengths), self.num_concepts, list(self.open_start)
         self._reserve(max(before) + n)
-        position_Bn, last_B, counts_B, concepts_B = _step_inputs(
-            counts, before, n, counts, self.num_concepts, device=device
+        position_Bn, last_B, counts_B, concepts_B, open_B = _step_inputs(
+            counts, before, n, counts, concepts_before, open_before, device=device
         )
         batch_B1 = torch.arange(b, device=device)[:, None]
         counts_B1 = counts_B[:, None]
@@ -228,8 +236,17 @@ class DLCMDecoder:
         self.prob_BL[batch_B1, position_Bn] = prob_Bn
         self.prev_q_BS.copy_(torch.where(counts_B1 > 0, q_BnS[batch_B1[:, 0], last_B], self.prev_q_BS))
 
-        flags = boundary_Bn.tolist()  # the step's one device→host read: which concepts start (and so complete)
-        self._add_concepts(flags, before, counts)
+        # The call's one device→host read: per document, the concepts its new tokens start and the newest one's
+        # first token, which size the concept work and the next calls (2·B integers, nothing per concept).
+        new_B = boundary_Bn.sum(dim=1)
+        newest_B = torch.where(boundary_Bn, position_Bn, -1).amax(dim=1) if n else torch.full_like(new_B, -1)
+        new, newest = torch.stack([new_B, newest_B]).tolist()
+        for d in range(b):
+            self.concept_count[d] += new[d]
+            if new[d]:
+                self.open_start[d] = newest[d]
+        if any(new):
+            self._add_concepts(boundary_Bn, position_Bn, counts_B, concepts_B, open_B, concepts_before, open_before)
         x_BnD = self._cross(h_BnD, prob_Bn, boundary_Bn, position_Bn, concepts_B)
         out_BnD = self.decoder.extend(x_BnD, counts, position_Bn=position_Bn)
         self.synced = False
@@ -250,8 +267,7 @@ class DLCMDecoder:
                 phase.reset()
             self.graph_capacity = self._capacities()
         if not self.synced:
-            open_start = [s[-1] if s else 0 for s in self.starts]
-            lists = [c.lengths for c in caches] + [self.num_concepts, open_start]
+            lists = [c.lengths for c in caches] + [self.num_concepts, self.open_start]
             targets = [c.length_B for c in caches] + [self.concepts_B, self.open_start_B]
             for target, values in zip(targets, hosts_to_device(lists, token_B.device), strict=True):
                 target.copy_(values)
@@ -259,10 +275,11 @@ class DLCMDecoder:
         self.token_B.copy_(token_B)
         token_stream, concept_step, readout = self.phases
         boundary = token_stream().tolist()  # the step's one device→host read
-        completed = [flag and bool(starts) for flag, starts in zip(boundary, self.starts, strict=True)]
+        completed = [flag and count > 0 for flag, count in zip(boundary, self.concept_count, strict=True)]
         for d, flag in enumerate(boundary):
             if flag:
-                self.starts[d].append(self.lengths[d])
+                self.concept_count[d] += 1
+                self.open_start[d] = self.lengths[d]
         if any(completed):
             concept_step()
         logits_BV = readout().clone()  # the graph's output buffer is overwritten by the next step
@@ -344,87 +361,71 @@ class DLCMDecoder:
         x_B1D = m.cross.finish(h_B1D, out_BN1H.transpose(1, 2), confidence_B1)
         return m.head(self.decoder.step(x_B1D[:, 0]))
 
-    def _add_concepts(self, flags: list[list[bool]], before: list[int], counts: list[int]) -> None:
-        """Record the new concept starts; pool the concepts they complete, step the backbone, smooth, add Ψ rows."""
-        new_doc, new_index, new_start, completed = [], [], [], []
-        for d, starts in enumerate(self.starts):
-            first_done = max(len(starts) - 1, 0)
-            for i in range(counts[d]):
-                if flags[d][i]:
-                    new_doc.append(d)
-                    new_index.append(len(starts))
-                    new_start.append(before[d] + i)
-                    starts.append(before[d] + i)
-            completed.append(range(first_done, len(starts) - 1))
-        docs = [d for d in range(len(self.starts)) if completed[d]]
-        # Concept i of the s-th stepping document goes to slot s·M + i of a padded [S, M] layout; a padding slot
-        # pools nothing (length 1 keeps it finite) and is never written back.
-        m_max = max((len(completed[d]) for d in docs), default=0)
-        row_doc, row_pos, row_slot = [], [], []
-        slot_len, slot_doc, slot_start, slot_first = [1] * (len(docs) * m_max), [], [], []
-        valid_slots, valid_doc, valid_concept, valid_len = [], [], [], []
-        for s, d in enumerate(docs):
-            starts = self.starts[d]
-            for i in range(m_max):
-                k = completed[d][i] if i < len(completed[d]) else completed[d][-1]
-                slot_doc.append(d)
-                slot_start.append(starts[k])
-                slot_first.append(int(k == 0))
-                if i >= len(completed[d]):
-                    continue
-                a, e = starts[k], starts[k + 1]
-                row_doc += [d] * (e - a)
-                row_pos += range(a, e)
-                row_slot += [s * m_max + i] * (e - a)
-                slot_len[s * m_max + i] = e - a
-                valid_slots.append(s * m_max + i)
-                valid_doc.append(d)
-                valid_concept.append(k)
-                valid_len.append(e - a)
-        last = [len(completed[d]) - 1 for d in docs]
-        (
-            *new_N,
-            docs_S,
-            slot_doc_T,
-            slot_start_T,
-            slot_first_T,
-            last_S,
-            row_doc_T,
-            row_pos_T,
-            row_slot_T,
-            slot_len_T,
-            valid_slot_V,
-            doc_V,
-            concept_V,
-            length_V,
-        ) = hosts_to_device(
-            [
-                *(new_doc, new_index, new_start),
-                *(docs, slot_doc, slot_start, slot_first, last, row_doc, row_pos, row_slot, slot_len),
-                *(valid_slots, valid_doc, valid_concept, valid_len),
-            ],
-            self.h_BLD.device,
-        )
-        if new_doc:
-            doc_N, index_N, start_N = new_N
-            self.start_BR[doc_N, index_N] = start_N
-        if not docs:
-            return
+    def _add_concepts(
+        self,
+        boundary_Bn: torch.Tensor,
+        position_Bn: torch.Tensor,
+        counts_B: torch.Tensor,
+        concepts_B: torch.Tensor,
+        open_B: torch.Tensor,
+        concepts_before: list[int],
+        open_before: list[int],
+    ) -> None:
+        """Record the new concept starts; pool the concepts they complete, step the backbone, smooth, add Ψ rows.
+
+        All on the device, from the boundary flags: the host only knows how many concepts each document completes
+        (from the call's one read), which sizes a padded ``[B, M]`` layout of concept slots. Slot ``i`` of document
+        ``b`` is its concept ``done_b + i`` (``done_b``: concepts completed before the call), valid while ``i`` is
+        below the number it completes now; an invalid slot pools nothing, passes the backbone as a padding row
+        (written past the document's concepts, never read) and is not kept."""
         m, dtype, device = self.model, self.h_BLD.dtype, self.h_BLD.device
-        h_TD = self.h_BLD[row_doc_T, row_pos_T]
-        pooled_SMD = m.pooling.w_up(mean_pool(h_TD, row_slot_T, slot_len_T)).view(len(docs), m_max, -1)
-        z_SMD = self.backbone.extend(pooled_SMD, [len(completed[d]) for d in docs], docs, docs_S)
-        smooth_SMD = m.smoothing.resume(
-            self.smooth_BD[docs_S],
-            z_SMD,
-            self.prob_BL[slot_doc_T, slot_start_T].view(len(docs), m_max),
-            slot_first_T.bool().view(len(docs), m_max),
-        )
-        self.smooth_BD[docs_S] = smooth_SMD[torch.arange(len(docs), device=device), last_S]
-        k_VKH, v_VKH = m.cross.keys_values(smooth_SMD.flatten(0, 1)[valid_slot_V].to(dtype))
-        self.cross_k_BRKH[doc_V, concept_V + 1] = k_VKH
-        self.cross_v_BRKH[doc_V, concept_V + 1] = v_VKH
-        self.length_BR[doc_V, concept_V] = length_V
+        b, n = boundary_Bn.shape
+        new_B1 = boundary_Bn.sum(dim=1, keepdim=True)
+        # Concept starts: the new boundaries' positions, in order, after the concepts already started.
+        new_start_Bn = position_Bn.gather(1, torch.argsort((~boundary_Bn).to(torch.int8), dim=1, stable=True))
+        cols_R = torch.arange(self.start_BR.shape[1], device=device)
+        rank_BR = cols_R - concepts_B[:, None]
+        is_new_BR = (rank_BR >= 0) & (rank_BR < new_B1)
+        self.start_BR.copy_(torch.where(is_new_BR, new_start_Bn.gather(1, rank_BR.clamp(0, n - 1)), self.start_BR))
+        # Every started concept but the open one is complete.
+        done = [max(c - 1, 0) for c in concepts_before]
+        completing = [max(c - 1, 0) - d for c, d in zip(self.concept_count, done, strict=True)]
+        slots = max(completing)
+        if slots == 0:
+            return
+        done_B1 = (concepts_B[:, None] - 1).clamp(min=0)
+        completing_B1 = (concepts_B[:, None] + new_B1 - 1).clamp(min=0) - done_B1
+        # A completed concept ends where the next one starts.
+        is_done_BR = (cols_R >= done_B1) & (cols_R < done_B1 + completing_B1)
+        length_BR = F.pad(self.start_BR[:, 1:], (0, 1)) - self.start_BR
+        self.length_BR.copy_(torch.where(is_done_BR, length_BR, self.length_BR))
+
+        slot_M, batch_B1 = torch.arange(slots, device=device), torch.arange(b, device=device)[:, None]
+        concept_BM = done_B1 + slot_M  # < capacity: a call completes at most n concepts of a document
+        valid_BM = slot_M < completing_B1
+        # The completing concepts' tokens lie between the open concept's first token and the last new token; the
+        # new boundaries up to a token count the concepts it is past (tokens before the call are in the open one).
+        span = max(self.lengths[d] - open_before[d] for d in range(b) if completing[d])
+        pos_BW = open_B[:, None] + torch.arange(span, device=device)
+        first_new_B1 = position_Bn[:, :1]
+        passed_BW = boundary_Bn.cumsum(dim=1).gather(1, (pos_BW - first_new_B1).clamp(0, n - 1))
+        slot_BW = concepts_B[:, None] - 1 - done_B1 + torch.where(pos_BW >= first_new_B1, passed_BW, 0)
+        member_BW = (pos_BW < first_new_B1 + counts_B[:, None]) & (slot_BW < completing_B1)
+        # Slot s·M + i, one slot past the end for tokens of no completing concept (dropped).
+        slot_T = torch.where(member_BW, slot_BW + slots * batch_B1, b * slots)
+        h_BWD = self.h_BLD[batch_B1, pos_BW.clamp(max=self.capacity - 1)]  # other documents' spans may run past it
+        length_S = F.pad(torch.where(valid_BM, self.length_BR.gather(1, concept_BM), 1).flatten(), (0, 1), value=1)
+        pooled_SD = mean_pool(h_BWD.flatten(0, 1), slot_T.flatten(), length_S)[:-1]
+        z_BMD = self.backbone.extend(m.pooling.w_up(pooled_SD).view(b, slots, -1), completing, position_Bn=concept_BM)
+        start_prob_BM = self.prob_BL.gather(1, self.start_BR.gather(1, concept_BM))
+        smooth_BMD = m.smoothing.resume(self.smooth_BD, z_BMD, start_prob_BM, concept_BM == 0)
+        last_BD = smooth_BMD[torch.arange(b, device=device), (completing_B1[:, 0] - 1).clamp(min=0)]
+        self.smooth_BD.copy_(torch.where(completing_B1 > 0, last_BD, self.smooth_BD))
+        k_SKH, v_SKH = m.cross.keys_values(smooth_BMD.flatten(0, 1).to(dtype))
+        rows_BM, keep_BM11 = concept_BM + 1, valid_BM[..., None, None]
+        for cache, new_SKH in ((self.cross_k_BRKH, k_SKH), (self.cross_v_BRKH, v_SKH)):
+            new_BMKH = new_SKH.unflatten(0, (b, slots))
+            cache[batch_B1, rows_BM] = torch.where(keep_BM11, new_BMKH, cache[batch_B1, rows_BM])
 
     def _cross(
         self,
@@ -450,13 +451,8 @@ class DLCMDecoder:
             readable_BnR,
         )
         q_BnNH = m.cross.queries(h_BnD)
-        out_BNnH = F.scaled_dot_product_attention(
-            q_BnNH.transpose(1, 2),
-            self.cross_k_BRKH[:, :rows].transpose(1, 2),
-            self.cross_v_BRKH[:, :rows].transpose(1, 2),
-            attn_mask=bias_BnR[:, None].to(q_BnNH.dtype),
-            enable_gqa=True,
-        )
+        mask_B1nR = bias_BnR[:, None].to(q_BnNH.dtype)
+        out_BNnH = cached_attention(q_BnNH, self.cross_k_BRKH[:, :rows], self.cross_v_BRKH[:, :rows], mask_B1nR)
         confidence_Bn = m.parser.confidence(prob_Bn, boundary_Bn) if m.cfg.parser.router_grad == "ste" else None
         return m.cross.finish(h_BnD, out_BNnH.transpose(1, 2), confidence_Bn)
 

@@ -47,13 +47,38 @@ def host_to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return hosts_to_device([values], device)[0]
 
 
+def cached_attention(
+    q_BnNH: torch.Tensor, k_BLKH: torch.Tensor, v_BLKH: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """SDPA of ``n`` new rows per document over cached keys/values with ``K`` heads dividing ``N`` under ``mask``,
+    or causal (row ``i`` reads keys ``0 … i``) with ``mask=None``; returns ``[B, N, n, H]``.
+
+    SDPA's fused CUDA kernels that take a mask take no fewer KV heads: a GQA call falls back to the math kernel,
+    which writes ``[B, N, n, L]`` fp32 scores (51 GB for 32 prompts of 4096 tokens at 24 heads). For a chunk, K/V
+    are copied to the query heads instead; a single-token step (n = 1) keeps the fewer heads, where the scores
+    are small and a copy of the whole cache per layer would cost more than it saves. The causal form needs no
+    mask, so the flash kernel runs it with the fewer heads.
+    """
+    heads, kv_heads = q_BnNH.shape[2], k_BLKH.shape[2]
+    if mask is not None and q_BnNH.shape[1] > 1 and kv_heads != heads:
+        k_BLKH, v_BLKH = (x.repeat_interleave(heads // kv_heads, dim=2) for x in (k_BLKH, v_BLKH))
+    return F.scaled_dot_product_attention(
+        q_BnNH.transpose(1, 2),
+        k_BLKH.transpose(1, 2),
+        v_BLKH.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+        enable_gqa=True,
+    )
+
+
 class _Call(NamedTuple):
     """What every layer of one ``extend`` call shares."""
 
     rope: tuple[torch.Tensor, torch.Tensor]
     rows: torch.Tensor  # batch rows of the cache the call's documents occupy
     position_Bn: torch.Tensor  # cache index (= RoPE position) of every new row
-    mask_B1nL: torch.Tensor
+    mask_B1nL: torch.Tensor | None  # None: plain causal (every document's cache was empty)
     span: int  # cache rows read
     whole_batch: bool
 
@@ -115,7 +140,10 @@ class StackCache:
             position_Bn = host_to_device(before, device)[:, None] + torch.arange(n, device=device)[None, :]
         rope = rope_angles(position_Bn.flatten(), self.stack.head_dim, self.stack.rope_theta)
         # Key index s is visible to new row i when s ≤ its position (causal; older rows are all this document's).
-        mask_B1nL = (torch.arange(span, device=device)[None, None, :] <= position_Bn[:, :, None])[:, None]
+        # With every cache empty (prompts) the positions are 0 … n−1 and that is plain causal attention: no mask.
+        mask_B1nL = None
+        if max(before) > 0:
+            mask_B1nL = (torch.arange(span, device=device)[None, None, :] <= position_Bn[:, :, None])[:, None]
         call = _Call(rope, rows, position_Bn, mask_B1nL, span, docs is None)
         for i, layer in enumerate(self.stack.layers):
             x_BnD = layer.residual(x_BnD, lambda h_BnD, i=i: self._attend(i, h_BnD, call))
@@ -151,11 +179,5 @@ class StackCache:
         # The whole batch reads a view; a subset gathers its documents' rows (a copy of what attention reads anyway).
         k_BLKH = keys[:, : call.span] if call.whole_batch else keys[rows, : call.span]
         v_BLKH = values[:, : call.span] if call.whole_batch else values[rows, : call.span]
-        out_BNnH = F.scaled_dot_product_attention(
-            q_TNH.unflatten(0, (b, n)).transpose(1, 2),
-            k_BLKH.transpose(1, 2),
-            v_BLKH.transpose(1, 2),
-            attn_mask=call.mask_B1nL,
-            enable_gqa=True,
-        )
+        out_BNnH = cached_attention(q_TNH.unflatten(0, (b, n)), k_BLKH, v_BLKH, call.mask_B1nL)
         return attn.wo(out_BNnH.transpose(1, 2).flatten(2))

@@ -6,9 +6,13 @@ Every backend computes the same function: row ``i`` attends to rows ``j ≤ i`` 
   ``[docs, max_seqlen]`` batch when that scores fewer pairs. The CPU path and the reference every other backend
   is tested against (itself tested against a per-document loop).
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 inside PyTorch), CUDA, fp16/bf16.
-- ``flash_attn``: the ``flash_attn`` package's ``flash_attn_varlen_func`` when it is importable.
+- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` of the FlashAttention 2/3 package (``pip install
+  flash-attn``), when importable with the arguments used here.
+- ``flash_attn_cute``: FlashAttention-4, ``flash_attn.cute.flash_attn_varlen_func`` (``pip install flash-attn-4``:
+  CuTe DSL kernels, SM90 and newer), likewise checked.
 - ``flex``: FlexAttention with a document-causal block mask (compiled on CUDA, eager on CPU).
-- ``auto``: ``flash_attn`` > ``varlen`` for half-precision CUDA tensors, else ``sdpa``.
+- ``auto``: ``flash_attn`` (only if its varlen entry is there: a FlashAttention-4-only install provides the
+  ``flash_attn`` namespace without it) > ``varlen`` for half-precision CUDA tensors, else ``sdpa``.
 
 Layout: ``q_TNH`` is ``[T, heads, head_dim]``, ``k_TKH``/``v_TKH`` have ``K`` KV heads dividing ``N`` (GQA).
 """
@@ -16,19 +20,42 @@ Layout: ``q_TNH`` is ``[T, heads, head_dim]``, ``k_TKH``/``v_TKH`` have ``K`` KV
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from dlcm.model.packing import PackedSeqs
 
-BACKENDS = ("sdpa", "varlen", "flash_attn", "flex")
+BACKENDS = ("sdpa", "varlen", "flash_attn", "flash_attn_cute", "flex")
+# Module of each FlashAttention backend's ``flash_attn_varlen_func``, and the keyword arguments it is called with.
+FLASH_MODULES = {"flash_attn": "flash_attn", "flash_attn_cute": "flash_attn.cute"}
+VARLEN_ARGUMENTS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "causal")
 
 
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+@functools.cache
+def flash_varlen_entry(backend: str = "flash_attn") -> Callable | None:
+    """The ``flash_attn_varlen_func`` a FlashAttention backend calls, or None when its module is missing, fails to
+    import, or has no such function taking :data:`VARLEN_ARGUMENTS` (another build's API)."""
+    try:
+        func = getattr(importlib.import_module(FLASH_MODULES[backend]), "flash_attn_varlen_func", None)
+    except (ImportError, OSError, RuntimeError):  # absent, or a build against another CUDA / torch
+        return None
+    if not callable(func):
+        return None
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # no introspectable signature (a compiled function): trust the name
+        return func
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return func if takes_any or all(name in params for name in VARLEN_ARGUMENTS) else None
+
+
+def flash_attn_available(backend: str = "flash_attn") -> bool:
+    """Whether ``backend`` (``flash_attn`` or ``flash_attn_cute``) finds the varlen entry it needs."""
+    return flash_varlen_entry(backend) is not None
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -58,7 +85,7 @@ def causal_attention(
         )
     if name == "varlen":
         return _varlen(q_TNH, k_TKH, v_TKH, seqs)
-    return _flash_attn(q_TNH, k_TKH, v_TKH, seqs)
+    return _flash_attn(q_TNH, k_TKH, v_TKH, seqs, name)
 
 
 def _sdpa(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
@@ -112,11 +139,19 @@ def _varlen(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs:
     return out_TNH
 
 
-def _flash_attn(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
-    from flash_attn import flash_attn_varlen_func
-
+def _flash_attn(
+    q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, seqs: PackedSeqs, backend: str
+) -> torch.Tensor:
+    func = flash_varlen_entry(backend)
+    if func is None:
+        raise ValueError(
+            f"attn_backend={backend!r} needs {FLASH_MODULES[backend]}.flash_attn_varlen_func taking "
+            f"{', '.join(VARLEN_ARGUMENTS)}, which is not importable here; install "
+            f"{'flash-attn' if backend == 'flash_attn' else 'flash-attn-4'} or use 'varlen', 'flex' or 'auto'"
+        )
     cu, m = seqs.cu_seqlens, seqs.max_seqlen
-    return flash_attn_varlen_func(q_TNH, k_TKH, v_TKH, cu, cu, m, m, causal=True)
+    out = func(q_TNH, k_TKH, v_TKH, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m, causal=True)
+    return out[0] if isinstance(out, tuple) else out  # FlashAttention-4 returns (out, lse)
 
 
 @functools.cache

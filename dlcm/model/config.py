@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-AttnBackend = Literal["auto", "sdpa", "varlen", "flash_attn", "flex"]
+AttnBackend = Literal["auto", "sdpa", "varlen", "flash_attn", "flash_attn_cute", "flex"]
 BoundaryMode = Literal["sample", "threshold"]
 RouterGrad = Literal["aux", "ste"]
 RatioScope = Literal["global", "batch", "sequence"]

@@ -33,4 +33,4 @@ class LMHead(nn.Module):
         logits_TP = F.linear(x_TD, w_PD)
         if self.logit_scale != 1.0:  # skip a pass over T × V logits under standard parametrisation
             logits_TP = logits_TP * self.logit_scale
-        return logits_TP[..., :vocab]
+        return logits_TP[..., :vocab] if pad else logits_TP

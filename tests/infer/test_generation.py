@@ -123,7 +123,7 @@ def test_dlcm_batched_decoding_equals_full_forward(
     for schedule in (prompt_then_tokens(), irregular_schedule()):
         decoder = incremental_decoder(model, batch=len(docs), capacity=8)
         got = decode_in_chunks(decoder, docs, schedule)
-        assert decoder.starts == [o.layout.start_C.tolist() for o in outs]
+        assert decoder.concept_starts() == [o.layout.start_C.tolist() for o in outs]
         assert decoder.num_concepts == concepts
         for d in range(len(docs)):
             torch.testing.assert_close(got[d], outs[d].logits_TV, atol=atol, rtol=0)
@@ -177,7 +177,7 @@ def test_single_token_steps_equal_full_forward(variant, dtype: torch.dtype, atol
         out = full_output(model, doc)
         torch.testing.assert_close(got[d], full_logits(model, doc), atol=atol, rtol=0)
         if variant != "baseline":
-            assert decoder.starts[d] == out.layout.start_C.tolist()
+            assert decoder.concept_starts()[d] == out.layout.start_C.tolist()
 
 
 @pytest.mark.parametrize("family", ["dlcm", "baseline"])
@@ -347,12 +347,32 @@ def test_one_decode_step_reads_back_at_most_the_boundaries(family: str, syncs: i
     for _ in range(32):  # warm-up and capture of every phase's CUDA graph
         token = sample_tokens(decoder.step(token))
     assert decoder.steps_settled
+    assert host_syncs(lambda: sample_tokens(decoder.step(token))) == syncs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("family", "syncs"), [("dlcm", 1), ("baseline", 0)])
+@torch.no_grad()
+def test_a_prefill_reads_back_at_most_the_concept_counts(family: str, syncs: int) -> None:
+    """DLCM's chunk path reads back how many concepts each document started (one read, whatever the concept
+    count); the baseline's never waits."""
+    model = (make_dlcm(dtype=torch.float32) if family == "dlcm" else make_baseline(torch.float32)).cuda()
+    decoder = incremental_decoder(model, batch=3, capacity=64)
+    ids, counts = padded([doc[:p] for doc, p in zip(documents()[1:], PROMPTS[1:], strict=True)])
+    ids = ids.cuda()
+    assert host_syncs(lambda: decoder.extend(ids, counts, last_only=True)) == syncs
+    if family == "dlcm":
+        assert max(decoder.num_concepts) > 3  # several concepts pooled and stepped in one call
+
+
+def host_syncs(run) -> int:
+    """Device→host synchronisations while ``run()`` executes, counted by CUDA's sync debug mode."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            token = sample_tokens(decoder.step(token))
+            run()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert len([w for w in caught if "synchroniz" in str(w.message)]) == syncs, [str(w.message) for w in caught]
+    return len([w for w in caught if "synchroniz" in str(w.message)])

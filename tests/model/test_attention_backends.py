@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import pytest
 import torch
 
+from dlcm.model import attention_backends
 from dlcm.model.attention_backends import causal_attention, flash_attn_available, resolve_backend
 from dlcm.model.packing import PackedSeqs
 from tests.conftest import random_cu_seqlens
@@ -69,8 +72,70 @@ def test_gpu_backends_refuse_cpu_fp32_with_a_clear_error() -> None:
         causal_attention(q, k, v, PackedSeqs.from_cu_seqlens(cu, 4), "varlen")
 
 
+HALF_CUDA = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # all that resolve_backend reads of q
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    """Install fake ``flash_attn`` / ``flash_attn.cute`` modules (``name -> module``) for one test."""
+    attention_backends.flash_varlen_entry.cache_clear()
+
+    def install(name: str, func=None) -> None:
+        module = types.ModuleType(name)
+        if func is not None:
+            module.flash_attn_varlen_func = func
+        monkeypatch.setitem(sys.modules, name, module)
+        attention_backends.flash_varlen_entry.cache_clear()
+
+    yield install
+    monkeypatch.undo()
+    attention_backends.flash_varlen_entry.cache_clear()
+
+
+def fa2_signature(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, causal=False):
+    raise AssertionError("not called")
+
+
+def test_auto_skips_a_flash_attn_without_the_varlen_entry(fake_flash) -> None:
+    # FlashAttention-4 alone installs the flash_attn namespace with only flash_attn.cute inside.
+    fake_flash("flash_attn")
+    assert not flash_attn_available() and resolve_backend("auto", HALF_CUDA) == "varlen"
+    fake_flash("flash_attn", lambda q, k, v, lengths, causal=False: q)  # another API: no cu_seqlens_q, ...
+    assert not flash_attn_available() and resolve_backend("auto", HALF_CUDA) == "varlen"
+    fake_flash("flash_attn", fa2_signature)
+    assert flash_attn_available() and resolve_backend("auto", HALF_CUDA) == "flash_attn"
+
+
+def test_flash_backends_without_their_entry_fail_with_a_clear_error(fake_flash) -> None:
+    fake_flash("flash_attn")
+    cu = random_cu_seqlens([4])
+    q, k, v = random_qkv(4, 2, 2, 8, torch.float32)
+    seqs = PackedSeqs.from_cu_seqlens(cu, 4)
+    with pytest.raises(
+        ValueError, match=r"attn_backend='flash_attn_cute' needs flash_attn.cute.flash_attn_varlen_func"
+    ):
+        attention_backends._flash_attn(q, k, v, seqs, "flash_attn_cute")
+
+
+@pytest.mark.parametrize(("backend", "returns_lse"), [("flash_attn", False), ("flash_attn_cute", True)])
+def test_flash_backends_call_the_varlen_entry_with_document_offsets(fake_flash, backend: str, returns_lse: bool):
+    cu = random_cu_seqlens(DOCS)
+    q, k, v = random_qkv(int(cu[-1]), 4, 2, 8, torch.float64)
+    seqs = PackedSeqs.from_cu_seqlens(cu, q.shape[0], max(DOCS))
+
+    def varlen(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, causal=False):
+        assert causal and cu_seqlens_q is cu_seqlens_k is seqs.cu_seqlens and max_seqlen_q == max_seqlen_k == max(DOCS)
+        out = per_document_reference(q, k, v, cu_seqlens_q)
+        return (out, torch.zeros(q.shape[:2])) if returns_lse else out
+
+    fake_flash(attention_backends.FLASH_MODULES[backend], varlen)
+    out = attention_backends._flash_attn(q, k, v, seqs, backend)
+    torch.testing.assert_close(out, causal_attention(q, k, v, seqs, "sdpa"))
+
+
 def gpu_backends() -> list[str]:
-    return ["varlen", "flex"] + (["flash_attn"] if flash_attn_available() else [])
+    flash = [name for name in attention_backends.FLASH_MODULES if flash_attn_available(name)]
+    return ["varlen", "flex", *flash]
 
 
 @pytest.mark.gpu

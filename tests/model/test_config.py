@@ -30,7 +30,10 @@ def stack(**overrides: object) -> StackConfig:
         ({"parser": ParserConfig(boundary_mode="soft")}, r"parser\.boundary_mode='soft'"),
         ({"parser": ParserConfig(router_grad="ce")}, r"parser\.router_grad='ce'"),
         ({"parser": ParserConfig(sharpen_alpha=0.0)}, r"parser\.sharpen_alpha=0\.0"),
-        ({"attn_backend": "flash"}, r"attn_backend='flash' .*'sdpa', 'varlen', 'flash_attn', 'flex'"),
+        (
+            {"attn_backend": "flash"},
+            r"attn_backend='flash' .*'sdpa', 'varlen', 'flash_attn', 'flash_attn_cute', 'flex'",
+        ),
         ({"smoothing": "mean"}, r"smoothing='mean' .*'ema', 'identity'"),
         ({"vocab_size": 0}, r"vocab_size=0"),
         ({"d_base": -8}, r"d_base=-8"),

@@ -132,7 +132,9 @@ def test_compiled_training_step_matches_eager_and_stops_recompiling() -> None:
 
 def test_compiled_token_nats_match_eager_in_value_and_gradient() -> None:
     """The compiled CE (what compile_blocks trains with) is the eager fp32 CE, on bf16 logits with an odd
-    vocabulary, a strided (sliced) logits view and ignored positions, forward and backward."""
+    vocabulary, a strided (sliced) logits view and ignored positions, forward and backward. The view is the first
+    columns of a wider tensor, as the LM head's padded output: the compiled CE reads that tensor and writes its
+    gradient at the padded width (pad columns 0)."""
     g = torch.Generator("cuda").manual_seed(0)
     wide_TP = torch.randn(1024, 1408, device="cuda", generator=g).mul(4).to(torch.bfloat16)
     targets_T = torch.randint(0, 1397, (1024,), device="cuda", generator=g)
