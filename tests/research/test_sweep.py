@@ -308,7 +308,7 @@ def test_summary_from_events_integrates_flops_per_token(tmp_path: Path) -> None:
     with SummaryWriter(str(log_dir)) as w:
         for step in range(10):
             w.add_scalar("train/loss", 5.0 - step / 10, step)
-            w.add_scalar("boundary/ratio", 4.0 + step, step)
+            w.add_scalar("train/ratio", 4.0 + step, step)
             w.add_scalar("boundary/target_R", 4.0, step)
         for step, value in fpt.items():
             w.add_scalar("perf/model_flops_per_token", value, step)
