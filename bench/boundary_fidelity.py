@@ -260,7 +260,8 @@ def format_report(result: dict[str, Any]) -> str:
         if stat["mean"] is None:
             return "-"
         text = format(stat["mean"] * scale, fmt)
-        return text + (f" ± {format(stat['std'] * scale, fmt)}" if stat["std"] is not None else "")
+        spread = format(stat["std"] * scale, fmt.lstrip("+"))
+        return text + (f" ± {spread}" if stat["std"] is not None else "")
 
     header = ["group", "seeds", "val ratio", "err %", "prose", "code", "τ", "val bpb", "train FLOPs"]
     table = [header]
@@ -281,7 +282,7 @@ def format_report(result: dict[str, Any]) -> str:
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = [f"== boundary_fidelity ({result['mode']}, scale {result['scale']}): {result['note']}"]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
     gap = result["gap_dlcm_minus_baseline_bpb"]
     if gap["mean"] is not None:
         spread = f" ± {gap['std']:.4f}" if gap["std"] is not None else ""

@@ -86,7 +86,7 @@ class ParserConfig:
     # fixed: τ = threshold; calibrated: τ starts at threshold and tracks the batch τ that realises R (see above)
     threshold_mode: ThresholdMode = "calibrated"
     threshold: float = 0.5  # τ (fixed), its starting value (calibrated); for the rule predictor the cosine cut
-    calibration_momentum: float = 0.02  # weight of each micro-batch's τ in the running τ (a mean for 1/m steps)
+    calibration_momentum: float = 0.1  # weight of each micro-batch's τ in the running τ (a mean for 1/m steps)
     # α in σ((logit p − logit τ)/α); → 0 recovers the threshold rule. Nothing in L_aux makes p bimodal, so with
     # a fixed τ = 0.5 a loose α lets the sampled ratio meet R while thresholded inference drifts (tiny demo: 187
     # at α = 0.5, R = 4); a calibrated τ removes that drift whatever α (docs/design.md §4).

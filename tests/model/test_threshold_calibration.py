@@ -137,5 +137,5 @@ def test_bad_parser_options_name_the_field(field: str, value: object) -> None:
 
 
 def test_rule_predictor_rejects_a_scan_width() -> None:
-    with pytest.raises(ValueError, match="parser.d_scan=16 is not allowed: None with predictor='rule'"):
+    with pytest.raises(ValueError, match=r"parser\.d_scan=16 is not allowed: None with predictor='rule'"):
         ParserConfig(predictor="rule", d_scan=16).validate()
