@@ -71,10 +71,10 @@ class StackConfig:
 class ParserConfig:
     """The global parser (paper §3.3): boundary scoring, discretisation and the Eq. 10 ratio loss.
 
-    Inference decides ``p_t ≥ τ``. With ``threshold_mode='calibrated'`` (default) τ follows, as a running average
-    over training micro-batches, the value at which the thresholded ratio of the batch equals R; τ is a buffer of
-    the parser, so checkpoints, ``dlcm validate``, ``dlcm eval`` and ``dlcm generate`` use the same one. Training
-    samples around τ: ``b ~ Bernoulli(σ((logit p − logit τ)/α))``. See docs/design.md §4.
+    Training samples ``b ~ Bernoulli(σ(logit(p)/α))``; inference decides ``p_t ≥ τ``. With
+    ``threshold_mode='calibrated'`` (default) τ follows, as a running average over training micro-batches, the value
+    at which the thresholded ratio of the batch equals R; τ is a buffer of the parser, so checkpoints,
+    ``dlcm validate``, ``dlcm eval`` and ``dlcm generate`` use the same one. See docs/design.md §4.
     """
 
     target_ratio: float = 4.0  # R: tokens per concept the ratio loss steers towards
@@ -87,9 +87,9 @@ class ParserConfig:
     threshold_mode: ThresholdMode = "calibrated"
     threshold: float = 0.5  # τ (fixed), its starting value (calibrated); for the rule predictor the cosine cut
     calibration_momentum: float = 0.1  # weight of each micro-batch's τ in the running τ (a mean for 1/m steps)
-    # α in σ((logit p − logit τ)/α); → 0 recovers the threshold rule. Nothing in L_aux makes p bimodal, so with
-    # a fixed τ = 0.5 a loose α lets the sampled ratio meet R while thresholded inference drifts (tiny demo: 187
-    # at α = 0.5, R = 4); a calibrated τ removes that drift whatever α (docs/design.md §4).
+    # α in σ(logit(p)/α); → 0 recovers the threshold rule at 0.5. Nothing in L_aux makes p bimodal, so with a
+    # fixed τ = 0.5 a loose α lets the sampled ratio meet R while thresholded inference drifts (tiny demo: 187 at
+    # α = 0.5, R = 4); a calibrated τ follows the drift instead (docs/design.md §4).
     sharpen_alpha: float = 0.1
     alpha_final: float | None = None  # anneal α linearly from sharpen_alpha to this over training; None: constant
     midpoint_weight: float = 0.0  # weight of the penalty mean(4p(1 − p)) on probabilities near 0.5

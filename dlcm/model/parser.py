@@ -5,12 +5,14 @@ Boundary convention: ``b_t = 1`` means token ``t`` *starts* a concept. The score
     q_t = W_q h_t,  k_t = W_k h_t,  p_t = clamp((1 − cos(q_{t−1}, k_t)) / 2, 0, 1),
 
 so ``b_t`` depends on ``h_{t−1}`` and ``h_t`` only (causal). The first token of every packed document is a
-forced boundary (``p = b = 1``), which keeps concepts inside documents. Inference keeps ``p_t ≥ τ``; training
-samples ``b_t ~ Bernoulli(σ((logit p_t − logit τ)/α))``, whose α → 0 limit is the same rule. τ is a buffer (saved
-with the weights): fixed, or calibrated on training batches so that thresholding realises the target ratio
-(:mod:`dlcm.model.threshold_calibration`). The projections are identity-initialised and run in (at least) fp32
-whatever the autocast or parameter dtype. ``predictor='rule'`` drops them: ``p`` is the cosine dissimilarity of
-the encoder states themselves, thresholded at τ in training too (the paper's §8.1 rule-based ablation).
+forced boundary (``p = b = 1``), which keeps concepts inside documents. Training samples
+``b_t ~ Bernoulli(σ(logit(p_t)/α))`` and the ratio loss holds that sampled rate at 1/R; inference keeps
+``p_t ≥ τ``. τ is a buffer (saved with the weights): fixed (0.5, the α → 0 limit of the sampling rule), or
+calibrated on training batches so that thresholding realises the target ratio
+(:mod:`dlcm.model.threshold_calibration`). A calibrated τ only observes training — sampling stays centred on 0.5 —
+so it cannot feed back into the rate the ratio loss controls (a second controller on the same rate oscillates).
+The projections are identity-initialised and run in (at least) fp32 whatever the autocast or parameter dtype.
+``predictor='rule'`` drops them: ``p`` is the cosine dissimilarity of the encoder states themselves, thresholded at τ in training too (the paper's §8.1 rule-based ablation).
 
 Gradient paths: with ``router_grad='aux'`` the discrete decision is decoupled from the LM loss, so W_q/W_k learn
 only from the ratio loss through ``p``. With ``'ste'`` the parser also returns an H-Net style confidence
@@ -44,12 +46,11 @@ class ParserOutput:
     confidence_T: torch.Tensor | None  # router_grad='ste' only: value 1, gradient into p_t
 
 
-def sharpen(prob_T: torch.Tensor, alpha: float, threshold: torch.Tensor | float = 0.5) -> torch.Tensor:
-    """``σ((logit p − logit τ)/α)``: α < 1 pushes probabilities towards 0/1 around τ; α = 0 is ``[p ≥ τ]``."""
+def sharpen(prob_T: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``σ(logit(p)/α)``: α < 1 pushes probabilities towards 0/1, α = 1 is the identity, α = 0 is ``[p ≥ 0.5]``."""
     if alpha == 0:
-        return (prob_T >= threshold).to(prob_T.dtype)
-    centre = torch.logit(torch.as_tensor(threshold, dtype=prob_T.dtype, device=prob_T.device), eps=1e-6)
-    return torch.sigmoid((torch.logit(prob_T, eps=1e-6) - centre) / alpha)
+        return (prob_T >= 0.5).to(prob_T.dtype)
+    return torch.sigmoid(torch.logit(prob_T, eps=1e-6) / alpha)
 
 
 class GlobalParser(nn.Module):
@@ -145,7 +146,7 @@ class GlobalParser(nn.Module):
         threshold_T = self.decide(prob_T.detach()) | doc_start_T
         if sample and self.learned:
             uniform_T = torch.rand(prob_T.shape, generator=generator, device=prob_T.device)
-            boundary_T = (uniform_T < sharpen(prob_T.detach(), self.alpha, self.threshold)) | doc_start_T
+            boundary_T = (uniform_T < sharpen(prob_T.detach(), self.alpha)) | doc_start_T
         else:
             boundary_T = threshold_T
         confidence_T = self.confidence(prob_T, boundary_T) if self.cfg.router_grad == "ste" else None

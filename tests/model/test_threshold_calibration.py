@@ -94,9 +94,29 @@ def test_alpha_anneals_linearly_to_its_final_value() -> None:
     parser.set_progress(0.75)
     assert parser.alpha == pytest.approx(0.05)
     p = torch.tensor([0.2, 0.49, 0.5, 0.7])
-    assert torch.equal(sharpen(p, 0.0, torch.tensor(0.5)), torch.tensor([0.0, 0.0, 1.0, 1.0]))
-    # Sampling is centred on τ: at p = τ the draw is a fair coin whatever α.
-    assert float(sharpen(torch.tensor(0.3), 0.05, torch.tensor(0.3))) == pytest.approx(0.5)
+    assert torch.equal(sharpen(p, 0.0), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+
+
+def test_a_calibrated_tau_does_not_change_training() -> None:
+    """τ observes training; the sampled boundaries, and so the loss, are those of a fixed τ."""
+    cfg = tiny_dlcm(64)
+    losses = {}
+    for mode in ("fixed", "calibrated"):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(cfg, parser=dataclasses.replace(cfg.parser, threshold_mode=mode)))
+        model.train()
+        outs = [
+            model(
+                torch.randint(0, 64, (64,), generator=torch.Generator().manual_seed(i)),
+                random_cu_seqlens([40, 24]),
+                generator=torch.Generator().manual_seed(i),
+            )
+            for i in range(3)
+        ]
+        losses[mode] = [(o.aux_loss.item(), o.parser.boundary_T.sum().item()) for o in outs]
+        if mode == "calibrated":
+            assert float(model.parser.threshold) != 0.5
+    assert losses["fixed"] == losses["calibrated"]
 
 
 def test_midpoint_loss_is_one_at_half_and_ignores_forced_starts() -> None:
