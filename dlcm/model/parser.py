@@ -12,7 +12,8 @@ calibrated on training batches so that thresholding realises the target ratio
 (:mod:`dlcm.model.threshold_calibration`). A calibrated τ only observes training — sampling stays centred on 0.5 —
 so it cannot feed back into the rate the ratio loss controls (a second controller on the same rate oscillates).
 The projections are identity-initialised and run in (at least) fp32 whatever the autocast or parameter dtype.
-``predictor='rule'`` drops them: ``p`` is the cosine dissimilarity of the encoder states themselves, thresholded at τ in training too (the paper's §8.1 rule-based ablation).
+``predictor='rule'`` drops them: ``p`` is the cosine dissimilarity of the encoder states themselves, thresholded
+at τ in training too (the paper's §8.1 rule-based ablation).
 
 Gradient paths: with ``router_grad='aux'`` the discrete decision is decoupled from the LM loss, so W_q/W_k learn
 only from the ratio loss through ``p``. With ``'ste'`` the parser also returns an H-Net style confidence
