@@ -20,7 +20,7 @@ spec.loader.exec_module(bf)
 
 def test_scale_one_runs_every_mechanism_the_default_over_seeds_and_the_baseline() -> None:
     jobs = bf.study_jobs(bf.MODES["gpu"], 1)
-    assert len(jobs) == 13 and len({j.name for j in jobs}) == 13
+    assert len(jobs) == 14 and len({j.name for j in jobs}) == 14
     groups = {}
     for job in jobs:
         groups.setdefault(job.group, []).append(job.seed)
@@ -97,6 +97,6 @@ def test_cpu_smoke_run_end_to_end(tmp_path: Path) -> None:
     import json
 
     result = json.loads(out.read_text())
-    assert result["failed"] == [] and len(result["runs"]) == 13
+    assert result["failed"] == [] and len(result["runs"]) == 14
     assert all(r["steps"] == bf.MODES["smoke"].max_steps for r in result["runs"].values())
     assert result["groups"]["r4-calibrated"]["val_ratio"]["n"] == 3
