@@ -15,7 +15,7 @@ synthetic = importlib.util.module_from_spec(spec)
 sys.modules["synthetic_boundaries"] = synthetic
 spec.loader.exec_module(synthetic)
 
-SMALL = {"steps": 60, "width": 32, "tokens": 512, "doc_len": 64, "eval_batches": 8, "device": "cpu"}
+SMALL = {"steps": 60, "width": 32, "tokens": 1024, "doc_len": 64, "eval_batches": 16, "device": "cpu"}
 
 
 @pytest.mark.parametrize(
