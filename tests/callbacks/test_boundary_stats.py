@@ -109,6 +109,7 @@ def test_one_tag_per_quantity(fitted) -> None:
     duplicates = {"boundary/ratio", "boundary/aux", "train/ratio_threshold", "val_boundary/ratio"}
     duplicates |= {"val_boundary/ratio_threshold", "boundary/F_sampled", "val_boundary/F_threshold"}
     assert not scalars & duplicates
+    assert "boundary/collapse" not in scalars  # only the held-out inference-mode ratio is judged
 
 
 def test_validation_scalars_histograms_and_text(fitted) -> None:
