@@ -150,7 +150,7 @@ def test_collapse_flag_and_warning_when_the_ratio_leaves_the_band(fitted) -> Non
     target = cli.model.config.parser.target_ratio
     assert flags == [0.0 if 0.8 * target <= ratio <= 1.25 * target else 1.0]
     stats = BoundaryStats(warmup_steps=0)
-    with pytest.warns(UserWarning, match=r"boundary collapse: validation inference-mode ratio 9\.00"):
+    with pytest.warns(UserWarning, match=r"boundary collapse: validation ratio 9\.00"):
         assert stats._check_band(cli.trainer, cli.model, "validation", 9.0) == 1.0
     assert stats._check_band(cli.trainer, cli.model, "validation", 9.5) == 1.0  # no second warning
     assert stats._check_band(cli.trainer, cli.model, "validation", target) == 0.0
