@@ -16,8 +16,9 @@ runs so that the whole driver fits ``--budget-s``. Scale 1 trains 14 runs:
 - the default mechanism (``calibrated``) on seeds 1 and 2 (with seed 0 above: 3 seeds), and at R = 2 and R = 8;
 - the dense baseline on seeds 0, 1, 2.
 
-Scale 2 (``--scale 2``) doubles every width and head count of both recipes (≈ 4× the matmul FLOPs per token) and
-trains the default DLCM and the baseline on seeds 0, 1, 2; ``--match-steps`` caps the steps at those of a scale-1
+Scale 2 (``--scale 2``) doubles every width and head count of the DLCM (167M instead of 47M inference FLOPs per
+token at 1,024 tokens, 3.5×), gives the baseline the shape ``shape_search.matched_baseline`` matches to it, and
+trains both on seeds 0, 1, 2; ``--match-steps`` caps the steps at those of a scale-1
 results file (the probe may allow fewer: the JSON's ``train_flops`` say what was reached; ≥ 3× scale 1's needs
 ≥ 75% of its steps). A seed sets the initialisation, the boundary-sampling
 generator and the data order (``seed_everything``, ``model.init_args.seed``, ``data.seed``): DLCM and baseline
@@ -32,6 +33,7 @@ FLOPs; ``gap``: DLCM − baseline bits per byte per seed, mean ± std. ``format_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -49,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PARSER = "model.init_args.config.parser"
 SAFETY = 0.85  # share of the probe-measured time actually planned
 DEFAULT = "calibrated"  # the parser's default mechanism (ParserConfig)
+VOCAB = 4096  # the embedded default corpus's BPE (both modes train on it)
+STACK_FIELDS = ("width", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
 SEEDS = (0, 1, 2)
 
 # Parser overrides of each mechanism compared at R = 4 (every key is a ParserConfig field).
@@ -119,6 +123,26 @@ def seed_overrides(seed: int) -> dict[str, Any]:
     return {"seed_everything": seed, "model.init_args.seed": seed, "data.seed": seed}
 
 
+def matched_baseline_overrides(dlcm_recipe: Path, dlcm_size: dict[str, Any], base_recipe: Path) -> dict[str, Any]:
+    """Overrides giving the baseline recipe the shape whose inference FLOPs per token match the DLCM's after
+    ``dlcm_size`` (``dlcm.research.shape_search.matched_baseline``: doubling both widths alone leaves the DLCM 10 %
+    above, since attention FLOPs grow 2× and matmul FLOPs 4×)."""
+    from dlcm.research.flops_report import load_recipe
+    from dlcm.research.shape_search import matched_baseline
+
+    dlcm = load_recipe(dlcm_recipe, vocab_size=VOCAB)
+    config = dlcm.config
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in dlcm_size.items():
+        section, field = key.split(".")[-2:]
+        sections.setdefault(section, {})[field] = value
+    changes = {name: dataclasses.replace(getattr(config, name), **fields) for name, fields in sections.items()}
+    config = dataclasses.replace(config, **changes)
+    base = load_recipe(base_recipe, vocab_size=VOCAB)
+    stack = matched_baseline(config, base.config, dlcm.context_length).stack
+    return {f"model.init_args.config.stack.{k}": getattr(stack, k) for k in STACK_FIELDS}
+
+
 def doubled_widths(recipe: Path) -> dict[str, Any]:
     """Overrides that double every width, head count and FFN width of a recipe's model (head dims unchanged):
     ≈ 4× the matmul FLOPs per token, DLCM and baseline alike, so a FLOPs-matched pair stays matched."""
@@ -148,7 +172,7 @@ def study_jobs(mode: Mode, scale: int) -> list[Job]:
     """The runs of one scale (see the module docstring)."""
     dlcm_recipe, base_recipe = ROOT / mode.dlcm_recipe, ROOT / mode.baseline_recipe
     dlcm_size = doubled_widths(dlcm_recipe) if scale == 2 else {}
-    base_size = doubled_widths(base_recipe) if scale == 2 else {}
+    base_size = matched_baseline_overrides(dlcm_recipe, dlcm_size, base_recipe) if scale == 2 else {}
 
     def dlcm(group: str, seed: int, ratio: float, parser: dict[str, Any]) -> Job:
         sets = {f"{PARSER}.{k}": v for k, v in {"target_ratio": ratio, **parser}.items()}

@@ -35,16 +35,38 @@ def test_scale_one_runs_every_mechanism_the_default_over_seeds_and_the_baseline(
     assert {seed2.overrides[k] for k in ("seed_everything", "model.init_args.seed", "data.seed")} == {2}
 
 
-def test_scale_two_doubles_widths_and_heads_of_both_models() -> None:
-    jobs = bf.study_jobs(bf.MODES["gpu"], 2)
+def test_scale_two_doubles_the_dlcm_and_matches_the_baseline_in_flops() -> None:
+    import dataclasses
+
+    from dlcm.model.flops import inference_flops_per_token
+    from dlcm.research.flops_report import load_recipe
+
+    mode = bf.MODES["gpu"]
+    jobs = bf.study_jobs(mode, 2)
     assert sorted(j.group for j in jobs) == ["baseline"] * 3 + ["r4-calibrated"] * 3
     dlcm = next(j for j in jobs if j.kind == "dlcm").overrides
     base = next(j for j in jobs if j.kind == "baseline").overrides
     assert dlcm["model.init_args.config.encoder.width"] == 768
     assert dlcm["model.init_args.config.backbone.n_heads"] == 24
     assert dlcm["model.init_args.config.cross.ffn_hidden"] == 2048
-    assert base["model.init_args.config.stack.width"] == 768
-    assert "model.init_args.config.stack.n_layers" not in base  # depth unchanged
+
+    def shaped(recipe: str, overrides: dict) -> object:
+        config = load_recipe(bf.ROOT / recipe, vocab_size=bf.VOCAB).config
+        sections: dict[str, dict] = {}
+        for key, value in overrides.items():
+            if key.startswith("model.init_args.config."):
+                section, field = key.split(".")[-2:]
+                sections.setdefault(section, {})[field] = value
+        changes = {n: dataclasses.replace(getattr(config, n), **f) for n, f in sections.items()}
+        return dataclasses.replace(config, **changes)
+
+    flops = {
+        kind: inference_flops_per_token(shaped(recipe, overrides), 1024).total
+        for kind, recipe, overrides in (("dlcm", mode.dlcm_recipe, dlcm), ("base", mode.baseline_recipe, base))
+    }
+    small = inference_flops_per_token(load_recipe(bf.ROOT / mode.dlcm_recipe, vocab_size=bf.VOCAB).config, 1024)
+    assert flops["dlcm"] >= 3 * small.total  # the second scale: ≥ 3× the FLOPs per token
+    assert flops["base"] == pytest.approx(flops["dlcm"], rel=0.03)
 
 
 def test_plan_steps_fits_the_slowest_run_and_the_cap() -> None:
