@@ -38,7 +38,8 @@ class DLCM(nn.Module):
     ``forward(input_ids_T, cu_seqlens_tok)`` takes one packed stream of ``T`` tokens. In training mode with
     ``parser.boundary_mode='sample'`` boundaries are sampled (pass a ``generator`` for reproducible draws);
     otherwise, and always in eval mode, they are thresholded at ``p ≥ τ``. With ``parser.threshold_mode=
-    'calibrated'`` every training forward first moves τ towards the value that realises R on its batch.
+    'calibrated'`` every training forward, once its boundaries are decided, moves τ towards the value that
+    realises R on its batch.
     """
 
     def __init__(self, cfg: DLCMConfig) -> None:
