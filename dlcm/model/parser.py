@@ -13,7 +13,8 @@ calibrated on training batches so that thresholding realises the target ratio
 so it cannot feed back into the rate the ratio loss controls (a second controller on the same rate oscillates).
 The projections are identity-initialised and run in (at least) fp32 whatever the autocast or parameter dtype.
 ``predictor='rule'`` drops them: ``p`` is the cosine dissimilarity of the encoder states themselves, thresholded
-at τ in training too (the paper's §8.1 rule-based ablation).
+in training too (the paper's §8.1 rule-based ablation). Thresholded training (``boundary_mode='threshold'`` or the
+rule) decides at the configured ``parser.threshold``, so there too a calibrated τ changes only inference.
 
 Gradient paths: with ``router_grad='aux'`` the discrete decision is decoupled from the LM loss, so W_q/W_k learn
 only from the ratio loss through ``p``. With ``'ste'`` the parser also returns an H-Net style confidence
@@ -148,6 +149,8 @@ class GlobalParser(nn.Module):
         if sample and self.learned:
             uniform_T = torch.rand(prob_T.shape, generator=generator, device=prob_T.device)
             boundary_T = (uniform_T < sharpen(prob_T.detach(), self.alpha)) | doc_start_T
+        elif self.training:  # thresholded training decides at the configured τ: a calibrated τ only observes
+            boundary_T = (prob_T.detach() >= self.cfg.threshold) | doc_start_T
         else:
             boundary_T = threshold_T
         confidence_T = self.confidence(prob_T, boundary_T) if self.cfg.router_grad == "ste" else None
