@@ -4,6 +4,10 @@ boundary precision/recall/F1 (:mod:`dlcm.eval.boundary_metrics`, exact and ±1 t
 held-out batches, against a chance reference with the same number of boundaries per document.
 
     python bench/synthetic_boundaries.py --router-grad aux ste --steps 600 --out synthetic.json
+    python bench/synthetic_boundaries.py --router-grad aux --parser threshold_mode=fixed alpha_final=0 --steps 600
+
+``--parser key=value`` sets any ``ParserConfig`` field (the boundary mechanisms: ``threshold_mode``,
+``alpha_final``, ``midpoint_weight``, ``predictor``, ...); the α schedule follows the step count.
 
 The target ratio R is the language's mean phrase length, so the true phrase starts meet the ratio loss exactly: a
 parser that found the phrases would have precision and recall near 1; one that only learned the rate scores like
@@ -26,6 +30,7 @@ import torch
 
 from dlcm.data.synthetic import PhraseLanguage
 from dlcm.eval.boundary_metrics import boundary_scores, chance_boundaries
+from dlcm.model.config import ParserConfig
 from dlcm.model.loss import cross_entropy, next_token_targets
 from dlcm.model.presets import build_model, tiny_dlcm
 from dlcm.research.shape_search import width_scaled
@@ -46,17 +51,21 @@ def train_and_score(
     seed: int = 0,
     device: str = "cpu",
     max_seconds: float | None = None,
+    parser: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one tiny DLCM on the phrase language and score its inference-mode boundaries (see module docstring).
 
     ``max_seconds`` stops training early (the result's ``steps`` says how many ran), for time-boxed drivers.
+    ``parser`` overrides fields of the parser configuration.
     """
     torch.manual_seed(seed)
     language = PhraseLanguage(vocab_size=vocab_size, n_phrases=n_phrases, seed=seed)
     target = language.mean_phrase_length
     base = tiny_dlcm(vocab_size=vocab_size, target_ratio=target)
     config = width_scaled(base, width, None) if width != base.d_token else base
-    config = dataclasses.replace(config, parser=dataclasses.replace(config.parser, router_grad=router_grad))
+    overrides = {**(parser or {}), "router_grad": router_grad}
+    config = dataclasses.replace(config, parser=dataclasses.replace(config.parser, **overrides))
+    config.parser.validate()
     model = build_model(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     train_rng = torch.Generator().manual_seed(seed)
@@ -66,10 +75,12 @@ def train_and_score(
     for step in range(steps):
         batch = language.batch(tokens, doc_len, train_rng)
         ids, cu = batch.input_ids_T.to(device), batch.cu_seqlens.to(device)
+        model.parser.set_progress(step / steps)
         out = model(ids, cu, max_seqlen_tok=doc_len, generator=sample_rng)
         ce = cross_entropy(out.logits_TV, next_token_targets(ids, cu))
         optimizer.zero_grad(set_to_none=True)
-        (ce + config.parser.aux_weight * out.aux_loss).backward()
+        loss = ce + config.parser.aux_weight * out.aux_loss + config.parser.midpoint_weight * out.midpoint_loss
+        loss.backward()
         optimizer.step()
         out_of_time = max_seconds is not None and time.perf_counter() - start > max_seconds
         if step % 10 == 0 or step == steps - 1 or out_of_time:
@@ -116,6 +127,8 @@ def train_and_score(
                 chance[t] = ref if chance[t] is None else chance[t] + ref
     return {
         "router_grad": router_grad,
+        "parser": dataclasses.asdict(config.parser),
+        "threshold": float(model.parser.threshold),
         "steps": steps_done,
         "steps_planned": steps,
         "seed": seed,
@@ -147,7 +160,7 @@ def _mean_ratio(curve: list[list[float]], from_step: int) -> float:
 def format_result(r: dict[str, Any]) -> str:
     """One result as a short text block."""
     lines = [
-        f"router_grad={r['router_grad']}: {r['steps']} steps, realised ratio {r['eval_ratio']:.2f} "
+        f"router_grad={r['router_grad']}: {r['steps']} steps, realised ratio {r['eval_ratio']:.3f} "
         f"(target {r['target_ratio']:.2f}), eval CE {r['eval_ce']:.3f} nats, "
         f"p at phrase starts {r['mean_prob_at_phrase_starts']:.3f} vs elsewhere {r['mean_prob_elsewhere']:.3f}"
     ]
@@ -158,6 +171,21 @@ def format_result(r: dict[str, Any]) -> str:
             f"(chance: {c['precision']:.3f} / {c['recall']:.3f} / {c['f1']:.3f})"
         )
     return "\n".join(lines)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` strings to a dict of ``ParserConfig`` fields; values are JSON (0.1, null) or else strings."""
+    fields = {f.name for f in dataclasses.fields(ParserConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--parser {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="language, init, data and sampling seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop each model's training after this")
+    parser.add_argument("--parser", nargs="*", default=[], metavar="KEY=VALUE", help="parser config overrides")
     parser.add_argument("--out", type=Path, default=None, help="write the results (a list) as JSON here")
     args = parser.parse_args(argv)
+    overrides = parse_overrides(args.parser)
     results = []
     for router_grad in args.router_grad:
         result = train_and_score(
@@ -187,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             device=args.device,
             max_seconds=args.max_seconds,
+            parser=overrides,
         )
         print(format_result(result), flush=True)
         results.append(result)

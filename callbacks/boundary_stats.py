@@ -3,17 +3,26 @@
 Everything is read from the outputs ``DLCMModule.training_step`` / ``validation_step`` already return (the parser
 decisions, probabilities and concept layout of that very forward): nothing is recomputed.
 
-Logged (``boundary/…`` for training steps, ``val_boundary/…`` per validation epoch, all summed over ranks):
+One tag per quantity. The module itself logs ``train/ratio`` (tokens per concept as sampled for the ratio loss),
+``train/aux`` and ``val/ratio`` (tokens per concept with inference-mode boundaries on the validation split, the
+headline number). This callback adds (``boundary/…`` on training logging steps, ``val_boundary/…`` per validation
+epoch, all summed over ranks):
 
-- ``F_sampled`` / ``F_threshold``: boundary rate as trained / as inference would decide (``p ≥ 0.5``);
-- ``G``: mean boundary probability; ``ratio`` (tokens per concept as trained), ``ratio_threshold``, ``target_R``;
+- ``boundary/ratio_threshold``: tokens per concept inference would realise on the training batch (``p ≥ τ``);
+- ``boundary/threshold``, ``boundary/alpha``: the parser's current τ and sampling α; ``boundary/target_R``;
+- ``G``: mean boundary probability; ``midpoint``: mean ``4p(1 − p)`` over non-forced tokens (1: every ``p`` at 0.5,
+  undecided; 0: all at 0 or 1);
 - ``concepts_per_seq``: concepts per packed document; ``length_cv``: coefficient of variation of concept lengths;
-- ``aux`` and ``aux_share``: the ratio loss and λ·L_aux as a share of the total loss (training);
-- ``tokens_per_concept/<domain>``: the paper's Table 5 statistic per document domain (prose, code, …);
-- histograms of concept lengths and boundary probabilities, and a text view of a few validation documents with
-  concepts bracketed: ``[In the beginning][ God created]…``;
-- ``collapse``: 1 when, after ``warmup_steps``, the smoothed training ratio or the validation ratio leaves
-  ``[0.8·R, 1.25·R]`` (a warning is printed when it leaves): a boundary rate that stalls or collapses.
+- ``boundary/aux_share``: λ·L_aux as a share of the total loss;
+- ``tokens_per_concept/<domain>``: the paper's Table 5 statistic per document domain (prose, code, …); at
+  validation these are the inference-mode ratios per domain;
+- histograms of concept lengths (lengths above ``8·R`` counted in the last bin, so a rare very long concept does
+  not squash the rest) and of boundary probabilities; a text view of a few validation documents, wrapped, with
+  concepts bracketed and line breaks / tabs shown as ``⏎`` / ``⇥``;
+- ``val_boundary/collapse``: 1 when, after ``warmup_steps``, ``val/ratio`` — the inference-mode ratio on held-out
+  documents, the one that decides inference FLOPs — leaves ``[0.8·R, 1.25·R]``; a warning is printed when it leaves
+  the band. Training batches are not judged: a batch of 2K tokens from one domain moves its own ratio by ±30 %
+  with nothing wrong (see ``boundary/ratio_threshold`` for them).
 
 Training statistics are computed on logging steps only (``trainer.log_every_n_steps``): each costs one small
 all-reduce and one host copy.
@@ -21,16 +30,21 @@ all-reduce and one host copy.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 BAND = (0.8, 1.25)
+HEAD = 8  # additive statistics before the per-domain ones (see BoundaryStats._sums)
 # Per-domain, per-step sums gathered in one all-reduce: [tokens, concepts] for each domain slot.
 MAX_DOMAINS = 16
+LENGTH_CAP = 8  # concept-length histograms count lengths above LENGTH_CAP·R in their last bin
+VISIBLE = str.maketrans({"\n": "⏎", "\r": "␍", "\t": "⇥"})
 
 
 class BoundaryStats(L.Callback):
@@ -40,8 +54,8 @@ class BoundaryStats(L.Callback):
         histogram_every_n_steps: training steps between histogram writes (they cost a host copy).
         text_documents: validation documents rendered with concept brackets at each validation epoch.
         text_max_tokens: tokens shown per rendered document.
+        text_width: characters per line of the rendered documents.
         warmup_steps: steps before the collapse check starts (default: the schedule's warm-up).
-        smoothing: EMA weight of the newest step in the smoothed training ratio used by the collapse check.
     """
 
     def __init__(
@@ -49,16 +63,15 @@ class BoundaryStats(L.Callback):
         histogram_every_n_steps: int = 100,
         text_documents: int = 3,
         text_max_tokens: int = 160,
+        text_width: int = 100,
         warmup_steps: int | None = None,
-        smoothing: float = 0.05,
     ) -> None:
         super().__init__()
         self.histogram_every_n_steps = histogram_every_n_steps
         self.text_documents = text_documents
         self.text_max_tokens = text_max_tokens
+        self.text_width = text_width
         self.warmup_steps = warmup_steps
-        self.smoothing = smoothing
-        self._ema_rate: float | None = None
         self._val_sums: torch.Tensor | None = None
         self._val_lengths: list[torch.Tensor] = []
         self._val_probs: list[torch.Tensor] = []
@@ -72,8 +85,8 @@ class BoundaryStats(L.Callback):
         return isinstance(outputs, dict) and "layout" in outputs and "parser" in outputs
 
     def _sums(self, outputs: dict, batch: dict) -> torch.Tensor:
-        """Additive per-batch statistics: [tokens, sampled, thresholded, Σp, concepts, docs, Σlen², then per
-        domain (tokens, concepts)]."""
+        """Additive per-batch statistics: [tokens, sampled, thresholded, Σp, concepts, docs, Σlen², Σ4p(1 − p) over
+        non-forced tokens, then per domain (tokens, concepts)]."""
         parser, layout = outputs["parser"], outputs["layout"]
         tokens = torch.tensor(float(parser.boundary_T.numel()), device=parser.prob_T.device)
         length_C = layout.length_C.to(torch.float64)
@@ -86,6 +99,7 @@ class BoundaryStats(L.Callback):
                 torch.tensor(float(layout.num_concepts), device=tokens.device, dtype=torch.float64),
                 torch.tensor(float(layout.seqs.num_docs), device=tokens.device, dtype=torch.float64),
                 length_C.square().sum(),
+                midpoint_sum(parser.prob_T),
             ]
         )
         per_domain = torch.zeros(MAX_DOMAINS, 2, dtype=torch.float64, device=tokens.device)
@@ -102,21 +116,20 @@ class BoundaryStats(L.Callback):
     def _reduce(trainer: L.Trainer, sums: torch.Tensor) -> torch.Tensor:
         return trainer.strategy.reduce(sums, reduce_op="sum") if trainer.world_size > 1 else sums
 
-    def _scalars(self, sums: torch.Tensor, target: float, domains: list[str]) -> dict[str, float]:
-        tokens, sampled, thresholded, prob, concepts, docs, sq_len = sums[:7].tolist()
+    def _scalars(self, sums: torch.Tensor, domains: list[str]) -> dict[str, float]:
+        """Scalars shared by training and validation, plus ``ratio_threshold`` (which validation logs as
+        ``val/ratio`` through the module, so its caller drops it there)."""
+        tokens, _, thresholded, prob, concepts, docs, sq_len, midpoint = sums[:HEAD].tolist()
         mean_len = tokens / max(concepts, 1.0)
         variance = max(sq_len / max(concepts, 1.0) - mean_len**2, 0.0)
         out = {
-            "F_sampled": sampled / tokens,
-            "F_threshold": thresholded / tokens,
-            "G": prob / tokens,
-            "ratio": tokens / max(sampled, 1.0),
             "ratio_threshold": tokens / max(thresholded, 1.0),
-            "target_R": target,
+            "G": prob / tokens,
+            "midpoint": midpoint / max(tokens - docs, 1.0),
             "concepts_per_seq": concepts / max(docs, 1.0),
             "length_cv": variance**0.5 / mean_len,
         }
-        per_domain = sums[7:].view(MAX_DOMAINS, 2).tolist()
+        per_domain = sums[HEAD:].view(MAX_DOMAINS, 2).tolist()
         for i, name in enumerate(domains[:MAX_DOMAINS]):
             if per_domain[i][1] > 0:
                 out[f"tokens_per_concept/{name}"] = per_domain[i][0] / per_domain[i][1]
@@ -163,26 +176,30 @@ class BoundaryStats(L.Callback):
         if not self._is_dlcm(outputs) or trainer.global_step % trainer.log_every_n_steps != 0:
             return
         sums = self._reduce(trainer, self._sums(outputs, batch))
-        target = pl_module.config.parser.target_ratio
-        scalars = self._scalars(sums, target, self._domains(trainer))
-        aux = float(outputs["aux"])
-        weighted = pl_module.config.parser.aux_weight * aux
-        scalars["aux"] = aux
-        scalars["aux_share"] = weighted / float(outputs["loss"]) if float(outputs["loss"]) else 0.0
-        rate, keep = scalars["F_sampled"], 1.0 - self.smoothing
-        self._ema_rate = rate if self._ema_rate is None else keep * self._ema_rate + self.smoothing * rate
-        smoothed_ratio = 1.0 / max(self._ema_rate, 1e-9)
-        scalars["collapse"] = self._check_band(trainer, pl_module, "smoothed training", smoothed_ratio)
+        scalars = self._scalars(sums, self._domains(trainer))
+        parser_cfg = pl_module.config.parser
+        parser = pl_module.network.parser
+        scalars["threshold"] = float(parser.threshold)
+        scalars["alpha"] = parser.alpha
+        scalars["target_R"] = parser_cfg.target_ratio
+        loss = float(outputs["loss"])
+        scalars["aux_share"] = parser_cfg.aux_weight * float(outputs["aux"]) / loss if loss else 0.0
         pl_module.log_dict({f"boundary/{k}": v for k, v in scalars.items()}, on_step=True, on_epoch=False)
         if trainer.global_step % self.histogram_every_n_steps == 0:
-            self._histograms(trainer, "boundary", outputs["layout"].length_C, outputs["parser"].prob_T)
+            self._histograms(trainer, pl_module, "boundary", outputs["layout"].length_C, outputs["parser"].prob_T)
 
-    def _histograms(self, trainer: L.Trainer, prefix: str, lengths: torch.Tensor, probs: torch.Tensor) -> None:
+    def _histograms(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, lengths: torch.Tensor, probs: torch.Tensor
+    ) -> None:
         writer = self._tensorboard(trainer)
         if writer is None or not trainer.is_global_zero:
             return
-        writer.add_histogram(f"{prefix}/concept_length", lengths.float().cpu(), trainer.global_step)
-        writer.add_histogram(f"{prefix}/boundary_prob", probs.float().cpu(), trainer.global_step)
+        cap = math.ceil(LENGTH_CAP * pl_module.config.parser.target_ratio)
+        clipped = lengths.clamp(max=cap).cpu().numpy()
+        writer.add_histogram(f"{prefix}/concept_length", clipped, trainer.global_step, bins=np.arange(0.5, cap + 1))
+        writer.add_histogram(
+            f"{prefix}/boundary_prob", probs.float().cpu().numpy(), trainer.global_step, bins=np.linspace(0, 1, 51)
+        )
 
     # ---- validation -------------------------------------------------------------------------------------------
 
@@ -211,16 +228,18 @@ class BoundaryStats(L.Callback):
         if trainer.sanity_checking or self._val_sums is None:
             return
         sums = self._reduce(trainer, self._val_sums)
-        scalars = self._scalars(sums, pl_module.config.parser.target_ratio, self._domains(trainer))
-        scalars["collapse"] = self._check_band(trainer, pl_module, "validation", scalars["ratio_threshold"])
+        scalars = self._scalars(sums, self._domains(trainer))
+        ratio = scalars.pop("ratio_threshold")  # = val/ratio, logged by the module
+        scalars["collapse"] = self._check_band(trainer, pl_module, "validation inference-mode", ratio)
         pl_module.log_dict({f"val_boundary/{k}": v for k, v in scalars.items()}, on_step=False, on_epoch=True)
-        self._histograms(trainer, "val_boundary", torch.cat(self._val_lengths), torch.cat(self._val_probs))
+        self._histograms(trainer, pl_module, "val_boundary", torch.cat(self._val_lengths), torch.cat(self._val_probs))
         writer = self._tensorboard(trainer)
         if writer is not None and trainer.is_global_zero and self._val_text:
             writer.add_text("val_boundary/segmentation", self._val_text, trainer.global_step)
 
     def _render(self, trainer: L.Trainer, batch: dict, outputs: dict) -> str | None:
-        """The first documents of a validation batch, each concept in brackets (markdown for TensorBoard)."""
+        """The first documents of a validation batch, each concept in brackets, wrapped at concept boundaries into
+        an indented (verbatim) markdown block for TensorBoard."""
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         if tokenizer is None or self.text_documents == 0:
             return None
@@ -235,6 +254,31 @@ class BoundaryStats(L.Callback):
                 if t == start or concept_id[t] != concept_id[t - 1]:
                     concepts.append([])
                 concepts[-1].append(ids[t])
-            text = "".join(f"[{tokenizer.decode(c)}]" for c in concepts)
-            blocks.append(f"**document {d}** ({len(concepts)} concepts, {end - start} tokens)\n\n    {text!r}")
+            pieces = [f"[{tokenizer.decode(c).translate(VISIBLE)}]" for c in concepts]
+            lines = wrap_pieces(pieces, self.text_width)
+            body = "\n".join(f"    {line}" for line in lines)
+            blocks.append(f"**document {d}** ({len(concepts)} concepts, {end - start} tokens)\n\n{body}")
         return "\n\n".join(blocks)
+
+
+def midpoint_sum(prob_T: torch.Tensor) -> torch.Tensor:
+    """``Σ 4p(1 − p)``: over the tokens whose boundary is not forced, since forced starts (p = 1) add 0."""
+    prob = prob_T.double()
+    return (4.0 * prob * (1.0 - prob)).sum()
+
+
+def wrap_pieces(pieces: list[str], width: int) -> list[str]:
+    """Join ``pieces`` into lines of at most ``width`` characters, breaking only between pieces (a longer piece is
+    split by characters)."""
+    lines, line = [], ""
+    for piece in pieces:
+        if line and len(line) + len(piece) > width:
+            lines.append(line)
+            line = ""
+        line += piece
+        while len(line) > width:
+            lines.append(line[:width])
+            line = line[width:]
+    if line:
+        lines.append(line)
+    return lines

@@ -2,7 +2,7 @@
 
 Each request is its own document in ``cu_seqlens``: attention, DLCM's boundaries and concepts all restart at a
 document start, so a request's score does not depend on which other requests share its forward pass (the tests
-check this against an unpacked forward). The network runs in eval mode (DLCM thresholds boundaries at p ≥ 0.5)
+check this against an unpacked forward). The network runs in eval mode (DLCM thresholds boundaries at its saved τ)
 under ``torch.no_grad()``.
 
 Tokens: ``context`` and ``context + continuation`` are encoded separately; the continuation's tokens are those of

@@ -2,7 +2,7 @@
 
 A decoder holds ``B`` documents of different lengths and runs one forward per call for all of them: a prompt chunk
 (``counts[b]`` new tokens for document ``b``, padded to the longest) or one generated token each. Its logits equal
-those of a full eval-mode forward pass of each document on its own (boundaries thresholded at ``p ≥ 0.5``).
+those of a full eval-mode forward pass of each document on its own (boundaries thresholded at the parser's ``τ``).
 
 DLCM decoding state per document, after ``t`` tokens:
 
@@ -161,7 +161,7 @@ class DLCMDecoder:
         self.capacity = capacity
         self.h_BLD = torch.zeros(batch, capacity, model.cfg.d_token, device=device, dtype=dtype)
         self.prob_BL = torch.zeros(batch, capacity, device=device, dtype=acc)
-        self.prev_q_BS = torch.zeros(batch, model.parser.wq.weight.shape[0], device=device, dtype=acc)
+        self.prev_q_BS = torch.zeros(batch, model.parser.d_scan, device=device, dtype=acc)
         self.smooth_BD = torch.zeros(batch, model.cfg.d_concept, device=device, dtype=acc)
         # Per concept (= Ψ key row, see the module docstring): first token and length, for the log-count bias.
         self.start_BR = torch.zeros(batch, capacity + 1, device=device, dtype=torch.int64)
@@ -232,7 +232,7 @@ class DLCMDecoder:
         prev_BnS = torch.cat([self.prev_q_BS[:, None], q_BnS[:, :-1]], dim=1)
         doc_start_Bn = position_Bn == 0
         prob_Bn = torch.where(doc_start_Bn, 1.0, m.parser.neighbour_prob(prev_BnS, k_BnS))
-        boundary_Bn = ((prob_Bn >= 0.5) | doc_start_Bn) & valid_Bn
+        boundary_Bn = (m.parser.decide(prob_Bn) | doc_start_Bn) & valid_Bn
         self.prob_BL[batch_B1, position_Bn] = prob_Bn
         self.prev_q_BS.copy_(torch.where(counts_B1 > 0, q_BnS[batch_B1[:, 0], last_B], self.prev_q_BS))
 
@@ -308,7 +308,7 @@ class DLCMDecoder:
         prob_B = torch.where(doc_start_B, 1.0, m.parser.neighbour_prob(self.prev_q_BS, k_BS))
         self.prob_BL[all_B, position_B] = prob_B
         self.prev_q_BS.copy_(q_BS)
-        self.boundary_B.copy_((prob_B >= 0.5) | doc_start_B)
+        self.boundary_B.copy_(m.parser.decide(prob_B) | doc_start_B)
         return self.boundary_B
 
     def _concept_step(self) -> None:

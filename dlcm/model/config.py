@@ -13,6 +13,8 @@ from typing import Literal, get_args
 AttnBackend = Literal["auto", "sdpa", "varlen", "flash_attn", "flash_attn_cute", "flex"]
 BoundaryMode = Literal["sample", "threshold"]
 RouterGrad = Literal["aux", "ste"]
+BoundaryPredictor = Literal["learned", "rule"]
+ThresholdMode = Literal["fixed", "calibrated"]
 RatioScope = Literal["global", "batch", "sequence"]
 Smoothing = Literal["ema", "identity"]
 CrossImpl = Literal["auto", "replicate", "exact"]
@@ -67,16 +69,30 @@ class StackConfig:
 
 @dataclass
 class ParserConfig:
-    """The global parser (paper §3.3): boundary scoring, discretisation and the Eq. 10 ratio loss."""
+    """The global parser (paper §3.3): boundary scoring, discretisation and the Eq. 10 ratio loss.
+
+    Training samples ``b ~ Bernoulli(σ(logit(p)/α))``; inference decides ``p_t ≥ τ``. With
+    ``threshold_mode='calibrated'`` (default) τ follows, as a running average over training micro-batches, the value
+    at which the thresholded ratio of the batch equals R; τ is a buffer of the parser, so checkpoints,
+    ``dlcm validate``, ``dlcm eval`` and ``dlcm generate`` use the same one. See docs/design.md §4.
+    """
 
     target_ratio: float = 4.0  # R: tokens per concept the ratio loss steers towards
     d_scan: int | None = None  # width of W_q/W_k; None means d_token (identity init is then exact)
-    boundary_mode: BoundaryMode = "sample"  # training-time discretisation; eval always thresholds at 0.5
-    # α in sharpen(p) = σ(logit(p)/α); → 0 recovers the threshold rule. The paper gives no value; 0.5 is tempting,
-    # but nothing in L_aux makes p bimodal, so at α = 0.5 the sampled ratio meets R while thresholded inference
-    # drifts far from it (tiny demo: validation ratio 187 at R = 4). 0.1 samples only near p = 0.5 and keeps the
-    # two in step (validation ratio 4.16); see docs/design.md.
+    # learned: p from W_q/W_k (Eq. 5); rule: p = (1 − cos(h_{t−1}, h_t))/2 on the encoder states with no
+    # parameters, thresholded at τ in training too (the paper's §8.1 rule-based ablation)
+    predictor: BoundaryPredictor = "learned"
+    boundary_mode: BoundaryMode = "sample"  # training-time discretisation; eval always thresholds at τ
+    # fixed: τ = threshold; calibrated: τ starts at threshold and tracks the batch τ that realises R (see above)
+    threshold_mode: ThresholdMode = "calibrated"
+    threshold: float = 0.5  # τ (fixed), its starting value (calibrated); for the rule predictor the cosine cut
+    calibration_momentum: float = 0.1  # weight of each micro-batch's τ in the running τ (a mean for 1/m steps)
+    # α in σ(logit(p)/α); → 0 recovers the threshold rule at 0.5. Nothing in L_aux makes p bimodal, so with a
+    # fixed τ = 0.5 a loose α lets the sampled ratio meet R while thresholded inference drifts (tiny demo: 187 at
+    # α = 0.5, R = 4); a calibrated τ follows the drift instead (docs/design.md §4).
     sharpen_alpha: float = 0.1
+    alpha_final: float | None = None  # anneal α linearly from sharpen_alpha to this over training; None: constant
+    midpoint_weight: float = 0.0  # weight of the penalty mean(4p(1 − p)) on probabilities near 0.5
     router_grad: RouterGrad = "aux"  # aux: W_q/W_k learn only from L_aux; ste: H-Net straight-through
     ratio_scope: RatioScope = "global"  # statistics over the optimizer step, the micro-batch or each document
     aux_weight: float = 0.03  # λ in L = L_CE + λ·L_aux
@@ -84,11 +100,40 @@ class ParserConfig:
     def validate(self) -> None:
         require(self.target_ratio > 1, "parser.target_ratio", self.target_ratio, "a number > 1")
         require(self.d_scan is None or self.d_scan > 0, "parser.d_scan", self.d_scan, "None or a positive int")
+        require_choice("parser.predictor", self.predictor, BoundaryPredictor)
+        require(
+            self.predictor == "learned" or self.d_scan is None,
+            "parser.d_scan",
+            self.d_scan,
+            "None with predictor='rule' (the rule compares encoder states directly)",
+        )
         require_choice("parser.boundary_mode", self.boundary_mode, BoundaryMode)
+        require_choice("parser.threshold_mode", self.threshold_mode, ThresholdMode)
+        require(0 < self.threshold < 1, "parser.threshold", self.threshold, "a number in (0, 1)")
+        require(
+            0 < self.calibration_momentum <= 1,
+            "parser.calibration_momentum",
+            self.calibration_momentum,
+            "a number in (0, 1]",
+        )
         require(self.sharpen_alpha > 0, "parser.sharpen_alpha", self.sharpen_alpha, "a number > 0")
+        require(
+            self.alpha_final is None or 0 <= self.alpha_final <= self.sharpen_alpha,
+            "parser.alpha_final",
+            self.alpha_final,
+            f"None or a number in [0, sharpen_alpha={self.sharpen_alpha}]",
+        )
+        require(self.midpoint_weight >= 0, "parser.midpoint_weight", self.midpoint_weight, "a number >= 0")
         require_choice("parser.router_grad", self.router_grad, RouterGrad)
         require_choice("parser.ratio_scope", self.ratio_scope, RatioScope)
         require(self.aux_weight >= 0, "parser.aux_weight", self.aux_weight, "a number >= 0")
+
+    def alpha_at(self, progress: float) -> float:
+        """α at ``progress`` (fraction of training done, clipped to [0, 1])."""
+        if self.alpha_final is None:
+            return self.sharpen_alpha
+        progress = min(max(progress, 0.0), 1.0)
+        return self.sharpen_alpha + (self.alpha_final - self.sharpen_alpha) * progress
 
 
 @dataclass

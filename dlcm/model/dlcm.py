@@ -25,6 +25,7 @@ class DLCMOutput:
 
     logits_TV: torch.Tensor
     aux_loss: torch.Tensor  # L_aux (Eq. 10), unweighted; the total loss adds aux_weight · aux_loss
+    midpoint_loss: torch.Tensor  # mean 4p(1 − p) over non-forced tokens, unweighted (parser.midpoint_weight)
     ratio: RatioStats
     parser: ParserOutput
     layout: ConceptLayout
@@ -36,7 +37,9 @@ class DLCM(nn.Module):
 
     ``forward(input_ids_T, cu_seqlens_tok)`` takes one packed stream of ``T`` tokens. In training mode with
     ``parser.boundary_mode='sample'`` boundaries are sampled (pass a ``generator`` for reproducible draws);
-    otherwise, and always in eval mode, they are thresholded at ``p ≥ 0.5``.
+    otherwise, and always in eval mode, they are thresholded at ``p ≥ τ``. With ``parser.threshold_mode=
+    'calibrated'`` every training forward, once its boundaries are decided, moves τ towards the value that
+    realises R on its batch.
     """
 
     def __init__(self, cfg: DLCMConfig) -> None:
@@ -67,11 +70,20 @@ class DLCM(nn.Module):
         tok = PackedSeqs.from_cu_seqlens(cu_seqlens_tok, input_ids_T.shape[0], max_seqlen_tok)
         h_TD = self.encoder(self.embed(input_ids_T), tok)
         sample = self.training and self.cfg.parser.boundary_mode == "sample"
-        parsed = self.parser(h_TD, tok, sample=sample, generator=generator)
+        calibrate = self.training and self.cfg.parser.threshold_mode == "calibrated"
+        group = self.ratio_loss.process_group
+        parsed = self.parser(h_TD, tok, sample=sample, generator=generator, calibrate=calibrate, group=group)
         layout = concept_layout(parsed.boundary_T, tok)
         z_CD = self.backbone(self.pooling(h_TD, layout), layout.seqs)
         z_CD = self.smoothing(z_CD, parsed.prob_T, layout)
         x_TD = self.cross(h_TD, z_CD, layout, tok, parsed.confidence_T)
         logits_TV = self.head(self.decoder(x_TD, tok))
         ratio = self.ratio_loss(parsed.prob_T, parsed.boundary_T, tok)
-        return DLCMOutput(logits_TV, ratio.loss, ratio, parsed, layout, tok)
+        return DLCMOutput(logits_TV, ratio.loss, midpoint_loss(parsed.prob_T, tok), ratio, parsed, layout, tok)
+
+
+def midpoint_loss(prob_T: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
+    """``mean 4p(1 − p)`` over the tokens whose boundary is not forced: 1 at p = 0.5, 0 at p ∈ {0, 1}. Weighted by
+    ``parser.midpoint_weight`` it pushes probabilities away from the undecided middle."""
+    interior_T = (seqs.position != 0).to(prob_T.dtype)
+    return (4.0 * prob_T * (1.0 - prob_T) * interior_T).sum() / interior_T.sum().clamp(min=1.0)

@@ -6,26 +6,36 @@ Boundary convention: ``b_t = 1`` means token ``t`` *starts* a concept. The score
 
 so ``b_t`` depends on ``h_{t−1}`` and ``h_t`` only (causal). The first token of every packed document is a
 forced boundary (``p = b = 1``), which keeps concepts inside documents. Training samples
-``b_t ~ Bernoulli(σ(logit(p_t)/α))``; evaluation thresholds ``p_t ≥ 0.5`` (the α → 0 limit of the same rule).
+``b_t ~ Bernoulli(σ(logit(p_t)/α))`` and the ratio loss holds that sampled rate at 1/R; inference keeps
+``p_t ≥ τ``. τ is a buffer (saved with the weights): fixed (0.5, the α → 0 limit of the sampling rule), or
+calibrated on training batches so that thresholding realises the target ratio
+(:mod:`dlcm.model.threshold_calibration`). A calibrated τ only observes training — sampling stays centred on 0.5 —
+so it cannot feed back into the rate the ratio loss controls (a second controller on the same rate oscillates).
 The projections are identity-initialised and run in (at least) fp32 whatever the autocast or parameter dtype.
+``predictor='rule'`` drops them: ``p`` is the cosine dissimilarity of the encoder states themselves, thresholded
+in training too (the paper's §8.1 rule-based ablation). Thresholded training (``boundary_mode='threshold'`` or the
+rule) decides at the configured ``parser.threshold``, so there too a calibrated τ changes only inference.
 
-Gradient paths (docs/design.md): with ``router_grad='aux'`` the discrete decision is decoupled from the LM loss, so
-W_q/W_k learn only from the ratio loss through ``p``. With ``'ste'`` the parser also returns an H-Net style
-confidence ``c_t = p_t if b_t else 1 − p_t`` made to read 1 in the forward pass; the cross-attention scales its
-output by it, which routes the LM gradient into ``p``.
+Gradient paths: with ``router_grad='aux'`` the discrete decision is decoupled from the LM loss, so W_q/W_k learn
+only from the ratio loss through ``p``. With ``'ste'`` the parser also returns an H-Net style confidence
+``c_t = p_t if b_t else 1 − p_t`` made to read 1 in the forward pass; the cross-attention scales its output by
+it, which routes the LM gradient into ``p``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from dlcm.model.config import ParserConfig
 from dlcm.model.linear import Linear
 from dlcm.model.packing import PackedSeqs
+from dlcm.model.threshold_calibration import ratio_threshold
 
 
 @dataclass
@@ -34,12 +44,14 @@ class ParserOutput:
 
     prob_T: torch.Tensor  # fp32 p_t, differentiable (1 at document starts)
     boundary_T: torch.Tensor  # bool b_t used for pooling in this pass (sampled or thresholded)
-    threshold_T: torch.Tensor  # bool [p_t ≥ 0.5] (document starts forced), for train/inference comparison
+    threshold_T: torch.Tensor  # bool [p_t ≥ τ] (document starts forced): what inference decides
     confidence_T: torch.Tensor | None  # router_grad='ste' only: value 1, gradient into p_t
 
 
 def sharpen(prob_T: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``σ(logit(p)/α)``: α < 1 pushes probabilities towards 0/1, α = 1 is the identity."""
+    """``σ(logit(p)/α)``: α < 1 pushes probabilities towards 0/1, α = 1 is the identity, α = 0 is ``[p ≥ 0.5]``."""
+    if alpha == 0:
+        return (prob_T >= 0.5).to(prob_T.dtype)
     return torch.sigmoid(torch.logit(prob_T, eps=1e-6) / alpha)
 
 
@@ -49,15 +61,40 @@ class GlobalParser(nn.Module):
     def __init__(self, d_token: int, cfg: ParserConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        d_scan = cfg.d_scan or d_token
-        # std is unused with identity init; kept for the μP group table.
-        self.wq = Linear(d_token, d_scan, std=0.0, identity_init=True)
-        self.wk = Linear(d_token, d_scan, std=0.0, identity_init=True)
+        self.learned = cfg.predictor == "learned"
+        self.d_scan = (cfg.d_scan or d_token) if self.learned else d_token
+        if self.learned:
+            # std is unused with identity init; kept for the μP group table.
+            self.wq = Linear(d_token, self.d_scan, std=0.0, identity_init=True)
+            self.wk = Linear(d_token, self.d_scan, std=0.0, identity_init=True)
+        # τ and the number of batch values averaged into it: state, not parameters (no gradient, no optimizer).
+        self.register_buffer("threshold", torch.empty((), dtype=torch.float32))
+        self.register_buffer("threshold_updates", torch.empty((), dtype=torch.int64))
+        self.alpha = cfg.sharpen_alpha  # the current α; set_progress anneals it
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Reset τ to its configured start (the parser's own state; the projections reset themselves)."""
+        self.threshold.fill_(self.cfg.threshold)
+        self.threshold_updates.zero_()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints written before τ was saved decided at the configured τ (0.5): load them as such.
+        for name in ("threshold", "threshold_updates"):
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_progress(self, progress: float) -> None:
+        """Fraction of training done (0–1): sets α along ``parser.alpha_final``'s annealing schedule."""
+        self.alpha = self.cfg.alpha_at(progress)
 
     def scan_projections(self, h_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q = W_q h`` and ``k = W_k h`` in (at least) fp32, for rows of any leading shape (decoding reuses it)."""
+        """``q = W_q h`` and ``k = W_k h`` in (at least) fp32, for rows of any leading shape (decoding reuses it);
+        ``q = k = h`` for the rule predictor."""
         with torch.autocast(device_type=h_TD.device.type, enabled=False):
             acc = torch.promote_types(h_TD.dtype, torch.float32)
+            if not self.learned:
+                return h_TD.to(acc), h_TD.to(acc)
             return F.linear(h_TD.to(acc), self.wq.weight.to(acc)), F.linear(h_TD.to(acc), self.wk.weight.to(acc))
 
     @staticmethod
@@ -66,6 +103,10 @@ class GlobalParser(nn.Module):
         with torch.autocast(device_type=k_TS.device.type, enabled=False):
             cos_T = F.cosine_similarity(prev_q_TS, k_TS, dim=-1, eps=1e-8)
             return ((1.0 - cos_T) / 2.0).clamp(0.0, 1.0)
+
+    def decide(self, prob: torch.Tensor) -> torch.Tensor:
+        """Inference-mode decision ``p ≥ τ`` (document starts are the caller's to force)."""
+        return prob >= self.threshold
 
     @staticmethod
     def confidence(prob_T: torch.Tensor, boundary_T: torch.Tensor) -> torch.Tensor:
@@ -78,16 +119,41 @@ class GlobalParser(nn.Module):
         prob_T = F.pad(self.neighbour_prob(q_TS[:-1], k_TS[1:]), (1, 0), value=1.0)
         return torch.where(seqs.position == 0, torch.ones_like(prob_T), prob_T)
 
+    @torch.no_grad()
+    def calibrate(self, prob_T: torch.Tensor, seqs: PackedSeqs, group: dist.ProcessGroup | None = None) -> None:
+        """Fold this micro-batch's ratio-realising τ (averaged over ``group``'s ranks, so every rank keeps the same
+        τ) into the running τ: a plain mean for the first ``1/calibration_momentum`` batches, then an EMA."""
+        batch_tau = ratio_threshold(prob_T, seqs, self.cfg.target_ratio)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_tau, group=group)
+            batch_tau /= dist.get_world_size(group)
+        self.threshold_updates += 1
+        weight = self.threshold_updates.reciprocal().clamp(min=self.cfg.calibration_momentum)
+        self.threshold.lerp_(batch_tau.to(self.threshold.dtype), weight.to(self.threshold.dtype))
+
     def forward(
-        self, h_TD: torch.Tensor, seqs: PackedSeqs, sample: bool, generator: torch.Generator | None = None
+        self,
+        h_TD: torch.Tensor,
+        seqs: PackedSeqs,
+        sample: bool,
+        generator: torch.Generator | None = None,
+        calibrate: bool = False,
+        group: dist.ProcessGroup | None = None,
     ) -> ParserOutput:
+        """Probabilities and decisions of one pass; ``calibrate`` then folds this batch into τ (training). The
+        batch is decided with the τ of earlier batches: its own quantile would let later tokens move τ, and with
+        it the decisions at earlier positions (a leak)."""
         prob_T = self.boundary_prob(h_TD, seqs)
         doc_start_T = seqs.position == 0
-        threshold_T = (prob_T.detach() >= 0.5) | doc_start_T
-        if sample:
+        threshold_T = self.decide(prob_T.detach()) | doc_start_T
+        if sample and self.learned:
             uniform_T = torch.rand(prob_T.shape, generator=generator, device=prob_T.device)
-            boundary_T = (uniform_T < sharpen(prob_T.detach(), self.cfg.sharpen_alpha)) | doc_start_T
+            boundary_T = (uniform_T < sharpen(prob_T.detach(), self.alpha)) | doc_start_T
+        elif self.training:  # thresholded training decides at the configured τ: a calibrated τ only observes
+            boundary_T = (prob_T.detach() >= self.cfg.threshold) | doc_start_T
         else:
             boundary_T = threshold_T
         confidence_T = self.confidence(prob_T, boundary_T) if self.cfg.router_grad == "ste" else None
+        if calibrate:
+            self.calibrate(prob_T, seqs, group)
         return ParserOutput(prob_T, boundary_T, threshold_T, confidence_T)

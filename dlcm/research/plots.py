@@ -9,7 +9,7 @@ transfer table. Figures (each drawn only when some input has the data):
 
 - ``loss_vs_flops``: validation loss (or ``--metric val/bpb``) against the training FLOPs spent when it was
   measured, one line per run (FLOPs from the FLOPs callback, :mod:`dlcm.research.run_metrics`);
-- ``ratio_over_training``: realised tokens per concept — sampled as trained (``boundary/ratio``), thresholded as
+- ``ratio_over_training``: realised tokens per concept — sampled as trained (``train/ratio``), thresholded as
   inference decides on training batches (``boundary/ratio_threshold``) and on validation (``val/ratio``) — with the
   target R;
 - ``tokens_per_concept``: the last validation tokens per concept of each domain (the paper's Table 5), per run;
@@ -31,8 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dlcm.research.run_metrics import RENAMED_TAGS
+
 RATIO_CURVES = (
-    ("boundary/ratio", "train, sampled", "-"),
+    ("train/ratio", "train, sampled", "-"),
     ("boundary/ratio_threshold", "train, thresholded", ":"),
     ("val/ratio", "validation, thresholded", "--"),
 )
@@ -46,6 +48,13 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 
         raise ImportError("dlcm plot needs matplotlib: pip install -e '.[research]'") from err
     fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     return fig, list(fig.subplots(nrows, ncols, squeeze=False).flat)
+
+
+def _curve(run: dict[str, Any], tag: str) -> dict[str, list] | None:
+    """A run's curve of ``tag``, or of the tag's old name in summaries written before it was renamed."""
+    curves = run.get("curves", {})
+    old = [o for o, new in RENAMED_TAGS.items() if new == tag]
+    return curves.get(tag) or next((curves[o] for o in old if o in curves), None)
 
 
 def _steps_values(curve: dict[str, list] | None) -> tuple[list, list]:
@@ -80,14 +89,14 @@ def loss_vs_flops(runs: dict[str, dict], metric: str = "val/loss") -> Any | None
 
 def ratio_over_training(runs: dict[str, dict]) -> Any | None:
     """Realised tokens per concept over training, one panel per run with boundary statistics."""
-    dlcm = {n: r for n, r in runs.items() if any(tag in r.get("curves", {}) for tag, _, _ in RATIO_CURVES)}
+    dlcm = {n: r for n, r in runs.items() if any(_curve(r, tag) for tag, _, _ in RATIO_CURVES)}
     if not dlcm:
         return None
     ncols = min(len(dlcm), 3)
     fig, axes = _figure(ncols, math.ceil(len(dlcm) / ncols), width=4.4, height=3.4)
     for ax, (name, run) in zip(axes, dlcm.items(), strict=False):
         for tag, label, style in RATIO_CURVES:
-            steps, values = _steps_values(run["curves"].get(tag))
+            steps, values = _steps_values(_curve(run, tag))
             if steps:
                 ax.plot(steps, values, style, label=label)
         if run.get("target_ratio"):

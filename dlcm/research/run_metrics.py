@@ -30,13 +30,19 @@ CURVE_TAGS = (
     "val/loss",
     "val/bpb",
     "val/ratio",
-    "boundary/ratio",
+    "train/ratio",
     "boundary/ratio_threshold",
     "boundary/target_R",
     "perf/model_flops_per_token",
 )
 CURVE_PREFIXES = ("val_boundary/tokens_per_concept/", "boundary/tokens_per_concept/")
 FLOPS_TAG = "perf/model_flops_per_token"
+# Tags older runs logged a second copy of a quantity under: read as the one name kept (old name → kept name).
+RENAMED_TAGS = {
+    "boundary/ratio": "train/ratio",
+    "train/ratio_threshold": "boundary/ratio_threshold",
+    "val_boundary/ratio_threshold": "val/ratio",
+}
 
 
 def event_files(run_dir: str | Path) -> list[Path]:
@@ -45,10 +51,11 @@ def event_files(run_dir: str | Path) -> list[Path]:
 
 
 def read_scalars(run_dir: str | Path, tags: Iterable[str] | None = None) -> dict[str, dict[int, float]]:
-    """``{tag: {step: value}}`` of every scalar (or only ``tags``) in the event files below ``run_dir``."""
+    """``{tag: {step: value}}`` of every scalar (or only ``tags``) in the event files below ``run_dir``; a run that
+    logged only an old name of a tag (``RENAMED_TAGS``) has its points under the kept name."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    wanted = None if tags is None else set(tags)
+    wanted = None if tags is None else set(tags) | {old for old, new in RENAMED_TAGS.items() if new in tags}
     out: dict[str, dict[int, float]] = {}
     for path in event_files(run_dir):
         acc = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every point, no reservoir
@@ -56,6 +63,10 @@ def read_scalars(run_dir: str | Path, tags: Iterable[str] | None = None) -> dict
         for tag in acc.Tags().get("scalars", []):
             if wanted is None or tag in wanted:
                 out.setdefault(tag, {}).update({e.step: float(e.value) for e in acc.Scalars(tag)})
+    for old, new in RENAMED_TAGS.items():
+        points = out.pop(old, None)
+        if points is not None and new not in out:
+            out[new] = points
     return out
 
 
@@ -152,8 +163,9 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
         "val_bpb": _last(scalars.get("val/bpb")),
         "val_ppl": _last(scalars.get("val/ppl")),
         "val_ratio": _last(scalars.get("val/ratio")),
-        "train_ratio": _last(scalars.get("boundary/ratio") or scalars.get("train/ratio")),
-        "train_ratio_threshold": _last(scalars.get("boundary/ratio_threshold") or scalars.get("train/ratio_threshold")),
+        "train_ratio": _last(scalars.get("train/ratio")),
+        "train_ratio_threshold": _last(scalars.get("boundary/ratio_threshold")),
+        "threshold": _last(scalars.get("boundary/threshold")),
         "target_ratio": _last(scalars.get("boundary/target_R")),
         "tokens_per_concept": {d: _last(scalars[f"val_boundary/tokens_per_concept/{d}"]) for d in domains},
         "tokens_per_step": step_tokens,

@@ -239,6 +239,7 @@ class DLCMModule(LanguageModelModule):
         super().__init__(config, optimizer, schedule, context_length, seed, execution)
         self.val_boundaries = torchmetrics.SumMetric()
         self.val_all_tokens = torchmetrics.SumMetric()
+        self._total_steps: int | None = None  # optimizer steps of the fit, for the α schedule
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -249,10 +250,13 @@ class DLCMModule(LanguageModelModule):
 
     def on_fit_start(self) -> None:
         self.network.ratio_loss.micro_batches_per_step = self.trainer.accumulate_grad_batches
+        self._total_steps = max(self.total_optimizer_steps(), 1)  # for the α schedule
 
     def before_micro_batch(self, batch_idx: int) -> None:
         if batch_idx % self.trainer.accumulate_grad_batches == 0:
             self.network.ratio_loss.start_step()
+        if self._total_steps is not None:
+            self.network.parser.set_progress(self.global_step / self._total_steps)
 
     def sampling_generator(self, device: torch.device) -> torch.Generator:
         micro = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self._trainer else 0
@@ -268,9 +272,9 @@ class DLCMModule(LanguageModelModule):
     def extra_loss(self, extras: DLCMOutput) -> torch.Tensor:
         self.log("train/aux", extras.aux_loss)
         self.log("train/ratio", 1.0 / extras.ratio.boundary_rate.clamp(min=1e-6), prog_bar=True)
-        # What inference would realise on the same batch: a gap to train/ratio is a train/inference mismatch.
-        self.log("train/ratio_threshold", 1.0 / extras.parser.threshold_T.float().mean().clamp(min=1e-6))
-        return self.config.parser.aux_weight * extras.aux_loss
+        parser = self.config.parser
+        loss = parser.aux_weight * extras.aux_loss
+        return loss + parser.midpoint_weight * extras.midpoint_loss if parser.midpoint_weight else loss
 
     def step_outputs(self, extras: DLCMOutput) -> dict[str, Any]:
         return {

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dlcm.callbacks.boundary_stats import BoundaryStats
+from dlcm.callbacks.boundary_stats import LENGTH_CAP, BoundaryStats, wrap_pieces
 from dlcm.train.cli import run_cli
 
 RECIPE = str(Path(__file__).parents[2] / "recipes" / "dlcm_tiny_r4_defaultcorpus_cpu.yaml")
@@ -64,14 +65,19 @@ def series(events: EventAccumulator, tag: str) -> list[float]:
 def test_training_scalars_match_the_batches(fitted) -> None:
     cli, keep, events = fitted
     cfg = cli.model.config.parser
-    expected_f = [out["parser"].boundary_T.float().mean().item() for out, _ in keep.train]
-    assert series(events, "boundary/F_sampled") == pytest.approx(expected_f, rel=1e-5)
     expected_thr = [out["parser"].threshold_T.float().mean().item() for out, _ in keep.train]
-    assert series(events, "boundary/F_threshold") == pytest.approx(expected_thr, rel=1e-5)
+    assert series(events, "boundary/ratio_threshold") == pytest.approx([1 / f for f in expected_thr], rel=1e-5)
     expected_g = [out["parser"].prob_T.mean().item() for out, _ in keep.train]
     assert series(events, "boundary/G") == pytest.approx(expected_g, rel=1e-5)
-    assert series(events, "boundary/ratio") == pytest.approx([1 / f for f in expected_f], rel=1e-5)
+    midpoint = []
+    for out, batch in keep.train:
+        p = out["parser"].prob_T.double()
+        midpoint.append((4 * p * (1 - p)).sum().item() / (p.numel() - (len(batch["cu_seqlens"]) - 1)))
+    assert series(events, "boundary/midpoint") == pytest.approx(midpoint, rel=1e-5)
     assert series(events, "boundary/target_R") == [cfg.target_ratio] * len(keep.train)
+    # τ is calibrated on every training batch: it moved off its start and the last value logged is the model's.
+    assert series(events, "boundary/threshold")[-1] == pytest.approx(float(cli.model.network.parser.threshold))
+    assert series(events, "boundary/alpha") == pytest.approx([cfg.sharpen_alpha] * len(keep.train))
     per_seq = [out["layout"].num_concepts / (len(batch["cu_seqlens"]) - 1) for out, batch in keep.train]
     assert series(events, "boundary/concepts_per_seq") == pytest.approx(per_seq, rel=1e-5)
     cv = [
@@ -96,11 +102,21 @@ def test_per_domain_tokens_per_concept(fitted) -> None:
             assert series(events, f"boundary/tokens_per_concept/{name}")[0] == pytest.approx(expected, rel=1e-5)
 
 
+def test_one_tag_per_quantity(fitted) -> None:
+    _, _, events = fitted
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/ratio", "train/aux", "val/ratio", "boundary/ratio_threshold"} <= scalars
+    duplicates = {"boundary/ratio", "boundary/aux", "train/ratio_threshold", "val_boundary/ratio"}
+    duplicates |= {"val_boundary/ratio_threshold", "boundary/F_sampled", "val_boundary/F_threshold"}
+    assert not scalars & duplicates
+    assert "boundary/collapse" not in scalars  # only the held-out inference-mode ratio is judged
+
+
 def test_validation_scalars_histograms_and_text(fitted) -> None:
     _, keep, events = fitted
     tokens = sum(out["parser"].boundary_T.numel() for out, _ in keep.val)
     thresholded = sum(out["parser"].threshold_T.sum().item() for out, _ in keep.val)
-    assert series(events, "val_boundary/ratio_threshold") == pytest.approx([tokens / thresholded], rel=1e-5)
+    assert series(events, "val/ratio") == pytest.approx([tokens / thresholded], rel=1e-5)
     histograms = events.Tags()["histograms"]
     assert {"boundary/concept_length", "boundary/boundary_prob", "val_boundary/concept_length"} <= set(histograms)
     text = events.Tensors("val_boundary/segmentation/text_summary")[0].tensor_proto.string_val[0].decode()
@@ -108,13 +124,29 @@ def test_validation_scalars_histograms_and_text(fitted) -> None:
     end = min(int(first_batch["cu_seqlens"][1]), 160)
     concepts = len(set(first_out["layout"].concept_id_T[:end].tolist()))
     assert text.startswith(f"**document 0** ({concepts} concepts, {end} tokens)")
-    assert text.split("\n\n")[1].count("][") == concepts - 1
+    lines = text.split("\n\n")[1].split("\n")
+    assert all(line.startswith("    ") and len(line) <= 4 + 100 for line in lines)  # verbatim block, wrapped
+    body = "".join(line[4:] for line in lines)
+    assert body.count("][") == concepts - 1
+    assert "\\n" not in body and body[0] != "'"  # no repr escapes
+
+
+def test_wrap_pieces_breaks_between_concepts() -> None:
+    assert wrap_pieces(["[ab]", "[cd]", "[efghij]"], 8) == ["[ab][cd]", "[efghij]"]
+    assert wrap_pieces(["[abcdefghij]"], 5) == ["[abcd", "efghi", "j]"]
+
+
+def test_concept_length_histogram_keeps_outliers_in_the_last_bin(fitted) -> None:
+    cli, _, events = fitted
+    cap = math.ceil(LENGTH_CAP * cli.model.config.parser.target_ratio)
+    histogram = events.Histograms("val_boundary/concept_length")[-1].histogram_value
+    assert histogram.max <= cap
 
 
 def test_collapse_flag_and_warning_when_the_ratio_leaves_the_band(fitted) -> None:
     cli, _, events = fitted
     flags = series(events, "val_boundary/collapse")
-    ratio = series(events, "val_boundary/ratio_threshold")[0]
+    ratio = series(events, "val/ratio")[0]
     target = cli.model.config.parser.target_ratio
     assert flags == [0.0 if 0.8 * target <= ratio <= 1.25 * target else 1.0]
     stats = BoundaryStats(warmup_steps=0)

@@ -21,7 +21,7 @@ def summary(offset: float, with_boundaries: bool = True) -> dict:
         "val/bpb": {"step": [9, 19, 29], "value": [2.0 + offset, 1.8 + offset, 1.7 + offset]},
     }
     if with_boundaries:
-        curves["boundary/ratio"] = {"step": list(range(30)), "value": [6.0 - i / 10 for i in range(30)]}
+        curves["train/ratio"] = {"step": list(range(30)), "value": [6.0 - i / 10 for i in range(30)]}
         curves["val/ratio"] = {"step": [9, 19, 29], "value": [5.0, 4.4, 4.1]}
     return {
         "curves": curves,
@@ -101,7 +101,7 @@ def test_cli_on_sweep_and_run_directories(tmp_path: Path, capsys: pytest.Capture
     with SummaryWriter(str(plain / "version_0")) as w:
         for step in range(3):
             w.add_scalar("train/loss", 3.0 - step, step)
-            w.add_scalar("boundary/ratio", 5.0 - step, step)
+            w.add_scalar("train/ratio", 5.0 - step, step)
     analysis = tmp_path / "analysis.json"
     analysis.write_text(json.dumps(ANALYSIS))
     runs = plots.load_runs([sweep, plain])

@@ -308,7 +308,7 @@ def test_summary_from_events_integrates_flops_per_token(tmp_path: Path) -> None:
     with SummaryWriter(str(log_dir)) as w:
         for step in range(10):
             w.add_scalar("train/loss", 5.0 - step / 10, step)
-            w.add_scalar("boundary/ratio", 4.0 + step, step)
+            w.add_scalar("train/ratio", 4.0 + step, step)
             w.add_scalar("boundary/target_R", 4.0, step)
         for step, value in fpt.items():
             w.add_scalar("perf/model_flops_per_token", value, step)
@@ -391,3 +391,16 @@ def test_concurrent_cpu_runs_share_the_cores(monkeypatch: pytest.MonkeyPatch) ->
     assert cpu_threads(2, None) == 4 and cpu_threads(16, None) == 1
     assert cpu_threads(1, None) is None  # one run alone keeps torch's default
     assert cpu_threads(4, ["0", "1"]) is None  # GPU runs: threads are not the bottleneck
+
+
+def test_runs_logged_under_old_tag_names_read_as_the_kept_names(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "old")) as w:
+        w.add_scalar("boundary/ratio", 4.5, 1)  # kept name: train/ratio
+        w.add_scalar("train/ratio_threshold", 5.5, 1)  # kept name: boundary/ratio_threshold
+        w.add_scalar("val/ratio", 6.0, 1)
+        w.add_scalar("val_boundary/ratio_threshold", 6.5, 1)  # the kept val/ratio wins
+    scalars = read_scalars(tmp_path / "old")
+    assert scalars == {"train/ratio": {1: 4.5}, "boundary/ratio_threshold": {1: 5.5}, "val/ratio": {1: 6.0}}
+    assert read_scalars(tmp_path / "old", ["train/ratio"]) == {"train/ratio": {1: 4.5}}

@@ -281,7 +281,9 @@ def test_sharded_checkpoint_holds_optimizer_scheduler_data_position_and_generato
     checkpoint = consolidate(step_checkpoint(runs / "global", 2))
     assert checkpoint["global_step"] == 2
     (adam,) = checkpoint["optimizer_states"]
-    assert len(adam["state"]) == len(checkpoint["state_dict"])  # exp_avg/exp_avg_sq of every parameter
+    buffers = [k for k in checkpoint["state_dict"] if k.startswith("network.parser.threshold")]  # τ: no optimizer
+    assert len(buffers) == 2
+    assert len(adam["state"]) == len(checkpoint["state_dict"]) - 2  # exp_avg/exp_avg_sq of every parameter
     assert all(float(s["step"]) == 2 for s in adam["state"].values())
     assert sum(s["exp_avg"].abs().sum() for s in adam["state"].values()) > 0
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == 2

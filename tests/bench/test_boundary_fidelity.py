@@ -1,0 +1,124 @@
+"""bench/boundary_fidelity.py: the study's runs, the scale-2 shapes, the seed statistics and the report; the CPU
+smoke run end to end is slow (minutes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).parents[2] / "bench" / "boundary_fidelity.py"
+sys.path.insert(0, str(PATH.parent))
+spec = importlib.util.spec_from_file_location("boundary_fidelity", PATH)
+bf = importlib.util.module_from_spec(spec)
+sys.modules["boundary_fidelity"] = bf
+spec.loader.exec_module(bf)
+
+
+def test_scale_one_runs_every_mechanism_the_default_over_seeds_and_the_baseline() -> None:
+    jobs = bf.study_jobs(bf.MODES["gpu"], 1)
+    assert len(jobs) == 14 and len({j.name for j in jobs}) == 14
+    groups = {}
+    for job in jobs:
+        groups.setdefault(job.group, []).append(job.seed)
+    assert groups["r4-calibrated"] == [0, 1, 2] and groups["baseline"] == [0, 1, 2]
+    assert groups["r2-calibrated"] == [0] and groups["r8-calibrated"] == [0]
+    assert {f"r4-{m}" for m in bf.MECHANISMS} <= set(groups)
+    fixed = next(j for j in jobs if j.group == "r4-fixed")
+    assert fixed.overrides[f"{bf.PARSER}.threshold_mode"] == "fixed"
+    r8 = next(j for j in jobs if j.group == "r8-calibrated")
+    assert r8.overrides[f"{bf.PARSER}.target_ratio"] == 8.0 and r8.target_ratio == 8.0
+    seed2 = next(j for j in jobs if j.name == "baseline-s2")
+    assert {seed2.overrides[k] for k in ("seed_everything", "model.init_args.seed", "data.seed")} == {2}
+
+
+def test_scale_two_doubles_the_dlcm_and_matches_the_baseline_in_flops() -> None:
+    import dataclasses
+
+    from dlcm.model.flops import inference_flops_per_token
+    from dlcm.research.flops_report import load_recipe
+
+    mode = bf.MODES["gpu"]
+    jobs = bf.study_jobs(mode, 2)
+    assert sorted(j.group for j in jobs) == ["baseline"] * 3 + ["r4-calibrated"] * 3
+    dlcm = next(j for j in jobs if j.kind == "dlcm").overrides
+    base = next(j for j in jobs if j.kind == "baseline").overrides
+    assert dlcm["model.init_args.config.encoder.width"] == 768
+    assert dlcm["model.init_args.config.backbone.n_heads"] == 24
+    assert dlcm["model.init_args.config.cross.ffn_hidden"] == 2048
+
+    def shaped(recipe: str, overrides: dict) -> object:
+        config = load_recipe(bf.ROOT / recipe, vocab_size=bf.VOCAB).config
+        sections: dict[str, dict] = {}
+        for key, value in overrides.items():
+            if key.startswith("model.init_args.config."):
+                section, field = key.split(".")[-2:]
+                sections.setdefault(section, {})[field] = value
+        changes = {n: dataclasses.replace(getattr(config, n), **f) for n, f in sections.items()}
+        return dataclasses.replace(config, **changes)
+
+    flops = {
+        kind: inference_flops_per_token(shaped(recipe, overrides), 1024).total
+        for kind, recipe, overrides in (("dlcm", mode.dlcm_recipe, dlcm), ("base", mode.baseline_recipe, base))
+    }
+    small = inference_flops_per_token(load_recipe(bf.ROOT / mode.dlcm_recipe, vocab_size=bf.VOCAB).config, 1024)
+    assert flops["dlcm"] >= 3 * small.total  # the second scale: ≥ 3× the FLOPs per token
+    assert flops["base"] == pytest.approx(flops["dlcm"], rel=0.03)
+
+
+def test_plan_steps_fits_the_slowest_run_and_the_cap() -> None:
+    mode = bf.MODES["gpu"]
+    steps, slowest = bf.plan_steps(mode, {"a": 0.2, "b": 0.4, "c": None}, seconds_left=200.0)
+    assert slowest == 0.4 and steps == 425 - 425 % mode.val_points
+    assert bf.plan_steps(mode, {"a": 0.01}, 200.0)[0] == mode.max_steps
+    assert bf.plan_steps(mode, {"a": 0.01}, 200.0, cap=300)[0] == 300
+
+
+def fake_result(bpb: float, ratio: float | None, prose: float | None = None) -> dict:
+    per_domain = {"prose": prose, "code": ratio} if prose else {}
+    return {"status": "ok", "steps": 10, "val_bpb": bpb, "val_ratio": ratio, "tokens_per_concept": per_domain}
+
+
+def test_summary_statistics_and_paired_gap() -> None:
+    jobs = bf.study_jobs(bf.MODES["gpu"], 2)
+    results = {
+        "r4-calibrated-s0": fake_result(1.50, 4.0, prose=3.8),
+        "r4-calibrated-s1": fake_result(1.52, 4.1, prose=3.9),
+        "r4-calibrated-s2": fake_result(1.54, 4.3, prose=4.0),
+        "baseline-s0": fake_result(1.60, None),
+        "baseline-s1": fake_result(1.61, None),
+        "baseline-s2": {"status": "failed"},
+    }
+    summary = bf.summarize(jobs, results)
+    group = summary["groups"]["r4-calibrated"]
+    assert group["val_bpb"]["mean"] == pytest.approx(1.52)
+    assert group["val_bpb"]["std"] == pytest.approx(0.02)
+    assert group["val_ratio_error"]["values"] == pytest.approx([0.0, 0.025, 0.075])
+    assert group["val_ratio_within_5pct"] is False
+    assert summary["groups"]["baseline"]["val_bpb"]["n"] == 2
+    gap = summary["gap_dlcm_minus_baseline_bpb"]
+    assert gap["per_seed"] == pytest.approx({0: -0.10, 1: -0.09})  # seed 2's baseline failed: no pair
+    assert gap["mean"] == pytest.approx(-0.095)
+    report = bf.format_report({"mode": "gpu", "scale": 2, "note": "test", "failed": ["baseline-s2"], **summary})
+    assert "r4-calibrated" in report and "+3.3 ± 3.8" in report and "-0.0950" in report
+    assert "FAILED runs: baseline-s2" in report
+
+
+def test_mean_std_of_one_or_no_values() -> None:
+    assert bf.mean_std([1.0]) == {"mean": 1.0, "std": None, "n": 1, "values": [1.0]}
+    assert bf.mean_std([None, math.nan])["mean"] is None
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.json"
+    assert bf.main(["--smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["failed"] == [] and len(result["runs"]) == 14
+    assert all(r["steps"] == bf.MODES["smoke"].max_steps for r in result["runs"].values())
+    assert result["groups"]["r4-calibrated"]["val_ratio"]["n"] == 3

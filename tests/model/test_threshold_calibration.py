@@ -1,0 +1,161 @@
+"""The calibrated inference threshold τ: exact ratio on a batch, the running average, checkpoints, and the parser
+options around it (α annealing, midpoint penalty, the rule-based predictor)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from dlcm.model.config import ParserConfig
+from dlcm.model.dlcm import midpoint_loss
+from dlcm.model.packing import PackedSeqs
+from dlcm.model.parser import GlobalParser, sharpen
+from dlcm.model.presets import build_model, tiny_dlcm
+from dlcm.model.threshold_calibration import ABOVE_ALL, ratio_threshold
+from tests.conftest import random_cu_seqlens
+
+
+def thresholded_ratio(prob_T: torch.Tensor, seqs: PackedSeqs, tau: torch.Tensor) -> float:
+    boundary_T = (prob_T >= tau) | (seqs.position == 0)
+    return prob_T.numel() / int(boundary_T.sum())
+
+
+@pytest.mark.parametrize("target", [2.0, 3.7, 4.0, 8.0])
+def test_ratio_threshold_realises_the_target_on_its_batch(target: float) -> None:
+    g = torch.Generator().manual_seed(int(target * 10))
+    cu = random_cu_seqlens([300, 17, 211, 500])
+    seqs = PackedSeqs.from_cu_seqlens(cu, 1028)
+    prob_T = torch.rand(1028, generator=g)
+    prob_T[seqs.position == 0] = 1.0
+    tau = ratio_threshold(prob_T, seqs, target)
+    boundaries = int(((prob_T >= tau) | (seqs.position == 0)).sum())
+    assert boundaries == round(1028 / target)
+
+
+def test_ratio_threshold_with_documents_shorter_than_r() -> None:
+    seqs = PackedSeqs.from_cu_seqlens(random_cu_seqlens([2, 3, 2]), 7)
+    prob_T = torch.tensor([1.0, 0.9, 1.0, 1.0, 0.99, 1.0, 0.2])
+    tau = ratio_threshold(prob_T, seqs, 4.0)  # 7/4 → 2 concepts wanted, 3 forced: no interior boundary
+    assert float(tau) == pytest.approx(ABOVE_ALL)
+    assert thresholded_ratio(prob_T, seqs, tau) == pytest.approx(7 / 3)
+
+
+def test_calibrate_is_a_running_mean_then_an_ema() -> None:
+    parser = GlobalParser(4, ParserConfig(calibration_momentum=0.25))
+    seqs = PackedSeqs.from_cu_seqlens(random_cu_seqlens([64]), 64)
+    batches = [torch.rand(64, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    expected = None
+    for n, prob_T in enumerate(batches, start=1):
+        batch_tau = float(ratio_threshold(prob_T, seqs, 4.0))
+        weight = max(1 / n, 0.25)
+        expected = batch_tau if expected is None else expected + weight * (batch_tau - expected)
+        parser.calibrate(prob_T, seqs)
+        assert float(parser.threshold) == pytest.approx(expected, rel=1e-6)
+    assert int(parser.threshold_updates) == 8
+
+
+def test_training_calibrates_after_deciding_and_eval_uses_the_saved_tau() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_dlcm(64)).train()
+    cu = random_cu_seqlens([40, 24])
+    ids_T = torch.randint(0, 64, (64,))
+    out = model(ids_T, cu, generator=torch.Generator().manual_seed(0))
+    seqs = out.tokens
+    # The batch was decided with the starting τ (0.5); τ then moved to this batch's ratio-realising value.
+    assert torch.equal(out.parser.threshold_T, (out.parser.prob_T.detach() >= 0.5) | (seqs.position == 0))
+    tau = float(model.parser.threshold)
+    assert tau == pytest.approx(float(ratio_threshold(out.parser.prob_T, seqs, 4.0)))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert float(state["parser.threshold"]) == tau
+    restored = build_model(tiny_dlcm(64))
+    restored.load_state_dict(state)
+    restored.eval()
+    with torch.no_grad():
+        evaluated = restored(ids_T, cu)
+    assert torch.equal(evaluated.parser.boundary_T, (evaluated.parser.prob_T >= tau) | (seqs.position == 0))
+    assert float(restored.parser.threshold) == tau  # eval never moves τ
+
+
+def test_checkpoints_without_tau_load_as_a_fixed_half() -> None:
+    model = build_model(tiny_dlcm(64))
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("parser.threshold")}
+    fresh = build_model(tiny_dlcm(64))
+    fresh.parser.threshold.fill_(0.3)
+    fresh.load_state_dict(old)  # strict: the missing buffers are filled, not reported
+    assert float(fresh.parser.threshold) == pytest.approx(0.3)  # the configured start, 0.5 unless set
+
+
+def test_alpha_anneals_linearly_to_its_final_value() -> None:
+    cfg = ParserConfig(sharpen_alpha=0.2, alpha_final=0.0)
+    parser = GlobalParser(4, cfg)
+    assert [cfg.alpha_at(x) for x in (0.0, 0.5, 1.0, 2.0)] == pytest.approx([0.2, 0.1, 0.0, 0.0])
+    parser.set_progress(0.75)
+    assert parser.alpha == pytest.approx(0.05)
+    p = torch.tensor([0.2, 0.49, 0.5, 0.7])
+    assert torch.equal(sharpen(p, 0.0), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+
+
+def test_a_calibrated_tau_does_not_change_training() -> None:
+    """τ observes training; the sampled boundaries, and so the loss, are those of a fixed τ."""
+    cfg = tiny_dlcm(64)
+    losses = {}
+    for mode in ("fixed", "calibrated"):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(cfg, parser=dataclasses.replace(cfg.parser, threshold_mode=mode)))
+        model.train()
+        outs = [
+            model(
+                torch.randint(0, 64, (64,), generator=torch.Generator().manual_seed(i)),
+                random_cu_seqlens([40, 24]),
+                generator=torch.Generator().manual_seed(i),
+            )
+            for i in range(3)
+        ]
+        losses[mode] = [(o.aux_loss.item(), o.parser.boundary_T.sum().item()) for o in outs]
+        if mode == "calibrated":
+            assert float(model.parser.threshold) != 0.5
+    assert losses["fixed"] == losses["calibrated"]
+
+
+def test_midpoint_loss_is_one_at_half_and_ignores_forced_starts() -> None:
+    seqs = PackedSeqs.from_cu_seqlens(random_cu_seqlens([3, 2]), 5)
+    prob_T = torch.tensor([1.0, 0.5, 0.0, 1.0, 0.5])
+    assert float(midpoint_loss(prob_T, seqs)) == pytest.approx(2 / 3)
+
+
+def test_rule_predictor_has_no_parameters_and_thresholds_in_training() -> None:
+    cfg = tiny_dlcm(64)
+    parser_cfg = dataclasses.replace(cfg.parser, predictor="rule", threshold_mode="fixed", threshold=0.4)
+    model = build_model(dataclasses.replace(cfg, parser=parser_cfg)).train()
+    assert list(model.parser.parameters()) == []
+    cu = random_cu_seqlens([30, 18])
+    out = model(torch.randint(0, 64, (48,)), cu, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.parser.boundary_T, out.parser.threshold_T)
+    h_TD = model.encoder(model.embed(torch.randint(0, 64, (48,))), out.tokens)
+    cos = torch.nn.functional.cosine_similarity(h_TD[:-1].double(), h_TD[1:].double(), dim=-1)
+    prob = model.parser.boundary_prob(h_TD, out.tokens)[1:]
+    interior = out.tokens.position[1:] != 0
+    torch.testing.assert_close(prob[interior].double(), ((1 - cos) / 2).clamp(0, 1)[interior])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("threshold_mode", "quantile"),
+        ("threshold", 1.0),
+        ("calibration_momentum", 0.0),
+        ("alpha_final", 0.5),
+        ("midpoint_weight", -1.0),
+        ("predictor", "cosine"),
+    ],
+)
+def test_bad_parser_options_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"parser.{field}={value!r} is not allowed"):
+        ParserConfig(**{field: value}).validate()
+
+
+def test_rule_predictor_rejects_a_scan_width() -> None:
+    with pytest.raises(ValueError, match=r"parser\.d_scan=16 is not allowed: None with predictor='rule'"):
+        ParserConfig(predictor="rule", d_scan=16).validate()
