@@ -8,6 +8,11 @@ size (known once the data module has read its manifest) fills ``model.config.voc
 
 from __future__ import annotations
 
+import difflib
+import shutil
+import sys
+from argparse import ArgumentError
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -17,12 +22,75 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from dlcm.callbacks.boundary_stats import BoundaryStats
 from dlcm.callbacks.throughput import FlopsThroughput
 from dlcm.data.datamodule import PackedDataModule
-from dlcm.train.checkpoint_io import AtomicCheckpointIO
+from dlcm.train.checkpoint_io import UNREADABLE, AtomicCheckpointIO, require_sharded_checkpoint, unreadable
 from dlcm.train.lightning_modules import LanguageModelModule
+
+# Parsers of every subcommand: no abbreviated keys (`--trainer.max_step` must not pass for max_steps), and errors
+# raised rather than printed after a multi-page usage block, so that `dlcm` reports them as one line.
+STRICT_PARSER = {"allow_abbrev": False, "exit_on_error": False}
 
 
 class DLCMCLI(LightningCLI):
-    """LightningCLI with dlcm's links, checkpointing defaults and atomic checkpoint writes."""
+    """LightningCLI with dlcm's links, checkpointing defaults and atomic checkpoint writes.
+
+    Subcommands are ``fit`` and ``validate``: Lightning's ``test`` would read the validation split again under
+    another name, and ``predict`` is served by ``dlcm generate`` (sampling) and ``dlcm eval`` (scoring).
+    """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ArgumentError(None, _with_suggestions(str(err), self._known_keys(args))) from err
+
+    def _known_keys(self, args: Any) -> list[str]:
+        words = args if isinstance(args, list) else sys.argv[1:]
+        subcommand = next((w for w in words if w in self.subcommands()), None)
+        parser = getattr(self, "_subcommand_parsers", {}).get(subcommand, self.parser)
+        return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the model's hyperparameters from --ckpt_path before anything is built: check the path and
+        # name the problem here, not with a raw unpickling or union-type error.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return
+        path = Path(ckpt_path)
+        if path.is_dir():
+            if not (path / ".metadata").is_file():
+                raise ValueError(
+                    f"--ckpt_path {path} is a directory, not a checkpoint: pass a .ckpt file (e.g. "
+                    f"{path / 'checkpoints' / 'last.ckpt'}) or a sharded checkpoint directory"
+                )
+            require_sharded_checkpoint(path)
+            return
+        if not path.is_file():
+            raise FileNotFoundError(f"--ckpt_path {path} does not exist: pass a .ckpt file written by `dlcm fit`")
+        try:
+            super()._parse_ckpt_path()
+        except UNREADABLE as err:
+            raise unreadable(path, err) from err
+        except ArgumentError as err:
+            raise ValueError(
+                f"checkpoint {path} was trained with another model than this recipe's; use the recipe it was "
+                f"trained with (the config.yaml of its run directory). {err}"
+            ) from err
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A run that fails before its first optimizer step leaves no run directory behind (only its config.yaml).
+        log_dir = self.trainer.logger.log_dir if self.trainer.logger is not None else None
+        created = [d for d in (Path(log_dir), *Path(log_dir).parents) if not d.exists()] if log_dir else []
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if created and self.trainer.global_step == 0 and not any(created[0].rglob("*.ckpt")):
+                shutil.rmtree(created[-1], ignore_errors=True)
+            raise
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size", apply_on="instantiate")
@@ -44,6 +112,12 @@ class DLCMCLI(LightningCLI):
         parser.add_lightning_class_args(FlopsThroughput, "throughput")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        accumulate = config.get("accumulate_grad_batches")
+        if isinstance(accumulate, int) and accumulate < 1:  # Lightning would divide by it at the first batch
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={accumulate} is not allowed: micro-batches per optimizer step, "
+                "1 or more"
+            )
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
@@ -72,6 +146,19 @@ class DLCMCLI(LightningCLI):
         print("\n".join(lines))
 
 
+def _with_suggestions(message: str, known: list[str]) -> str:
+    """``message`` plus the allowed keys closest to each unrecognized ``--key`` in it."""
+    if not message.startswith("unrecognized arguments:"):
+        return message
+    hints = []
+    for word in message.split(":", 1)[1].split():
+        key = word.split("=", 1)[0]
+        if key.startswith("--"):
+            close = difflib.get_close_matches(key, known, n=2, cutoff=0.75)
+            hints.append(f"{key} is not a key; did you mean {' or '.join(close)}?" if close else f"{key} is not a key")
+    return f"{message} ({'; '.join(hints)}; `--help` lists every key)" if hints else message
+
+
 def run_cli(args: list[str] | None = None, run: bool = True) -> DLCMCLI:
     """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` (tests call it directly)."""
     return DLCMCLI(
@@ -80,7 +167,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> DLCMCLI:
         subclass_mode_model=True,
         args=args,
         run=run,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", **STRICT_PARSER, "fit": STRICT_PARSER, "validate": STRICT_PARSER},
         trainer_defaults={
             "logger": {
                 "class_path": f"{TensorBoardLogger.__module__}.{TensorBoardLogger.__name__}",
