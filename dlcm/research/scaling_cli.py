@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point for ``dlcm scaling …``; returns the exit status (2 on bad input)."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if not args.csv and not args.runs:
-        print("dlcm scaling fit: give --csv and/or --runs", file=sys.stderr)
+        print("dlcm scaling fit: error: give --csv and/or --runs", file=sys.stderr)
         return 2
     try:
         parts = [read_csv(p) for p in args.csv]
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.budget is not None:
             alloc = best_allocation(fit, args.budget, ratios=args.ratios, n_params=args.n_params)
     except ValueError as err:
-        print(f"dlcm scaling fit: {err}", file=sys.stderr)
+        print(f"dlcm scaling fit: error: {err}", file=sys.stderr)
         return 2
 
     spread = f"bootstrap std over {fit.n_bootstrap} resamples, seed {fit.seed}" if fit.n_bootstrap else "no ±"

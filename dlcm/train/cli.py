@@ -9,12 +9,16 @@ size (known once the data module has read its manifest) fills ``model.config.voc
 from __future__ import annotations
 
 import difflib
+import itertools
 import shutil
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -42,8 +46,11 @@ class DLCMCLI(LightningCLI):
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
+        check_recipe_files(args if isinstance(args, list) else sys.argv[1:])
         try:
-            super().parse_arguments(parser, args)
+            with warnings.catch_warnings():  # `dlcm` passes the words after the subcommand name as `args` on purpose
+                warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+                super().parse_arguments(parser, args)
         except ArgumentError as err:
             raise ArgumentError(None, _with_suggestions(str(err), self._known_keys(args))) from err
 
@@ -54,14 +61,14 @@ class DLCMCLI(LightningCLI):
         return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads the model's hyperparameters from --ckpt_path before anything is built: check the path and
-        # name the problem here, not with a raw unpickling or union-type error.
+        # Lightning reads the model's hyperparameters from --ckpt_path before anything is built (as it does here, in
+        # one read): check the path and the file and name the problem, not with a raw unpickling or union error.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path:
             return
         path = Path(ckpt_path)
-        if path.is_dir():
+        if path.is_dir():  # a sharded checkpoint: its hyperparameters are not read (as in Lightning)
             if not (path / ".metadata").is_file():
                 raise ValueError(
                     f"--ckpt_path {path} is a directory, not a checkpoint: pass a .ckpt file (e.g. "
@@ -72,9 +79,19 @@ class DLCMCLI(LightningCLI):
         if not path.is_file():
             raise FileNotFoundError(f"--ckpt_path {path} does not exist: pass a .ckpt file written by `dlcm fit`")
         try:
-            super()._parse_ckpt_path()
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except UNREADABLE as err:
             raise unreadable(path, err) from err
+        if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():
+            raise ValueError(f"--ckpt_path {path} is not a checkpoint written by `dlcm fit` (no Lightning state in it)")
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
         except ArgumentError as err:
             raise ValueError(
                 f"checkpoint {path} was trained with another model than this recipe's; use the recipe it was "
@@ -106,6 +123,9 @@ class DLCMCLI(LightningCLI):
                 "checkpoint.save_top_k": 1,
             }
         )
+        # val_check_interval counts training batches across epochs, so a small corpus (an epoch shorter than the
+        # interval) validates on schedule instead of failing; a token stream has no meaningful epoch boundary.
+        parser.set_defaults({"trainer.check_val_every_n_epoch": None})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(BoundaryStats, "boundary_stats")
@@ -144,6 +164,25 @@ class DLCMCLI(LightningCLI):
             score = "" if ckpt.best_model_score is None else f" (val/loss {float(ckpt.best_model_score):.4f})"
             lines.append(f"  best checkpoint:  {ckpt.best_model_path}{score}")
         print("\n".join(lines))
+
+
+def check_recipe_files(words: list[str]) -> None:
+    """Read each ``--config`` YAML once up front, so that a syntax error names the file (jsonargparse parses the
+    text and reports "<unicode string>") and a recipe that is not a mapping of sections is refused by name."""
+    paths = [w.split("=", 1)[1] for w in words if w.startswith(("--config=", "-c="))]
+    paths += [nxt for flag, nxt in itertools.pairwise(words) if flag in ("--config", "-c")]
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue  # jsonargparse names a missing file itself
+        try:
+            with open(path, encoding="utf-8") as f:
+                recipe = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ValueError(f"recipe {path} is not valid YAML: {' '.join(str(err).split())}") from err
+        if recipe is not None and not isinstance(recipe, dict):
+            raise ValueError(
+                f"recipe {path} holds a {type(recipe).__name__}, not a mapping of sections (trainer:, model:, data:, …)"
+            )
 
 
 def _with_suggestions(message: str, known: list[str]) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,8 @@ def build_from_recipe(configs: list[str]) -> tuple[Any, Any]:
     """The LightningModule and the tokenizer a recipe describes, instantiated through the training CLI."""
     from dlcm.train.cli import run_cli
 
-    # No logger: evaluation must not create run directories. LightningCLI warns that `args` overrides sys.argv,
-    # which is exactly the intent here (sys.argv holds the eval flags).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
-        cli = run_cli([f"--config={c}" for c in configs] + ["--trainer.logger=false"], run=False)
+    # No logger: evaluation must not create run directories.
+    cli = run_cli([f"--config={c}" for c in configs] + ["--trainer.logger=false"], run=False)
     return cli.model, cli.datamodule.tokenizer
 
 
