@@ -147,6 +147,9 @@ class DLCMCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         return super()._instantiate_trainer(config, callbacks)
 
+    def before_fit(self) -> None:
+        log_hparams_summary(self.trainer, self.config[self.subcommand] if self.subcommand else self.config)
+
     def after_fit(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero:
@@ -164,6 +167,75 @@ class DLCMCLI(LightningCLI):
             score = "" if ckpt.best_model_score is None else f" (val/loss {float(ckpt.best_model_score):.4f})"
             lines.append(f"  best checkpoint:  {ckpt.best_model_path}{score}")
         print("\n".join(lines))
+
+
+# The recipe's key values shown in TensorBoard's HPARAMS tab (dotted config keys; absent ones are skipped), and the
+# metrics it tabulates against them (scalar tags the run logs).
+HPARAM_KEYS = (
+    "model.class_path",
+    "model.init_args.config.encoder.width",
+    "model.init_args.config.encoder.n_layers",
+    "model.init_args.config.backbone.width",
+    "model.init_args.config.backbone.n_layers",
+    "model.init_args.config.decoder.width",
+    "model.init_args.config.decoder.n_layers",
+    "model.init_args.config.n_layers",
+    "model.init_args.config.width",
+    "model.init_args.config.parser.target_ratio",
+    "model.init_args.config.parser.boundary_mode",
+    "model.init_args.config.parser.aux_weight",
+    "model.init_args.config.d_base",
+    "model.init_args.context_length",
+    "model.init_args.optimizer.lr",
+    "model.init_args.optimizer.weight_decay",
+    "model.init_args.schedule.warmup_steps",
+    "data.data_dir",
+    "data.tokens_per_batch",
+    "trainer.max_steps",
+    "trainer.accumulate_grad_batches",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.precision",
+    "seed_everything",
+)
+HPARAM_METRICS = ("val/bpb", "val/loss", "val/ratio")
+
+
+def recipe_hparams(config: Any) -> dict[str, Any]:
+    """The values of :data:`HPARAM_KEYS` in a resolved recipe, as TensorBoard takes them (numbers, text, bools)."""
+    values = {}
+    for key in HPARAM_KEYS:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
+            if node is None:
+                break
+        if node is None:
+            continue
+        short = key.removeprefix("model.init_args.").removeprefix("config.")
+        values[short] = node if isinstance(node, (bool, int, float, str)) else str(node)
+    if "model.class_path" in values:
+        values["model.class_path"] = values["model.class_path"].rsplit(".", 1)[-1]
+    return values
+
+
+def log_hparams_summary(trainer: Any, config: Any) -> None:
+    """Write the HPARAMS summary of this run: the recipe's key values, with val/bpb (then loss, ratio) as metrics.
+
+    The metrics are named, not logged here: TensorBoard reads their values from the run's own scalars, so no
+    placeholder point (Lightning's ``hp_metric = -1``) appears.
+    """
+    logger = trainer.logger
+    if not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger):
+        return
+    # torch's writer: Lightning uses it whenever the tensorboard package (a dependency) is installed.
+    from torch.utils.tensorboard.summary import hparams
+
+    params = recipe_hparams(config)
+    writer = logger.experiment._get_file_writer()  # as Lightning's own log_hyperparams
+    for summary in hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0)):
+        writer.add_summary(summary)
+    writer.flush()
 
 
 def check_recipe_files(words: list[str]) -> None:
@@ -210,7 +282,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> DLCMCLI:
         trainer_defaults={
             "logger": {
                 "class_path": f"{TensorBoardLogger.__module__}.{TensorBoardLogger.__name__}",
-                "init_args": {"save_dir": "runs", "name": "dlcm"},
+                "init_args": {"save_dir": "runs", "name": "dlcm", "default_hp_metric": False},
             },
         },
         save_config_kwargs={"overwrite": True},
