@@ -266,7 +266,7 @@ def test_help_lists_every_subcommand_without_importing_torch() -> None:
         assert f"\n  {name} " in out, name
 
 
-@pytest.mark.parametrize("command", ["eval", "generate", "sweep", "plot"])
+@pytest.mark.parametrize("command", ["eval", "generate", "sweep", "scaling", "plot"])
 def test_subcommand_help_imports_no_torch(command: str) -> None:
     probe = (
         f"import sys; from dlcm.cli import main; assert main([{command!r}, '--help']) == 0; "
