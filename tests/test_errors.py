@@ -237,6 +237,7 @@ def test_one_line_error_and_nothing_left_behind(
     assert status != 0
     assert "Traceback" not in err, err
     assert len(errors) == 1, err
+    print(errors[0])  # the table of messages, with pytest -rP
     command = "" if argv[0] in ("nope", "test", "predict") else f" {argv[0]}( [a-z-]+)?"
     assert re.match(f"dlcm{command}: error: ", errors[0]), errors[0]
     for fragment in fragments:
