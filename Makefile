@@ -1,9 +1,11 @@
-# One venv per checkout. torch==2.13.0 goes in first: a bare `torch` requirement on a machine without torch
-# pulls a multi-GB CUDA build, while 2.13.0 satisfies our range and comes from the local CPU wheel.
+# One venv per checkout. The CPU build of torch goes in first: PyPI's Linux torch wheel bundles CUDA (several GB),
+# which a bare `torch` requirement would pull. It comes from a local wheel when pip has one (its find-links), else
+# from PyTorch's CPU index; `make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128` picks a CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test test-all lint wheels clean
@@ -11,7 +13,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q --no-deps --no-index torch==$(TORCH_VERSION) 2>/dev/null \
+		|| $(BIN)/python -m pip install -q --no-deps torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX)
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)  # its dependencies; torch itself is satisfied now
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

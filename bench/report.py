@@ -4,39 +4,16 @@ written."""
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-# `git archive` writes the exported commit into this file (export-subst in .gitattributes).
-ARCHIVAL_FILE = ".git_archival.txt"
+# The commit lookup lives with the other provenance helpers; re-exported here for the benchmark scripts.
+from dlcm.eval.provenance import ARCHIVAL_FILE, source_commit
 
-
-def source_commit(root: Path = ROOT) -> str | None:
-    """The commit the code under ``root`` comes from: ``git rev-parse HEAD`` (``-dirty`` with uncommitted changes
-    to tracked files) when ``root`` is the top of a git checkout; else the hash ``git archive`` wrote into
-    ``.git_archival.txt`` (an export — such as the copy run on the GPU machine, which sits inside a stale
-    checkout whose HEAD is not the code's); else None."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        if Path(git("rev-parse", "--show-toplevel")).resolve() == root.resolve():
-            dirty = git("status", "--porcelain", "--untracked-files=no")
-            return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    archival = root / ARCHIVAL_FILE
-    match = re.search(r"\b[0-9a-f]{40}\b", archival.read_text()) if archival.is_file() else None
-    return match.group(0) if match else None
+__all__ = ["ARCHIVAL_FILE", "run_meta", "source_commit", "write_json"]
 
 
 def run_meta(device: torch.device | None = None) -> dict[str, Any]:

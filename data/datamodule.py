@@ -235,10 +235,9 @@ class PackedDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def stream_spec(self, split: str) -> StreamSpec:
-        """The stream of ``split`` for this process's rank (``'test'`` reads the validation split)."""
-        split = "val" if split == "test" else split
+        """The stream of ``split`` (``'train'`` or ``'val'``) for this process's rank."""
         if split not in ("train", "val"):
-            raise ValueError(f"split={split!r} is not allowed: expected 'train', 'val' or 'test' (= val)")
+            raise ValueError(f"split={split!r} is not allowed: expected 'train' or 'val'")
         info = self.manifest.splits[split]
         if info.docs == 0:
             raise ValueError(
@@ -304,9 +303,6 @@ class PackedDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> PackedLoader:
         return PackedLoader(self, "val")
-
-    def test_dataloader(self) -> PackedLoader:
-        return PackedLoader(self, "test")
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self.trainer

@@ -11,9 +11,12 @@ Layout of a shard directory::
       .progress.json            only while a build is unfinished: completed shards, for resuming
 
 Documents go to ``val`` or ``train`` by a hash of ``(seed, doc_id)``, so the split is per document, independent
-of input order and stable when the corpus grows. Shards hold a fixed number of documents per split, which makes
-shard contents a pure function of the document stream: a resumed build skips the documents its completed shards
-already hold (without tokenizing them) and produces byte-identical files to an uninterrupted one.
+of input order and stable when the corpus grows. With ``val_fraction > 0`` the validation split is never empty: a
+small corpus whose hashes put no document there gives it the training document of lowest hash.
+
+Shards hold a fixed number of documents per split, which makes shard contents a pure function of the document
+stream: a resumed build skips the documents its completed shards already hold (without tokenizing them) and
+produces byte-identical files to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -184,10 +187,37 @@ class Manifest:
         return manifest
 
 
+def split_hash(doc_id: str, seed: int) -> int:
+    """A document's position in [0, 2**64) for the train/val split (a seeded SHA-256 of its id)."""
+    digest = hashlib.sha256(f"{seed}\x00{doc_id}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
 def assign_split(doc_id: str, seed: int, val_fraction: float) -> str:
     """ "val" for a ``val_fraction`` share of document ids (by a seeded SHA-256 of the id), else "train"."""
-    digest = hashlib.sha256(f"{seed}\x00{doc_id}".encode("utf-8", "surrogatepass")).digest()
-    return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
+    return "val" if split_hash(doc_id, seed) < val_fraction * 2**64 else "train"
+
+
+def _hold_out_one(writers: dict[str, _SplitWriter], seed: int) -> None:
+    """Give an empty validation split the training document of lowest split hash (a small corpus at a small
+    ``val_fraction`` would otherwise get none, and training would have nothing to validate on).
+
+    Only documents still buffered — the last, unwritten training shard — can move, so the choice is made the same
+    way in an interrupted and resumed build; a corpus large enough to fill training shards has validation documents
+    at any useful ``val_fraction``.
+    """
+    val, train = writers["val"], writers["train"]
+    if val.seen or not train.buffer or train.done_docs + len(train.buffer) < 2:
+        return
+    lowest = min(range(len(train.buffer)), key=lambda i: split_hash(json.loads(train.buffer[i][2])["doc_id"], seed))
+    _, npy, meta_json = train.buffer.pop(lowest)
+    meta = json.loads(meta_json)
+    train.tokens -= meta["n_tokens"]
+    train.bytes -= meta["n_bytes"]
+    val.buffer.append((_sample_key(val.seen, meta["doc_id"]), npy, meta_json))
+    val.tokens += meta["n_tokens"]
+    val.bytes += meta["n_bytes"]
+    val.seen += 1
 
 
 def _sample_key(index: int, doc_id: str) -> str:
@@ -437,6 +467,8 @@ def build_shards(
                 encode_pending()
         if pending:
             encode_pending()
+        if val_fraction > 0:
+            _hold_out_one(writers, seed)
         for writer in writers.values():
             if writer.seen < writer.done_docs:
                 raise ValueError(

@@ -73,16 +73,15 @@ class DLCMHarnessLM(LM):
         super().__init__()
         if config is None:
             raise ValueError("model_args needs config=<recipe.yaml> (and checkpoint=<last.ckpt>) for --model dlcm")
-        from dlcm.infer.generate_cli import DTYPES
+        from dlcm.infer.generate_cli import dtype_of
         from dlcm.train.restore import build_from_recipe, load_weights
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not allowed: expected one of {', '.join(sorted(DTYPES))}")
+        torch_dtype = dtype_of(dtype)  # checks the name before anything is built
         module, tokenizer = build_from_recipe(config.split(":"))
         if checkpoint is not None:
             load_weights(module, checkpoint)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        network = module.network.to(device=device, dtype=DTYPES[dtype])
+        network = module.network.to(device=device, dtype=torch_dtype)
         self._setup(network, tokenizer, module.context_length, batch_tokens, batch_size, max_batch_size)
 
     @classmethod

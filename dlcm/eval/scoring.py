@@ -133,20 +133,39 @@ def _mean_stderr(correct: torch.Tensor) -> tuple[float, float]:
 
 
 def multiple_choice_metrics(
-    logliks: Sequence[Sequence[float]], continuation_bytes: Sequence[Sequence[int]], labels: Sequence[int]
+    logliks: Sequence[Sequence[float]],
+    continuation_bytes: Sequence[Sequence[int]],
+    ending_chars: Sequence[Sequence[int]],
+    labels: Sequence[int],
 ) -> dict[str, float]:
-    """``acc``: argmax of summed loglik; ``acc_norm``: argmax of loglik / UTF-8 bytes; both with standard errors.
+    """Accuracies of multiple-choice items, each with its standard error; the option chosen is the argmax of
+
+    - ``acc``: the summed log-likelihood of the continuation;
+    - ``acc_norm_bytes``: log-likelihood / UTF-8 bytes of the continuation as scored (with its leading space), a
+      tokenizer-independent length;
+    - ``acc_norm_chars``: log-likelihood / characters of the ending without that space — lm-evaluation-harness's
+      ``acc_norm``, for comparison with published tables.
 
     Ties go to the lowest option index (``argmax`` semantics), identically for every model.
     """
-    acc, acc_norm = [], []
-    for ll, nbytes, label in zip(logliks, continuation_bytes, labels, strict=True):
+    correct: dict[str, list[bool]] = {"acc": [], "acc_norm_bytes": [], "acc_norm_chars": []}
+    for ll, nbytes, nchars, label in zip(logliks, continuation_bytes, ending_chars, labels, strict=True):
         ll_t = torch.tensor(ll, dtype=torch.float64)
-        acc.append(int(ll_t.argmax()) == label)
-        acc_norm.append(int((ll_t / torch.tensor(nbytes, dtype=torch.float64)).argmax()) == label)
-    a, a_se = _mean_stderr(torch.tensor(acc))
-    an, an_se = _mean_stderr(torch.tensor(acc_norm))
-    return {"acc": a, "acc_stderr": a_se, "acc_norm": an, "acc_norm_stderr": an_se, "n": len(labels)}
+        correct["acc"].append(int(ll_t.argmax()) == label)
+        for name, length in (("acc_norm_bytes", nbytes), ("acc_norm_chars", nchars)):
+            # max(…, 1): an empty ending (possible only after the space) is scored by its log-likelihood alone.
+            normed = ll_t / torch.tensor(length, dtype=torch.float64).clamp(min=1)
+            correct[name].append(int(normed.argmax()) == label)
+    metrics: dict[str, float] = {}
+    for name, hits in correct.items():
+        metrics[name], metrics[f"{name}_stderr"] = _mean_stderr(torch.tensor(hits))
+    metrics["n"] = len(labels)
+    return metrics
+
+
+def ending_length_chars(continuation: str) -> int:
+    """Characters of an option's ending as lm-evaluation-harness counts them: without the space joining it on."""
+    return len(continuation.removeprefix(" "))
 
 
 def cloze_metrics(scores: Sequence[RequestScore]) -> dict[str, float]:
@@ -164,7 +183,8 @@ def evaluate_examples(
     batch_tokens: int = 8192,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Metrics of one task: multiple-choice (``acc``, ``acc_norm``) or cloze (``acc``, ``ppl``), plus ``n``."""
+    """Metrics of one task: multiple-choice (``acc``, ``acc_norm_bytes``, ``acc_norm_chars``) or cloze (``acc``,
+    ``ppl``), plus ``n``."""
     if not examples:
         raise ValueError("no examples to evaluate")
     pairs = sorted({pair for ex in examples for pair in ex.requests()})  # options shared across items score once
@@ -177,5 +197,6 @@ def evaluate_examples(
     return multiple_choice_metrics(
         [[s.loglik for s in ss] for ss in per_example],
         [[len(cont.encode("utf-8")) for cont in ex.continuations] for ex in examples],
+        [[ending_length_chars(cont) for cont in ex.continuations] for ex in examples],
         [ex.label for ex in examples],
     )

@@ -250,8 +250,8 @@ _LOCATIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list[Example]:
-    """Examples of task ``name`` from ``data_dir/<name>.jsonl`` or another accepted location (the first ``limit``)."""
+def task_path(name: str, data_dir: str | Path) -> Path:
+    """The file (or directory) task ``name`` is read from under ``data_dir``: the first accepted location present."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}: expected one of {', '.join(sorted(TASKS))}")
     candidates = [
@@ -262,5 +262,11 @@ def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list
         raise FileNotFoundError(
             f"task {name!r} needs one of {', '.join(str(p) for p, _ in candidates)}, none of which exists"
         )
-    examples = TASKS[name](found[0])
+    return found[0]
+
+
+def load_task(name: str, data_dir: str | Path, limit: int | None = None) -> list[Example]:
+    """Examples of task ``name`` from ``data_dir/<name>.jsonl`` or another accepted location (the first ``limit``)."""
+    path = task_path(name, data_dir)  # checks the name first
+    examples = TASKS[name](path)
     return examples if limit is None else examples[:limit]

@@ -22,15 +22,21 @@ import re
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from dlcm.data.sources import iter_jsonl_records
-from dlcm.data.tokenizer import encode_documents
-from dlcm.infer.generation import check_sampling, first_stop, fit_to_context, generate_batch
-from dlcm.train.restore import build_from_recipe, load_weights
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# Parameter dtypes for decoding, by torch's names (torch is imported when a command runs, not for --help).
+DTYPE_NAMES = ("bfloat16", "float32", "float64")
+
+
+def dtype_of(name: str) -> Any:
+    """The torch dtype called ``name`` (one of :data:`DTYPE_NAMES`)."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype={name!r} is not allowed: expected one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt too long for the context")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype for decoding")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="parameter dtype for decoding")
     p.add_argument("--out", default=None, help="write JSONL here instead of stdout")
     return p
 
@@ -77,6 +83,13 @@ def read_prompts(path: str | Path) -> list[str]:
 def main(argv: list[str]) -> int:
     """Run ``dlcm generate``; returns the process exit code."""
     args = _parser().parse_args(argv)
+    import torch
+
+    from dlcm.data.tokenizer import encode_documents
+    from dlcm.infer.generation import check_sampling, first_stop, fit_to_context, generate_batch
+    from dlcm.train.restore import build_from_recipe, load_weights
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} is not allowed: a positive integer")
@@ -86,13 +99,15 @@ def main(argv: list[str]) -> int:
     stops = [unescape(s) for s in args.stop]
     module, tokenizer = build_from_recipe(args.config)
     load_weights(module, args.ckpt_path)
-    network = module.network.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
+    network = module.network.to(device=args.device, dtype=dtype_of(args.dtype)).eval()
     ids = fit_to_context(
         encode_documents(tokenizer, prompts), args.max_new_tokens, module.context_length, args.truncate
     )
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     stop = (lambda _, new: first_stop(tokenizer.decode(new), stops) >= 0) if stops else None
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115 (stdout is not closed)
+    # --out is written under a temporary name and renamed when every prompt is done: a failure leaves no half file.
+    partial = Path(args.out).with_name(f".{Path(args.out).name}.partial") if args.out else None
+    out = open(partial, "w", encoding="utf-8") if partial else sys.stdout  # noqa: SIM115 (stdout is not closed)
     start, produced = time.perf_counter(), 0
     try:
         for first in range(0, len(prompts), args.batch_size):
@@ -111,9 +126,14 @@ def main(argv: list[str]) -> int:
                 }
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 produced += len(new)
-    finally:
-        if out is not sys.stdout:
+    except BaseException:
+        if partial is not None:
             out.close()
+            partial.unlink(missing_ok=True)
+        raise
+    if partial is not None:
+        out.close()
+        partial.replace(args.out)
     seconds = time.perf_counter() - start
     rate = produced / max(seconds, 1e-9)
     print(f"{len(prompts)} prompts, {produced} new tokens in {seconds:.1f} s ({rate:.1f} tokens/s)", file=sys.stderr)

@@ -222,7 +222,7 @@ def main(argv: list[str]) -> int:
         try:
             result, _ = _run(args, Path(scratch))
         except (ValueError, FileNotFoundError) as err:
-            print(f"dlcm analyze: {err}", file=sys.stderr)
+            print(f"dlcm analyze: error: {err}", file=sys.stderr)
             return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -273,7 +273,7 @@ def main(argv: list[str]) -> int:
         contexts = args.context or ([model.context_length] if model.context_length else [2048, 8192])
         results = [report(model, baseline, c, args.ratio, args.causal_discount) for c in contexts]
     except (ValueError, FileNotFoundError) as err:
-        print(f"dlcm flops: {err}", file=sys.stderr)
+        print(f"dlcm flops: error: {err}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(results, indent=2))

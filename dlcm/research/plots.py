@@ -303,7 +303,7 @@ def main(argv: list[str]) -> int:
             raise ValueError("nothing to draw: the inputs hold no curves, analyses or μP tables")
         paths = save_figures(figures, args.out, args.tensorboard)
     except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"dlcm plot: {err}", file=sys.stderr)
+        print(f"dlcm plot: error: {err}", file=sys.stderr)
         return 2
     for path in paths:
         print(f"wrote {path}")

@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-from dlcm.research.scaling import PARAM_NAMES, Observations, best_allocation, fit_scaling_law, read_csv, read_runs
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlcm scaling", description=__doc__.split("\n")[0])
@@ -37,8 +35,18 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``dlcm scaling …``; returns the exit status (2 on bad input)."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # Imported here: `dlcm scaling --help` needs neither numpy nor torch.
+    from dlcm.research.scaling import (
+        PARAM_NAMES,
+        Observations,
+        best_allocation,
+        fit_scaling_law,
+        read_csv,
+        read_runs,
+    )
+
     if not args.csv and not args.runs:
-        print("dlcm scaling fit: give --csv and/or --runs", file=sys.stderr)
+        print("dlcm scaling fit: error: give --csv and/or --runs", file=sys.stderr)
         return 2
     try:
         parts = [read_csv(p) for p in args.csv]
@@ -50,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.budget is not None:
             alloc = best_allocation(fit, args.budget, ratios=args.ratios, n_params=args.n_params)
     except ValueError as err:
-        print(f"dlcm scaling fit: {err}", file=sys.stderr)
+        print(f"dlcm scaling fit: error: {err}", file=sys.stderr)
         return 2
 
     spread = f"bootstrap std over {fit.n_bootstrap} resamples, seed {fit.seed}" if fit.n_bootstrap else "no ±"

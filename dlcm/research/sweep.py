@@ -879,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         executor = Executor(out, args.parallel, gpus, args.threads_per_run or cpu_threads(args.parallel, gpus))
         output = run_spec(spec, executor)
     except (ValueError, FileNotFoundError) as err:
-        print(f"dlcm sweep: {err}", file=sys.stderr)
+        print(f"dlcm sweep: error: {err}", file=sys.stderr)
         return 2
     if output["failed"]:
         print(f"dlcm sweep: {len(output['failed'])} run(s) failed: {', '.join(output['failed'])}", file=sys.stderr)

@@ -26,8 +26,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.api import CheckpointException
 
 SHARD_INDEX = ".metadata"  # torch.distributed.checkpoint's index of every rank's tensors
-# What a failed read raises: truncated zip/pickle files, and torch.distributed.checkpoint's per-rank failures.
-UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, CheckpointException)
+# What a failed read raises: truncated zip/pickle files (a zip cut mid-record reads as OSError "Invalid argument"),
+# and torch.distributed.checkpoint's per-rank failures. Paths are checked before reading, so an OSError is the file.
+UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, CheckpointException)
 
 
 def unreadable(path: Path, err: BaseException) -> ValueError:

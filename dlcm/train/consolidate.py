@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checkpoint = consolidate(args.sharded)
     except (FileNotFoundError, ValueError) as err:
-        print(f"dlcm consolidate: {err}", file=sys.stderr)
+        print(f"dlcm consolidate: error: {err}", file=sys.stderr)
         return 2
     AtomicCheckpointIO().save_checkpoint(checkpoint, args.output)
     print(f"wrote {args.output} (step {checkpoint.get('global_step')})")

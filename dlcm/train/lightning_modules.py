@@ -69,7 +69,9 @@ class LanguageModelModule(L.LightningModule):
         super().__init__()
         if context_length < 1:
             raise ValueError(f"context_length={context_length} is not allowed: a positive number of tokens")
-        self.save_hyperparameters()
+        # Kept in checkpoints; not sent to the logger: `dlcm fit` writes its own HPARAMS summary (the recipe's key
+        # values against val/bpb) instead of every nested config object.
+        self.save_hyperparameters(logger=False)
         self.config = config
         self.optimizer_cfg = optimizer or OptimizerConfig()
         self.schedule_cfg = schedule or ScheduleConfig()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,8 @@ def build_from_recipe(configs: list[str]) -> tuple[Any, Any]:
     """The LightningModule and the tokenizer a recipe describes, instantiated through the training CLI."""
     from dlcm.train.cli import run_cli
 
-    # No logger: evaluation must not create run directories. LightningCLI warns that `args` overrides sys.argv,
-    # which is exactly the intent here (sys.argv holds the eval flags).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
-        cli = run_cli([f"--config={c}" for c in configs] + ["--trainer.logger=false"], run=False)
+    # No logger: evaluation must not create run directories.
+    cli = run_cli([f"--config={c}" for c in configs] + ["--trainer.logger=false"], run=False)
     return cli.model, cli.datamodule.tokenizer
 
 
@@ -26,11 +22,22 @@ def load_weights(module: torch.nn.Module, ckpt_path: str) -> int:
 
     Returns the checkpoint's ``global_step`` (0 if absent), the step at which its evaluation is logged.
     """
-    if not Path(ckpt_path).is_file():
+    from dlcm.train.checkpoint_io import UNREADABLE, unreadable
+
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise ValueError(
+            f"checkpoint {path} is a directory: pass a .ckpt file (e.g. {path / 'checkpoints' / 'last.ckpt'}); a "
+            "sharded checkpoint is merged into one first with `dlcm consolidate`"
+        )
+    if not path.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist (pass the .ckpt file that `dlcm fit` wrote)")
-    # weights_only=False: Lightning checkpoints pickle the recipe's config dataclasses in their hyperparameters.
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if "state_dict" not in ckpt:
+    try:
+        # weights_only=False: Lightning checkpoints pickle the recipe's config dataclasses in their hyperparameters.
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except UNREADABLE as err:
+        raise unreadable(path, err) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{ckpt_path} has no 'state_dict': not a Lightning checkpoint of a dlcm model")
     if hasattr(module, "on_load_checkpoint"):
         module.on_load_checkpoint(ckpt)  # raises a ValueError that names mismatched shapes

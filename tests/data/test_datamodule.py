@@ -312,12 +312,9 @@ def test_validation_reads_each_document_at_most_once_across_ranks(
     assert len(seen) == len(set(seen))
 
 
-def test_test_split_is_the_validation_split(many_shards: Path) -> None:
-    dm = module(many_shards)
-    val, test = dm.stream_spec("val"), dm.stream_spec("test")
-    assert (test.shards, test.shuffle, test.batches) == (val.shards, val.shuffle, val.batches)
-    assert all(p.name.startswith("val-") for p in test.shards)
-    assert_same(list(dm.test_dataloader()), list(dm.val_dataloader()))
+def test_there_is_no_test_split(many_shards: Path) -> None:
+    with pytest.raises(ValueError, match=r"split='test' is not allowed: expected 'train' or 'val'"):
+        module(many_shards).stream_spec("test")
 
 
 def test_val_batches_limits_the_count(many_shards: Path) -> None:
@@ -362,8 +359,6 @@ def test_empty_validation_split_and_starved_slot(tokenizer: tuple[Path, Tokenize
     dm = module(tmp_path)
     with pytest.raises(ValueError, match=r"the val split of .* is empty"):
         dm.stream_spec("val")
-    with pytest.raises(ValueError, match=r"the val split of .* is empty"):
-        dm.stream_spec("test")
     # 3 documents cannot feed 4 ranks: the rank left without one fails instead of hanging.
     spec = replace(dm.stream_spec("train"), rank=3, world_size=4)
     with pytest.raises(ValueError, match=r"data slot 3 of 4 .* received no document"):

@@ -14,9 +14,11 @@ import torch
 
 from dlcm.data.tokenizer import train_bpe, vocab_size
 from dlcm.eval.cli import format_table, markdown_table, write_tensorboard
+from dlcm.eval.provenance import sha256_of
 from dlcm.eval.scoring import (
     Request,
     encode_request,
+    ending_length_chars,
     evaluate_examples,
     multiple_choice_metrics,
     score_requests,
@@ -290,10 +292,21 @@ def test_encode_request_continuation_and_left_truncation(tokenizer) -> None:
 
 
 def test_multiple_choice_metrics_by_hand() -> None:
-    # Item 1: option 0 wins on the sum, option 1 per byte. Item 2: option 1 wins on both.
-    out = multiple_choice_metrics([[-2.0, -3.0], [-5.0, -1.0]], [[1, 10], [4, 4]], [1, 1])
-    assert out["acc"] == 0.5 and out["acc_norm"] == 1.0 and out["n"] == 2
-    assert out["acc_stderr"] == pytest.approx(math.sqrt(0.25 / 2)) and out["acc_norm_stderr"] == 0.0
+    # Item 1: option 0 wins on the sum, option 1 per byte and per character. Item 2: option 1 wins on all three.
+    out = multiple_choice_metrics([[-2.0, -3.0], [-5.0, -1.0]], [[1, 10], [4, 4]], [[1, 9], [3, 3]], [1, 1])
+    assert out["acc"] == 0.5 and out["acc_norm_bytes"] == 1.0 and out["acc_norm_chars"] == 1.0 and out["n"] == 2
+    assert out["acc_stderr"] == pytest.approx(math.sqrt(0.25 / 2)) and out["acc_norm_bytes_stderr"] == 0.0
+
+
+def test_acc_norm_by_bytes_and_by_characters_differ_where_the_ending_is_not_ascii() -> None:
+    # " ab": 3 bytes with the space, 2 characters without; " ééé": 7 bytes, 3 characters. Per byte option 1 wins
+    # (-2/3 < -3.1/7), per character (lm-eval's acc_norm) option 0 (-2/2 > -3.1/3).
+    endings = [" ab", " ééé"]
+    nbytes = [[len(e.encode()) for e in endings]]
+    nchars = [[ending_length_chars(e) for e in endings]]
+    assert nbytes == [[3, 7]] and nchars == [[2, 3]]
+    out = multiple_choice_metrics([[-2.0, -3.1]], nbytes, nchars, [1])
+    assert out["acc_norm_bytes"] == 1.0 and out["acc_norm_chars"] == 0.0
 
 
 def test_evaluate_examples_matches_hand_computation(tokenizer) -> None:
@@ -305,16 +318,19 @@ def test_evaluate_examples_matches_hand_computation(tokenizer) -> None:
         Example("rain on the", (" mat", " house"), 1),
     ]
     got = evaluate_examples(network, tokenizer, examples, context_length=64, batch_tokens=16)
-    acc, acc_norm = [], []
+    acc, acc_norm, acc_chars = [], [], []
     for ex in examples:
         ll = [direct_score(network, encode_request(tokenizer, c, x, 64))[0] for c, x in ex.requests()]
         nbytes = [len(x.encode()) for x in ex.continuations]
+        nchars = [len(x) - 1 for x in ex.continuations]  # every ending here starts with one space
         acc.append(max(range(len(ll)), key=lambda i: ll[i]) == ex.label)
         acc_norm.append(max(range(len(ll)), key=lambda i: ll[i] / nbytes[i]) == ex.label)
+        acc_chars.append(max(range(len(ll)), key=lambda i: ll[i] / nchars[i]) == ex.label)
     p, pn = sum(acc) / 4, sum(acc_norm) / 4
-    assert got["acc"] == p and got["acc_norm"] == pn and got["n"] == 4
+    assert got["acc"] == p and got["acc_norm_bytes"] == pn and got["n"] == 4
+    assert got["acc_norm_chars"] == sum(acc_chars) / 4
     assert got["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 4))
-    assert got["acc_norm_stderr"] == pytest.approx(math.sqrt(pn * (1 - pn) / 4))
+    assert got["acc_norm_bytes_stderr"] == pytest.approx(math.sqrt(pn * (1 - pn) / 4))
     assert "acc" in format_table({"toy": got})
 
 
@@ -346,15 +362,23 @@ def read_tensorboard(log_dir: Path) -> tuple[str, int, dict[str, tuple[int, floa
 
 def test_tensorboard_results_table_and_scalars(tmp_path: Path) -> None:
     results = {
-        "piqa": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.75, "acc_norm_stderr": 0.05, "n": 20},
+        "piqa": {
+            "acc": 0.5,
+            "acc_stderr": 0.1,
+            "acc_norm_bytes": 0.75,
+            "acc_norm_bytes_stderr": 0.05,
+            "acc_norm_chars": 0.7,
+            "acc_norm_chars_stderr": 0.05,
+            "n": 20,
+        },
         "lambada_openai": {"acc": 0.25, "acc_stderr": 0.2, "ppl": 123.456, "n": 4},
     }
     write_tensorboard(results, tmp_path / "tb", step=7)
     text, step, scalars = read_tensorboard(tmp_path / "tb")
     assert text == markdown_table(results) and step == 7
     assert text.splitlines()[2:] == [
-        "| piqa | 20 | 0.5000 ± 0.1000 | 0.7500 ± 0.0500 | - |",
-        "| lambada_openai | 4 | 0.2500 ± 0.2000 | - | 123.46 |",
+        "| piqa | 20 | 0.5000 ± 0.1000 | 0.7500 ± 0.0500 | 0.7000 ± 0.0500 | - |",
+        "| lambada_openai | 4 | 0.2500 ± 0.2000 | - | - | 123.46 |",
     ]
     expected = {f"eval/{task}/{m}": (7, v) for task, r in results.items() for m, v in r.items() if m != "n"}
     assert scalars.keys() == expected.keys()
@@ -413,9 +437,25 @@ def test_dlcm_eval_end_to_end_on_a_tiny_fit(tmp_path: Path, capsys) -> None:
     argv = ["--config", recipe, "--ckpt_path", ckpt, "--tasks", "copa,lambada_openai", "--data-dir", str(data)]
     tb = tmp_path / "tb"
     assert main([*argv, "--limit", "2", "--out", str(out), "--tensorboard", str(tb), "--no-progress"]) == 0
-    results = json.loads(out.read_text())
+    record = json.loads(out.read_text())
+    results = record["tasks"]
     assert set(results) == {"copa", "lambada_openai"} and results["copa"]["n"] == 2
-    assert set(results["copa"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}
+    assert set(results["copa"]) == {
+        "acc",
+        "acc_stderr",
+        "acc_norm_bytes",
+        "acc_norm_bytes_stderr",
+        "acc_norm_chars",
+        "acc_norm_chars_stderr",
+        "n",
+    }
+    assert {"acc_norm_bytes", "acc_norm_chars"} <= record["metric_definitions"].keys()
+    source = record["provenance"]
+    assert source["checkpoint"]["path"] == ckpt and source["checkpoint"]["sha256"] == sha256_of(ckpt)
+    assert source["recipes"][0]["sha256"] == sha256_of(recipe)
+    assert source["tasks"]["copa"]["sha256"] == sha256_of(data / "copa.jsonl")
+    assert source["versions"]["torch"] and source["versions"]["lightning"]
+    assert "commit" in source and source["limit"] == 2
     # The numbers are those of the trained weights, not of a fresh initialisation.
     direct = evaluate_examples(
         fit.model.network, fit.datamodule.tokenizer, load_task("lambada_openai", data), fit.model.context_length

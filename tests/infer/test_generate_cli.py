@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlcm.cli import main
-from dlcm.infer.generate_cli import unescape
+from dlcm.infer.generate_cli import main, unescape
 from dlcm.infer.generation import generate_texts
 from dlcm.train.cli import run_cli
 
@@ -40,7 +39,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 
 
 def run(ckpt: str, *args: str, recipe: str = RECIPE) -> int:
-    return main(["generate", "--config", recipe, "--ckpt_path", ckpt, "--device", "cpu", *args])
+    # The command's own main: errors raise here (`dlcm` itself turns them into one line, tests/test_errors.py).
+    return main(["--config", recipe, "--ckpt_path", ckpt, "--device", "cpu", *args])
 
 
 def read_jsonl(path: Path) -> list[dict]:
