@@ -62,8 +62,8 @@ def force_ratio(model: DLCM) -> None:
     """Replace the parser's sampled boundaries by Bernoulli(1/R) draws (document starts kept)."""
     forward, rate = model.parser.forward, 1.0 / model.cfg.parser.target_ratio
 
-    def at_ratio(h_TD, seqs, sample, generator=None):
-        out = forward(h_TD, seqs, sample, generator)
+    def at_ratio(h_TD, seqs, sample, generator=None, calibrate=False, group=None):
+        out = forward(h_TD, seqs, sample, generator, calibrate, group)
         draw_T = torch.rand(out.boundary_T.shape, device=h_TD.device) < rate
         return dataclasses.replace(out, boundary_T=draw_T | (seqs.position == 0))
 
