@@ -68,7 +68,7 @@ def encode_in_order(
             yield tag, split_ids(*encode_chunk(texts, tokenizer))
         return
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload([__name__, "dlcm.data.tokenizer"])  # imported once, inherited by every worker
     with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_file),)) as pool:
         pending: deque = deque()
         for tag, texts in chunks:
