@@ -222,7 +222,7 @@ class PackedDataModule(L.LightningDataModule):
         elif data_dir is None:
             self.data_dir = ensure_default_corpus()
         else:  # a URL (s3://…) stays a string: the shards are streamed from there
-            self.data_dir = data_dir if is_url(data_dir) else Path(data_dir)
+            self.data_dir = str(data_dir) if is_url(str(data_dir)) else Path(data_dir)
         self.manifest = self.mixture if self.mixture is not None else Manifest.load(self.data_dir)
         tokenizer = load_tokenizer(self.manifest.tokenizer_path)
         self.tokenizer = tokenizer  # callbacks decode validation text with it
