@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from dlcm.data.formats import record_format
 from dlcm.data.sources import DocumentSource
+from dlcm.data.storage import open_raw
 from dlcm.data.tokenizer import load_tokenizer
 
 # Files sampled (spread evenly over the inputs) and text bytes taken from each.
@@ -40,12 +42,28 @@ class BuildEstimate:
 
     def summary(self) -> str:
         hours = self.seconds / 3600
+        duration = f"{hours:,.1f} h" if hours >= 1 else f"{self.seconds / 60:,.1f} min"
         return (
             f"estimated: {self.documents:,} documents, {self.tokens:,} tokens, {self.shard_bytes / 1e9:,.2f} GB "
-            f"of shards, {hours:,.2f} h with {self.workers} worker{'s' if self.workers > 1 else ''} "
+            f"of shards, {duration} with {self.workers} worker{'s' if self.workers > 1 else ''} "
             f"({hours * self.workers:,.2f} core-hours); from a sample of {self.sample_documents:,} documents "
             f"({self.sample_tokens:,} tokens) in {self.sample_files} of the input files; nothing was written"
         )
+
+
+def _stored_bytes_read(url: str, size: int, source: DocumentSource, docs: int) -> int:
+    """Stored bytes behind the first ``docs`` documents of a file: all of it when it was read to the end; for
+    Parquet (read footer first, then row groups) the share of its rows; else the raw stream's offset (read-ahead
+    makes that an over-estimate for small samples, i.e. a conservative text-per-stored-byte ratio)."""
+    if source.files_done:
+        return size
+    if record_format(url) == "parquet":
+        import pyarrow.parquet as pq
+
+        with open_raw(url) as raw:
+            rows = pq.ParquetFile(raw).metadata.num_rows
+        return round(size * docs / max(rows, 1))
+    return source.bytes_read or size
 
 
 def estimate_build(
@@ -63,15 +81,14 @@ def estimate_build(
     stored = text_bytes = 0
     for file in picked:
         one = DocumentSource([file.url], source.domain, source.text_field, source.id_field, source.domain_field)
-        taken = 0
+        taken = docs = 0
         for doc in one:
             texts.append(doc.text)
             taken += len(doc.text.encode("utf-8"))
+            docs += 1
             if taken >= SAMPLE_BYTES_PER_FILE:
                 break
-        # Stored bytes consumed for this text: the raw offset (read-ahead makes it an over-estimate for small takes
-        # of large files, i.e. a conservative text-per-stored-byte ratio), or the whole file when read to the end.
-        stored += one.bytes_read if one.bytes_read else file.size
+        stored += _stored_bytes_read(file.url, file.size, one, docs)
         text_bytes += taken
     if not texts:
         raise ValueError("the sampled input files hold no documents (every file or record is empty or blank)")
