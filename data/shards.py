@@ -225,7 +225,7 @@ class Manifest:
             raise ValueError(f"{path} is corrupt ({detail}); rebuild the directory with `dlcm data build`") from err
         if check_sizes:
             for problem in manifest.size_problems().values():
-                raise (FileNotFoundError if problem.endswith(f"is missing; {_REBUILD}") else ValueError)(problem)
+                raise problem
         tokenizer_url = storage.join(location, manifest.tokenizer_file)
         if not storage.exists(tokenizer_url):
             raise FileNotFoundError(f"tokenizer {tokenizer_url} listed in {path} is missing; {_REBUILD}")
@@ -239,18 +239,19 @@ class Manifest:
             )
         return manifest
 
-    def size_problems(self) -> dict[str, str]:
-        """``{shard URL: message}`` for every shard that is missing or not of the recorded size."""
+    def size_problems(self) -> dict[str, OSError | ValueError]:
+        """``{shard URL: error}`` for every shard that is missing (``FileNotFoundError``) or not of the recorded
+        size (``ValueError``)."""
         shards = [shard for split in SPLITS for shard in self.splits[split].shards]
         sizes = storage.file_sizes(self.location, [shard.name for shard in shards])
-        problems = {}
+        problems: dict[str, OSError | ValueError] = {}
         for shard in shards:
             url, size = storage.join(self.location, shard.name), sizes[shard.name]
             if size is None:
                 listed = storage.join(self.location, MANIFEST_FILE)
-                problems[url] = f"shard {url} listed in {listed} is missing; {_REBUILD}"
+                problems[url] = FileNotFoundError(f"shard {url} listed in {listed} is missing; {_REBUILD}")
             elif size != shard.size:
-                problems[url] = (
+                problems[url] = ValueError(
                     f"shard {url} is {size:,} bytes but the manifest records {shard.size:,}: it was damaged or "
                     f"replaced after the build; {_REBUILD}"
                 )
@@ -262,7 +263,7 @@ def verify_shards(directory: str | os.PathLike, progress: bool = False) -> tuple
     shard read once), a replaced tokenizer. An empty list means every byte is as built."""
     manifest = Manifest.load(directory, check_tokenizer=False, check_sizes=False)
     bad = manifest.size_problems()
-    problems = list(bad.values())
+    problems = [str(err) for err in bad.values()]
     shards = [shard for split in SPLITS for shard in manifest.splits[split].shards]
     with tqdm(total=sum(s.size for s in shards), unit="B", unit_scale=True, disable=not progress) as bar:
         for shard in shards:
