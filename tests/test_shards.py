@@ -1,4 +1,4 @@
-"""Document sources, the dlcm-shards-v1 writer/reader and `dlcm data` end to end.
+"""Document sources, the dlcm-shards-v2 writer/reader and `dlcm data` end to end.
 
 Shards must round-trip (decoded ids == the tokenizer's ids of each input document), split per document, resume to
 byte-identical files, and fail loudly, naming the file, when anything is missing, damaged or mismatched.
@@ -231,6 +231,9 @@ def test_manifest_errors(tok_path: Path, tmp_path: Path) -> None:
     good = path.read_text()
     path.write_text(good[:50])
     with pytest.raises(ValueError, match=r"manifest\.json is corrupt.*dlcm data build"):
+        Manifest.load(tmp_path / "out")
+    path.write_text(good.replace('"dlcm-shards-v2"', '"dlcm-shards-v1"'))
+    with pytest.raises(ValueError, match=r"written by an older dlcm \(format dlcm-shards-v1.*--overwrite"):
         Manifest.load(tmp_path / "out")
     path.write_text(good)
     manifest.shard_paths("train")[-1].unlink()
