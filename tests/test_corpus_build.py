@@ -194,21 +194,31 @@ def test_budgets_cut_the_stream_and_resume_identically(tok: Path, tmp_path: Path
 # --- two builders ---
 
 
-def _slow_builder(tok: str, corpus: str, out: str, started: str) -> None:
-    """A builder that holds the lock until the test lets it finish."""
+def _slow_builder(tok: str, corpus: str, out: str, started: str, block_at: int = 10, workers: int = 1) -> None:
+    """A builder that stops reading at document ``block_at`` (holding the lock) until the test lets it go on."""
     from dlcm.data.shards import build_shards
     from dlcm.data.sources import iter_documents
 
     def documents():
-        source = iter_documents([corpus])
-        for i, doc in enumerate(source):
-            if i == 10:
+        for i, doc in enumerate(iter_documents([corpus])):
+            if i == block_at:
                 Path(started).touch()
                 while not Path(started + ".go").exists():
                     time.sleep(0.05)
             yield doc
 
-    build_shards(documents(), tok, out, val_fraction=0.2, docs_per_shard=16, progress=False)
+    build_shards(documents(), tok, out, val_fraction=0.2, docs_per_shard=16, progress=False, workers=workers)
+
+
+def start_builder(*args: object) -> multiprocessing.Process:
+    """A builder in its own process, returned once it is blocked (``args[3]`` exists)."""
+    process = multiprocessing.get_context("spawn").Process(target=_slow_builder, args=args)
+    process.start()
+    deadline = time.monotonic() + 120
+    while not Path(str(args[3])).exists():
+        assert process.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    return process
 
 
 def test_a_second_builder_is_refused_and_the_first_result_verifies(
@@ -219,14 +229,8 @@ def test_a_second_builder_is_refused_and_the_first_result_verifies(
     other = tmp_path / "b.jsonl"
     other.write_bytes(jsonl_bytes(records(150, seed=9)))
     out, started = tmp_path / "shards", tmp_path / "started"
-    context = multiprocessing.get_context("spawn")
-    first = context.Process(target=_slow_builder, args=(str(tok), str(corpus), str(out), str(started)))
-    first.start()
+    first = start_builder(str(tok), str(corpus), str(out), str(started))
     try:
-        deadline = time.monotonic() + 120
-        while not started.exists():
-            assert first.is_alive() and time.monotonic() < deadline
-            time.sleep(0.05)
         argv = ["build", str(other), "--tokenizer", str(tok), "--out", str(out), "--quiet", "--val-fraction", "0.2"]
         assert data_main(argv) == 1
         err = capsys.readouterr().err.strip()
@@ -241,6 +245,21 @@ def test_a_second_builder_is_refused_and_the_first_result_verifies(
     manifest, problems = verify_shards(out)
     assert problems == [] and manifest.splits["train"].docs + manifest.splits["val"].docs == 199
     assert data_main(["verify", str(out), "--quiet"]) == 0
+
+
+def test_a_killed_parallel_build_resumes_byte_identical(tok: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "a.jsonl.zst"
+    corpus.write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes(records(300))))
+    build_shards(iter_documents([corpus]), tok, tmp_path / "fresh", val_fraction=0.2, docs_per_shard=16, progress=False)
+    out, started = tmp_path / "killed", tmp_path / "started"
+    builder = start_builder(str(tok), str(corpus), str(out), str(started), 200, 2)
+    time.sleep(1.0)  # let the workers finish the chunks in flight
+    builder.kill()  # SIGKILL: no cleanup runs; the kernel releases the lock
+    builder.join(60)
+    progress = json.loads((out / ".progress.json").read_text())
+    assert sum(len(shards) for shards in progress["shards"].values()) >= 5 and not (out / "manifest.json").exists()
+    build_shards(iter_documents([corpus]), tok, out, val_fraction=0.2, docs_per_shard=16, progress=False, workers=2)
+    assert dir_bytes(out) == dir_bytes(tmp_path / "fresh")
 
 
 # --- integrity ---
