@@ -188,6 +188,10 @@ class PackedDataModule(L.LightningDataModule):
         val_batches: cap on validation micro-batches per rank; ``None``: the whole validation split once.
         mixture: ``{source: token share}`` (shares sum to 1): read the shard directories ``data_dir/<source>`` as
             one weighted stream (:mod:`dlcm.data.mixture`); ``None``: ``data_dir`` is itself a shard directory.
+        resume_on_new_layout: resuming a checkpoint saved with another data layout (world size, workers, batch
+            size, sequence length, seed) is an error unless this is set; then the run continues, with a warning,
+            after as many tokens as were consumed, in the new layout's order (documents near the position may
+            repeat or be skipped).
     """
 
     def __init__(
@@ -199,6 +203,7 @@ class PackedDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_batches: int | None = None,
         mixture: dict[str, float] | None = None,
+        resume_on_new_layout: bool = False,
     ) -> None:
         super().__init__()
         from dlcm.data.corpus import ensure_default_corpus
@@ -233,6 +238,7 @@ class PackedDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.val_batches = val_batches
+        self.resume_on_new_layout = resume_on_new_layout
         self.restored_position: tuple[int, int] | None = None
         self._val_split_tokens: dict[int, list[int]] = {}
 
@@ -344,12 +350,24 @@ class PackedDataModule(L.LightningDataModule):
             return
         now = self.layout()
         changed = [f"{key}={state_dict[key]} → {now[key]}" for key in now if state_dict.get(key, now[key]) != now[key]]
-        if changed:
+        done = state_dict["batches_done"]
+        if changed and not self.resume_on_new_layout:
             raise ValueError(
                 f"cannot resume the data position: the checkpoint was saved with another data layout "
                 f"({', '.join(changed)}). Each rank × DataLoader worker reads its own stream, so the saved position "
                 "would continue with other documents; resume with the saved world size (devices × nodes), "
-                "data.num_workers, data.tokens_per_batch, data.max_seq_len and data.seed"
+                "data.num_workers, data.tokens_per_batch, data.max_seq_len and data.seed, or set "
+                "data.resume_on_new_layout=true to continue in the new layout's order"
+            )
+        if changed:
+            # The same number of tokens consumed over all ranks, counted in the new layout's batches.
+            tokens = done * state_dict.get("tokens_per_batch", now["tokens_per_batch"])
+            tokens *= state_dict.get("world_size", now["world_size"])
+            done = tokens // (now["tokens_per_batch"] * now["world_size"])
+            rank_zero_warn(
+                f"resuming the data position on another layout ({', '.join(changed)}): continuing after {done} "
+                "batches per rank (as many tokens as were consumed) in the new layout's order; documents near the "
+                "position may repeat or be skipped"
             )
         saved, weights = state_dict.get("mixture"), self.mixture.weights if self.mixture is not None else None
         if saved != weights:
@@ -358,7 +376,7 @@ class PackedDataModule(L.LightningDataModule):
                 f"{_describe(weights)}: training continues from the saved batch index, but not with the data "
                 "order the saved run would have seen"
             )
-        self.restored_position = (state_dict["epoch"], state_dict["batches_done"])
+        self.restored_position = (state_dict["epoch"], done)
 
 
 def _describe(mixture: dict[str, float] | None) -> str:

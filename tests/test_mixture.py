@@ -318,6 +318,12 @@ def test_resuming_on_another_world_size_or_worker_count_is_an_error(
     attach_trainer(other, 0, saved[0])
     with pytest.raises(ValueError, match=rf"tokens_per_batch={TOKENS_PER_BATCH} → {2 * TOKENS_PER_BATCH}"):
         other.load_state_dict(state)
+    # Opting in continues after as many tokens, in the new layout's order, with a warning.
+    moved = module(root, num_workers=now[1], resume_on_new_layout=True)
+    attach_trainer(moved, 0, now[0])
+    with pytest.warns(UserWarning, match=rf"resuming the data position on another layout \({message}\)"):
+        moved.load_state_dict(state)
+    assert moved.consume_position() == (0, 4 * saved[0] // now[0])
 
 
 def test_resuming_with_other_weights_warns(root: Path) -> None:
