@@ -239,7 +239,7 @@ class PackedDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_batches = val_batches
         self.resume_on_new_layout = resume_on_new_layout
-        self.restored_position: tuple[int, int] | None = None
+        self.restored_state: dict[str, Any] | None = None
         self._val_split_tokens: dict[int, list[int]] = {}
 
     def _world(self) -> tuple[int, int]:
@@ -306,12 +306,37 @@ class PackedDataModule(L.LightningDataModule):
         return MixtureStream(spec, self.mixture.stream_sources(spec.split))
 
     def consume_position(self) -> tuple[int, int]:
-        """(epoch, batches to skip) for the training iterator about to start."""
+        """(epoch, batches to skip) for the training iterator about to start. The saved layout is checked here, when
+        training resumes, not when a checkpoint is loaded (validating a checkpoint on any layout is fine)."""
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        restored, self.restored_position = self.restored_position, None
-        if restored is not None and restored[0] == epoch:
-            return restored
-        return epoch, 0
+        restored, self.restored_state = self.restored_state, None
+        if restored is None or restored["epoch"] != epoch:
+            return epoch, 0
+        return epoch, self._resumed_batches(restored)
+
+    def _resumed_batches(self, state: dict[str, Any]) -> int:
+        """Batches of the saved epoch to skip on this layout; another layout is an error unless opted in."""
+        now = self.layout()
+        changed = [f"{key}={state[key]} → {now[key]}" for key in now if state.get(key, now[key]) != now[key]]
+        if not changed:
+            return state["batches_done"]
+        if not self.resume_on_new_layout:
+            raise ValueError(
+                f"cannot resume the data position: the checkpoint was saved with another data layout "
+                f"({', '.join(changed)}). Each rank × DataLoader worker reads its own stream, so the saved position "
+                "would continue with other documents; resume with the saved world size (devices × nodes), "
+                "data.num_workers, data.tokens_per_batch, data.max_seq_len and data.seed, or set "
+                "data.resume_on_new_layout=true to continue in the new layout's order"
+            )
+        # The same number of tokens consumed over all ranks, counted in the new layout's batches.
+        tokens = state["batches_done"] * state.get("tokens_per_batch", now["tokens_per_batch"])
+        done = tokens * state.get("world_size", now["world_size"]) // (now["tokens_per_batch"] * now["world_size"])
+        rank_zero_warn(
+            f"resuming the data position on another layout ({', '.join(changed)}): continuing after {done} batches "
+            "per rank (as many tokens as were consumed) in the new layout's order; documents near the position may "
+            "repeat or be skipped"
+        )
+        return done
 
     def train_dataloader(self) -> PackedLoader:
         return PackedLoader(self, "train")
@@ -344,31 +369,9 @@ class PackedDataModule(L.LightningDataModule):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the saved position; a checkpoint saved with another data layout (see :meth:`layout`) is an
-        error naming the difference, since the same position would continue with other data."""
+        """Keep the saved position for the next training iterator (:meth:`consume_position` checks its layout)."""
         if not state_dict:
             return
-        now = self.layout()
-        changed = [f"{key}={state_dict[key]} → {now[key]}" for key in now if state_dict.get(key, now[key]) != now[key]]
-        done = state_dict["batches_done"]
-        if changed and not self.resume_on_new_layout:
-            raise ValueError(
-                f"cannot resume the data position: the checkpoint was saved with another data layout "
-                f"({', '.join(changed)}). Each rank × DataLoader worker reads its own stream, so the saved position "
-                "would continue with other documents; resume with the saved world size (devices × nodes), "
-                "data.num_workers, data.tokens_per_batch, data.max_seq_len and data.seed, or set "
-                "data.resume_on_new_layout=true to continue in the new layout's order"
-            )
-        if changed:
-            # The same number of tokens consumed over all ranks, counted in the new layout's batches.
-            tokens = done * state_dict.get("tokens_per_batch", now["tokens_per_batch"])
-            tokens *= state_dict.get("world_size", now["world_size"])
-            done = tokens // (now["tokens_per_batch"] * now["world_size"])
-            rank_zero_warn(
-                f"resuming the data position on another layout ({', '.join(changed)}): continuing after {done} "
-                "batches per rank (as many tokens as were consumed) in the new layout's order; documents near the "
-                "position may repeat or be skipped"
-            )
         saved, weights = state_dict.get("mixture"), self.mixture.weights if self.mixture is not None else None
         if saved != weights:
             rank_zero_warn(
@@ -376,7 +379,7 @@ class PackedDataModule(L.LightningDataModule):
                 f"{_describe(weights)}: training continues from the saved batch index, but not with the data "
                 "order the saved run would have seen"
             )
-        self.restored_position = (state_dict["epoch"], done)
+        self.restored_state = dict(state_dict)
 
 
 def _describe(mixture: dict[str, float] | None) -> str:
