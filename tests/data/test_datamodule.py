@@ -229,9 +229,9 @@ def test_resume_passes_over_whole_shards_unread(many_shards: Path, monkeypatch: 
     reads: list[str] = []
     real = shards.iter_shard_documents
 
-    def counted(path):
+    def counted(path, expected=None):
         reads.append(Path(path).name)
-        return real(path)
+        return real(path, expected)
 
     monkeypatch.setattr(shards, "iter_shard_documents", counted)
     per_cycle = sum(spec.shard_tokens) // spec.tokens_per_batch  # batches one pass over the 16 shards fills

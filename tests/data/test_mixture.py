@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from dlcm.data.datamodule import PackedDataModule, PackedStream, StreamSpec
-from dlcm.data.mixture import Mixture, MixtureStream, source_seed
+from dlcm.data.mixture import Mixture, MixtureStream, delivered_batches, next_source, source_seed
 from dlcm.data.shards import Manifest, build_shards
 from dlcm.data.sources import Document
 from dlcm.data.tokenizer import train_bpe
@@ -131,7 +131,6 @@ def test_each_slot_interleaves_the_source_streams_at_the_weights(
     root: Path, tokenizer: tuple[Path, Tokenizer], world: int, num_workers: int
 ) -> None:
     names = list(WEIGHTS)
-    longest = max_doc_tokens(root)
     for rank in range(world):
         dm = module(root, num_workers=num_workers)
         attach_trainer(dm, rank, world)
@@ -142,10 +141,11 @@ def test_each_slot_interleaves_the_source_streams_at_the_weights(
         for worker in range(workers):
             slot_batches = batches[worker::workers]
             slot_pieces = pieces(slot_batches)
-            # Token shares: the deficit rule keeps every source within (sources + 1) documents of its share.
+            # Every batch is one source's; the deficit schedule keeps each source within two batches of its share.
+            assert all(len(set(b["domain"].tolist())) == 1 for b in slot_batches)
             total = sum(len(ids) for ids, _ in slot_pieces)
             shares = source_token_shares(slot_batches, len(names))
-            np.testing.assert_allclose(shares, list(WEIGHTS.values()), atol=(len(names) + 1) * longest / total)
+            np.testing.assert_allclose(shares, list(WEIGHTS.values()), atol=2 * TOKENS_PER_BATCH / total)
             # Each source's pieces, in order, are exactly the documents of that source's own stream.
             stream = dm.stream(spec)
             slot, slots = rank * workers + worker, world * workers
@@ -168,24 +168,33 @@ def test_shares_follow_the_weights_not_the_source_sizes(root: Path) -> None:
     batches = run(dm, dm.stream_spec("train"))
     total = len(batches) * TOKENS_PER_BATCH
     shares = source_token_shares(batches, 3)
-    np.testing.assert_allclose(shares, list(weights.values()), atol=4 * max_doc_tokens(root) / total)
+    np.testing.assert_allclose(shares, list(weights.values()), atol=2 * TOKENS_PER_BATCH / total)
     math_train_tokens = Manifest.load(root / "math").splits["train"].tokens
     assert shares[2] * total > 1.5 * math_train_tokens  # read more than once: its stream cycled
 
 
 def test_the_guarantee_holds_over_long_cycling_streams(root: Path) -> None:
-    # After every document, each source is within (sources × longest document) tokens of its share of the total.
+    # After every batch, each source is within two batches of its share; the stream cycles every source many times.
     dm = module(root)
-    stream = dm.stream(dm.stream_spec("train"))
+    spec = replace(dm.stream_spec("train"), batches=600)
     weights = np.array(list(WEIGHTS.values()))
-    longest = max_doc_tokens(root)
     delivered = np.zeros(len(weights))
-    docs = stream.documents(0, 1)
-    for _ in range(3000):  # several cycles of every source
-        ids, label = next(docs)
-        delivered[label] += len(ids)
-        assert np.all(np.abs(delivered - weights * delivered.sum()) <= len(weights) * longest)
-    np.testing.assert_allclose(delivered / delivered.sum(), weights, atol=len(weights) * longest / delivered.sum())
+    for batch in run(dm, spec):
+        delivered[int(batch["domain"][0])] += 1
+        assert np.all(np.abs(delivered - weights * delivered.sum()) <= 2)
+    assert delivered.sum() * TOKENS_PER_BATCH > 3 * Manifest.load(root / "web").splits["train"].tokens
+    assert delivered.tolist() == delivered_batches(list(weights), 600)  # the schedule, replayed without data
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_schedule_keeps_any_weights_within_two_batches(seed: int) -> None:
+    rng = random.Random(seed)
+    weights = [rng.random() + 0.01 for _ in range(rng.randint(2, 6))]
+    weights = [w / sum(weights) for w in weights]
+    delivered = [0] * len(weights)
+    for k in range(1, 2000):
+        delivered[next_source(weights, delivered)] += 1
+        assert max(abs(d - w * k) for d, w in zip(delivered, weights, strict=True)) <= 2
 
 
 def test_a_single_source_mixture_is_that_directory_with_the_source_seed(root: Path) -> None:
@@ -226,12 +235,97 @@ def test_resume_from_the_saved_state(root: Path) -> None:
     full = list(saving.train_dataloader())
     attach_trainer(saving, 0, 1, processed=5)
     state = saving.state_dict()
-    assert state == {"epoch": 0, "batches_done": 5, "mixture": WEIGHTS}
+    layout = {"world_size": 1, "num_workers": 0, "tokens_per_batch": TOKENS_PER_BATCH, "max_seq_len": MAX_SEQ_LEN}
+    assert state == {"epoch": 0, "batches_done": 5, **layout, "seed": 0, "mixture": WEIGHTS}
     state = json.loads(json.dumps(state))  # survives a checkpoint's serialisation
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loading.load_state_dict(state)
     assert_same(list(loading.train_dataloader()), full[5:])
+
+
+def count_shard_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Shard reads per source directory from now on (the stream's reader, patched where it is looked up)."""
+    import dlcm.data.shards as shards
+
+    reads: dict[str, int] = {}
+    real = shards.iter_shard_documents
+
+    def counted(url, expected=None):
+        source = Path(url).parent.name
+        reads[source] = reads.get(source, 0) + 1
+        return real(url, expected)
+
+    monkeypatch.setattr(shards, "iter_shard_documents", counted)
+    return reads
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
+def test_resume_anywhere_is_the_suffix_and_reads_a_constant_number_of_shards(
+    root: Path, monkeypatch: pytest.MonkeyPatch, fraction: float
+) -> None:
+    """A long stream (every source cycles many times): resuming at 10/50/90 % gives exactly the rest of it, and
+    reads no more shards per source than one batch can span plus one, wherever the position falls."""
+    dm = module(root)
+    spec = replace(dm.stream_spec("train"), batches=900)
+    full = run(dm, spec)
+    skip = int(fraction * spec.batches)
+    min_shard = min(s.tokens for name in SOURCES for s in Manifest.load(root / name).splits["train"].shards)
+    per_source = 2 + math.ceil(TOKENS_PER_BATCH / min_shard)  # the shard of the cut, the ones a batch spans
+    reads = count_shard_reads(monkeypatch)
+    resumed = iter(dm.stream(replace(spec, skip=skip)))
+    first = [next(resumed) for _ in range(len(SOURCES) * 2)]  # every source serves at least one of these
+    assert {int(b["domain"][0]) for b in first} == set(range(len(SOURCES)))
+    assert set(reads) == set(SOURCES) and max(reads.values()) <= per_source, reads
+    assert_same(first + list(resumed), full[skip:])
+    # What a replay from the start would have read to get there: far more, and growing with the position.
+    reads.clear()
+    replay = iter(dm.stream(spec))
+    for _ in range(skip + len(first)):
+        next(replay)
+    assert min(reads.values()) > per_source
+
+
+def saved_state(root: Path, world: int, num_workers: int) -> dict:
+    dm = module(root, num_workers=num_workers)
+    attach_trainer(dm, 0, world, processed=4)
+    return dm.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "message"),
+    [
+        ((1, 0), (2, 0), r"world_size=1 → 2"),
+        ((2, 2), (2, 4), r"num_workers=2 → 4"),
+        ((1, 2), (4, 4), r"world_size=1 → 4, num_workers=2 → 4"),
+    ],
+)
+def test_resuming_on_another_world_size_or_worker_count_is_an_error(
+    root: Path, saved: tuple[int, int], now: tuple[int, int], message: str
+) -> None:
+    """Each (rank × worker) slot reads its own stream, so the same batch index means other data on another
+    layout: refused by name, never a silent shift. The same layout resumes."""
+    state = saved_state(root, *saved)
+    dm = module(root, num_workers=now[1])
+    attach_trainer(dm, 0, now[0])
+    dm.load_state_dict(state)  # loading is fine (a validation run may load any checkpoint) ...
+    with pytest.raises(ValueError, match=rf"cannot resume the data position: .*\({message}\).*data\.num_workers"):
+        dm.consume_position()  # ... continuing the training stream on another layout is not
+    same = module(root, num_workers=saved[1])
+    attach_trainer(same, 0, saved[0])
+    same.load_state_dict(state)
+    assert same.consume_position() == (0, 4)
+    other = module(root, num_workers=saved[1], tokens_per_batch=2 * TOKENS_PER_BATCH)
+    attach_trainer(other, 0, saved[0])
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match=rf"tokens_per_batch={TOKENS_PER_BATCH} → {2 * TOKENS_PER_BATCH}"):
+        other.consume_position()
+    # Opting in continues after as many tokens, in the new layout's order, with a warning.
+    moved = module(root, num_workers=now[1], resume_on_new_layout=True)
+    attach_trainer(moved, 0, now[0])
+    moved.load_state_dict(state)
+    with pytest.warns(UserWarning, match=rf"resuming the data position on another layout \({message}\)"):
+        assert moved.consume_position() == (0, 4 * saved[0] // now[0])
 
 
 def test_resuming_with_other_weights_warns(root: Path) -> None:
@@ -331,5 +425,5 @@ def test_a_source_without_validation_documents_is_named(
     build_shards(source_docs("code", 20), tokenizer[0], tmp_path / "code", val_fraction=0.0, progress=False)
     dm = PackedDataModule(str(tmp_path), TOKENS_PER_BATCH, MAX_SEQ_LEN, mixture={"web": 0.5, "code": 0.5})
     assert len(list(dm.train_dataloader())) > 0
-    with pytest.raises(ValueError, match=r"source 'code' has no shards in this split"):
+    with pytest.raises(ValueError, match=r"source 'code' has no shards in the val split"):
         list(dm.val_dataloader())

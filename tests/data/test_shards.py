@@ -1,4 +1,4 @@
-"""Document sources, the dlcm-shards-v1 writer/reader and `dlcm data` end to end.
+"""Document sources, the dlcm-shards-v2 writer/reader and `dlcm data` end to end.
 
 Shards must round-trip (decoded ids == the tokenizer's ids of each input document), split per document, resume to
 byte-identical files, and fail loudly, naming the file, when anything is missing, damaged or mismatched.
@@ -73,7 +73,8 @@ def test_sources_files_jsonl_dirs_globs(tmp_path: Path) -> None:
     (src / "blob.bin").write_bytes(b"\xff\xfe\x00")  # not UTF-8: skipped inside a directory walk
     (src / "__pycache__").mkdir()
     (src / "__pycache__" / "a.txt").write_text("cache")
-    docs = list(iter_documents([tmp_path / "a.txt", tmp_path / "empty.txt", tmp_path / "d.jsonl", tmp_path / "src"]))
+    inputs = [tmp_path / "a.txt", tmp_path / "empty.txt", tmp_path / "d.jsonl", tmp_path / "src"]
+    docs = list(iter_documents(inputs, domain_field="domain"))
     assert [(d.doc_id.rsplit("/", 1)[-1], d.text, d.domain) for d in docs] == [
         ("a.txt", "hello prose", "prose"),
         ("x1", "one", "prose"),
@@ -81,6 +82,7 @@ def test_sources_files_jsonl_dirs_globs(tmp_path: Path) -> None:
         ("a.py", "x = 1\n", "code"),
         ("b.py", "import os\n", "code"),
     ]
+    assert [d.domain for d in iter_documents([tmp_path / "d.jsonl"])] == ["prose", "prose"]  # the field is opt-in
     globbed = list(iter_documents([str(tmp_path / "src" / "**" / "*.py")], domain="python"))
     assert [d.text for d in globbed] == ["x = 1\n", "import os\n"] and {d.domain for d in globbed} == {"python"}
 
@@ -91,7 +93,9 @@ def test_sources_errors_name_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: malformed JSONL"):
         list(iter_documents([bad]))
     bad.write_text('{"id": 3}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl, line 1: malformed JSONL record \(missing the 'text' field\)"):
+    with pytest.raises(
+        ValueError, match=r"bad\.jsonl, line 1: no 'text' field \(fields: id\); pass the text field with --text-field"
+    ):
         list(iter_documents([bad]))
     with pytest.raises(FileNotFoundError, match=r"missing\.txt.*does not exist"):
         iter_documents([tmp_path / "missing.txt"])  # checked before any document is read
@@ -127,7 +131,7 @@ def test_round_trip_and_split(tok_path: Path, tmp_path: Path) -> None:
         assert info.docs == len(got[split]) and info.tokens == sum(len(ids) for ids, _ in got[split])
         assert all(s.docs == 32 for s in info.shards[:-1])
     raw = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert raw["format"] == "dlcm-shards-v1" and raw["domains"] == ["code", "prose"]
+    assert raw["format"] == "dlcm-shards-v2" and raw["domains"] == ["code", "prose"]
     assert raw["tokenizer"]["file"] == "tokenizer.json" and (tmp_path / "out" / "tokenizer.json").is_file()
     assert not (tmp_path / "out" / ".progress.json").exists()
 
@@ -164,34 +168,46 @@ def test_resume_with_changed_inputs_fails(tok_path: Path, tmp_path: Path) -> Non
 
 def test_finished_build_needs_overwrite(tok_path: Path, tmp_path: Path) -> None:
     docs = synthetic_docs(50)
-    build_shards(docs, tok_path, tmp_path / "out", progress=False)
+    build_shards(docs, tok_path, tmp_path / "out", val_fraction=0.2, progress=False)
     with pytest.raises(ValueError, match=r"already holds a finished shard build.*overwrite"):
-        build_shards(docs, tok_path, tmp_path / "out", progress=False)
-    manifest = build_shards(docs[:10], tok_path, tmp_path / "out", progress=False, overwrite=True)
+        build_shards(docs, tok_path, tmp_path / "out", val_fraction=0.2, progress=False)
+    manifest = build_shards(docs[:10], tok_path, tmp_path / "out", val_fraction=0.3, progress=False, overwrite=True)
     assert manifest.splits["train"].docs + manifest.splits["val"].docs == 10
 
 
 def test_tokenizer_mismatch_fails(tok_path: Path, other_tok_path: Path, tmp_path: Path) -> None:
     docs = synthetic_docs(100)
-    build_shards(docs, tok_path, tmp_path / "done", progress=False)
+    build_shards(docs, tok_path, tmp_path / "done", val_fraction=0.2, progress=False)
     with pytest.raises(ValueError, match="built with another tokenizer"):
-        build_shards(docs, other_tok_path, tmp_path / "done", progress=False)
+        build_shards(docs, other_tok_path, tmp_path / "done", val_fraction=0.2, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        build_shards(interrupted(docs, 50), tok_path, tmp_path / "partial", docs_per_shard=8, progress=False)
+        build_shards(
+            interrupted(docs, 50), tok_path, tmp_path / "partial", val_fraction=0.2, docs_per_shard=8, progress=False
+        )
     with pytest.raises(ValueError, match="unfinished build with tokenizer SHA-256"):
-        build_shards(docs, other_tok_path, tmp_path / "partial", progress=False)
-    manifest = build_shards(docs, other_tok_path, tmp_path / "partial", progress=False, overwrite=True)
+        build_shards(docs, other_tok_path, tmp_path / "partial", val_fraction=0.2, progress=False)
+    manifest = build_shards(
+        docs, other_tok_path, tmp_path / "partial", val_fraction=0.2, progress=False, overwrite=True
+    )
     assert manifest.tokenizer_sha256 == Manifest.load(tmp_path / "partial").tokenizer_sha256
 
 
 def test_truncated_shard_is_reported(tok_path: Path, tmp_path: Path) -> None:
-    manifest = build_shards(synthetic_docs(100), tok_path, tmp_path / "out", docs_per_shard=64, progress=False)
+    manifest = build_shards(
+        synthetic_docs(100), tok_path, tmp_path / "out", val_fraction=0.2, docs_per_shard=64, progress=False
+    )
     shard = manifest.shard_paths("train")[0]
     data = shard.read_bytes()
+    docs = manifest.splits["train"].shards[0].docs
     for cut in (len(data) // 2, 512 * 6, 512 * 7 + 100):  # mid-member data, and cuts at/inside member headers
         shard.write_bytes(data[:cut])
-        with pytest.raises(ValueError, match=rf"shard .*{shard.name} is (corrupt|truncated).*dlcm data build"):
-            list(iter_shard_documents(shard))
+        # The size check names it before any training starts; the reader, counting documents, while reading.
+        with pytest.raises(ValueError, match=rf"shard .*{shard.name} is {cut:,} bytes but the manifest records"):
+            Manifest.load(tmp_path / "out")
+        with pytest.raises(
+            ValueError, match=rf"shard .*{shard.name} (is corrupt|holds \d+ documents but).*dlcm data build"
+        ):
+            list(iter_shard_documents(shard, docs))
 
 
 def test_sample_without_ids_is_reported(tmp_path: Path) -> None:
@@ -208,11 +224,16 @@ def test_sample_without_ids_is_reported(tmp_path: Path) -> None:
 def test_manifest_errors(tok_path: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"manifest\.json not found.*dlcm data build"):
         Manifest.load(tmp_path)
-    manifest = build_shards(synthetic_docs(100), tok_path, tmp_path / "out", docs_per_shard=64, progress=False)
+    manifest = build_shards(
+        synthetic_docs(100), tok_path, tmp_path / "out", val_fraction=0.2, docs_per_shard=64, progress=False
+    )
     path = tmp_path / "out" / "manifest.json"
     good = path.read_text()
     path.write_text(good[:50])
     with pytest.raises(ValueError, match=r"manifest\.json is corrupt.*dlcm data build"):
+        Manifest.load(tmp_path / "out")
+    path.write_text(good.replace('"dlcm-shards-v2"', '"dlcm-shards-v1"'))
+    with pytest.raises(ValueError, match=r"written by an older dlcm \(format dlcm-shards-v1.*--overwrite"):
         Manifest.load(tmp_path / "out")
     path.write_text(good)
     manifest.shard_paths("train")[-1].unlink()
