@@ -322,7 +322,7 @@ def bad_inputs(tmp_path: Path) -> list[tuple[str, list[Path], dict, str]]:
     pq.write_table(pa.Table.from_pylist([{"body": "x"}]), d / "nofield.parquet")
     (d / "nofield.jsonl").write_bytes(b'{"body": "x"}\n')
     (d / "cut.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(records(50)))[:-40])
-    (d / "few.jsonl").write_bytes(jsonl_bytes(records(3)))
+    (d / "one.jsonl").write_bytes(jsonl_bytes(records(1)))  # too few to hold one out for validation
     return [
         ("empty", [d / "empty.jsonl"], {}, r"the inputs hold no documents"),
         ("all filtered", [d / "blank.jsonl"], {}, r"the inputs hold no documents"),
@@ -342,7 +342,7 @@ def bad_inputs(tmp_path: Path) -> list[tuple[str, list[Path], dict, str]]:
         ),
         ("missing field", [d / "nofield.jsonl"], {}, rf"{d / 'nofield.jsonl'}, line 1: no 'text' field"),
         ("cut gzip", [d / "cut.jsonl.gz"], {}, rf"{d / 'cut.jsonl.gz'}: cannot decompress or read it"),
-        ("empty val split", [d / "few.jsonl"], {"val_fraction": 0.01}, r"the validation split is empty: none of the 3"),
+        ("empty val split", [d / "one.jsonl"], {"val_fraction": 0.01}, r"the validation split is empty: none of the 1"),
     ]
 
 
