@@ -149,7 +149,7 @@ class DLCMCLI(LightningCLI):
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        ckpt = trainer.checkpoint_callback
+        ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
         log_dir = trainer.logger.log_dir if trainer.logger else None
         lines = ["", "dlcm fit finished."]
         if log_dir:

@@ -144,4 +144,5 @@ class ResumeRules(Callback):
                 f"--model.init_args.schedule.total_steps={total_then} (the rate stays at its end value after step "
                 f"{total_then}), or start a new run"
             )
-        saved["total_steps"] = total_now  # the scheduler's state is restored from this after the callbacks'
+        for entry in lambdas:  # one per parameter group (the same multiplier): the scheduler restores each
+            entry["total_steps"] = total_now

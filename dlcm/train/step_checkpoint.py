@@ -79,6 +79,7 @@ class StepCheckpoint(Checkpoint):
         self._saved_step = -1
         self._saved_at = time.monotonic()
         self._uncommitted: list[Path] = []
+        self._stop_at: int | None = None  # the step whose preemption save is done: exit before the next batch
 
     @property
     def last_path(self) -> Path | None:
@@ -97,6 +98,7 @@ class StepCheckpoint(Checkpoint):
         # Lightning's own SIGTERM handler (installed just before training) broadcasts from inside the handler.
         preemption.install()
         self._seen_step = self._saved_step = trainer.global_step  # a resumed run does not re-save its start
+        self._stop_at = None
         self._saved_at = time.monotonic()
 
     def on_train_batch_end(
@@ -116,9 +118,18 @@ class StepCheckpoint(Checkpoint):
             self._save(trainer, step)
         if preempt:
             self._finish(trainer)
+            self._stop_at = step
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Here rather than right after the save: Lightning logs a step's metrics after its batch-end hooks, and the
+        # resumed run logs from the step after the checkpoint on.
+        if self._stop_at is not None:
             rank_zero_info(
                 f"preemption signal ({', '.join(preemption.received()) or 'on another rank'}): saved "
-                f"{self._saved_path()} at step {step}; exiting with code {preemption.REQUEUE_EXIT_CODE} for requeue"
+                f"{self._saved_path()} at step {self._stop_at}; exiting with code {preemption.REQUEUE_EXIT_CODE} "
+                "for requeue"
             )
             raise preemption.Preempted()
 

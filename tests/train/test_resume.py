@@ -122,8 +122,6 @@ def test_async_sharded_saves_survive_preemption_and_resume_exactly(tmp_path: Pat
 
 
 def test_one_tensorboard_run_across_restarts_with_monotone_steps(tmp_path: Path) -> None:
-    # The first process logs steps 1-4 but its last checkpoint is step 2 (signal after step 4 with a save every
-    # 2 steps would save 4: the signal comes at 3, the save at 3; steps logged after it are re-logged on resume).
     before, after, _ = preempt_and_resume(tmp_path, TINY, 5, 3, "--step_checkpoint.every_n_steps=2")
     versions = sorted(p.name for p in (tmp_path / RUN).iterdir())
     assert versions == ["version_0"]
@@ -133,3 +131,44 @@ def test_one_tensorboard_run_across_restarts_with_monotone_steps(tmp_path: Path)
     assert steps == sorted(set(steps)) and len(steps) == 5  # each step once, in order
     values = [e.value for e in events.Scalars("train/loss")]
     assert values == pytest.approx([{**before, **after}[s] for s in range(1, 6)], rel=1e-6)
+
+
+def test_overrides_at_resume_are_refused_or_applied_and_max_steps_is_fixed(tmp_path: Path) -> None:
+    cosine = ["--model.init_args.schedule.warmup_steps=0"]  # past warm-up from step 1: the length matters
+    fit(tmp_path, TINY, 3, None, *cosine)
+    refused = {
+        "--model.init_args.optimizer.lr=0.002": r"model\.init_args\.optimizer\.lr=0\.002 \(checkpoint: 0\.001\)",
+        "--model.init_args.config.parser.aux_weight=0.05": r"model\.init_args\.config\.parser\.aux_weight=0\.05 \(checkpoint: 0\.03\)",
+        "--model.init_args.seed=1": r"model\.init_args\.seed=1 \(checkpoint: 0\)",
+    }
+    for override, message in refused.items():
+        with pytest.raises(ValueError, match=rf"cannot resume from .*step000000003\.ckpt: {message}.*fixed in a"):
+            fit(tmp_path, TINY, 3, None, *cosine, override)
+    with pytest.raises(ValueError, match=r"trainer\.max_steps=5 differs from the checkpoint's 3 .*--extend_run=true"):
+        fit(tmp_path, TINY, 5, None, *cosine)
+    with pytest.raises(ValueError, match=r"change the learning rate at step 3 from 0\.1 to .*total_steps=3"):
+        fit(tmp_path, TINY, 5, None, *cosine, "--extend_run=true")
+    # The explicit extension: the schedule keeps its 3 steps (the rate stays at its floor); execution and trainer
+    # settings are applied.
+    extended = Losses()
+    cli = fit(
+        tmp_path,
+        TINY,
+        5,
+        extended,
+        *cosine,
+        "--extend_run=true",
+        "--model.init_args.schedule.total_steps=3",
+        "--model.init_args.execution.activation_checkpointing=full",
+    )
+    assert sorted(extended.losses) == [4, 5]
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.lr_lambdas[0].total_steps == 3
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.1 * 1e-3)
+    assert Path(cli.trainer.logger.log_dir).name == "version_0"
+
+
+def test_extending_during_warm_up_refits_the_schedule(tmp_path: Path) -> None:
+    fit(tmp_path, TINY, 2, None)  # the recipe warms up for 30 steps: the length does not matter yet
+    cli = fit(tmp_path, TINY, 4, None, "--extend_run=true")
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].total_steps == 4
