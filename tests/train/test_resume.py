@@ -138,7 +138,8 @@ def test_overrides_at_resume_are_refused_or_applied_and_max_steps_is_fixed(tmp_p
     fit(tmp_path, TINY, 3, None, *cosine)
     refused = {
         "--model.init_args.optimizer.lr=0.002": r"model\.init_args\.optimizer\.lr=0\.002 \(checkpoint: 0\.001\)",
-        "--model.init_args.config.parser.aux_weight=0.05": r"model\.init_args\.config\.parser\.aux_weight=0\.05 \(checkpoint: 0\.03\)",
+        "--model.init_args.config.parser.aux_weight=0.05": r"model\.init_args\.config\.parser\.aux_weight=0\.05 "
+        r"\(checkpoint: 0\.03\)",
         "--model.init_args.seed=1": r"model\.init_args\.seed=1 \(checkpoint: 0\)",
     }
     for override, message in refused.items():
