@@ -71,7 +71,6 @@ class DLCMCLI(LightningCLI):
             default=None,
             help="directory name of the run under the logger's save_dir (default: the recipe's file name)",
         )
-        parser.add_lightning_class_args(StepCheckpoint, "step_checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -83,6 +82,9 @@ class DLCMCLI(LightningCLI):
                 "checkpoint.save_top_k": 1,
             }
         )
+        # After ModelCheckpoint: Lightning's `trainer.checkpoint_callback` (ckpt_path="best") is the first checkpoint
+        # callback.
+        parser.add_lightning_class_args(StepCheckpoint, "step_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(BoundaryStats, "boundary_stats")

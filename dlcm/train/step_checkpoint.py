@@ -180,6 +180,3 @@ class StepCheckpoint(Checkpoint):
         kept = sorted((p for p in self.dirpath.iterdir() if STEP_NAME.match(p.name)), key=lambda p: p.name)
         for old in kept[: -self.keep_last]:
             remove_path(old)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"every_n_steps": self.every_n_steps, "every_n_minutes": self.every_n_minutes}
