@@ -114,7 +114,10 @@ class StepCheckpoint(Checkpoint):
         self._commit()
         preempt, time_due = self._agree(trainer)
         step_due = self.every_n_steps is not None and step % self.every_n_steps == 0
-        if (preempt or time_due or step_due) and step != self._saved_step:
+        # The last step saves here, not in on_train_end: a checkpoint from the batch-end hook resumes exactly (also
+        # when the run is later extended); on_train_end covers runs that end by epochs.
+        last_step = 0 < trainer.max_steps <= step
+        if (preempt or time_due or step_due or last_step) and step != self._saved_step:
             self._save(trainer, step)
         if preempt:
             self._finish(trainer)
