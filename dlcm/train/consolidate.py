@@ -2,7 +2,7 @@
 checkpoint file that ``dlcm validate``/``fit --ckpt_path`` load on a single device, and optionally the network's
 weights as ``safetensors``.
 
-    dlcm consolidate runs/dlcm/version_0/checkpoints/last.ckpt last-full.ckpt --safetensors last.safetensors
+    dlcm consolidate runs/<recipe>/version_0/checkpoints/last.ckpt last-full.ckpt --safetensors last.safetensors
 
 Lightning's ``_load_distributed_checkpoint`` reads every rank's shards into full tensors on the CPU (the whole
 checkpoint must fit in host memory). Optimizer states come keyed by parameter name from

@@ -12,6 +12,7 @@ per-group ratios (μP groups, no-decay groups) survive warm-up and decay. Shapes
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -81,6 +82,20 @@ def lr_multiplier(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     return 1.0 - (1.0 - floor) * progress
 
 
+class ScheduleMultiplier:
+    """``lr_multiplier`` as the callable ``LambdaLR`` holds. An object, not a closure: ``LambdaLR`` saves an
+    object's attributes in its state dict, so the schedule's length is fixed in every checkpoint and a resumed run
+    keeps it whatever ``max_steps`` it is started with (see :mod:`dlcm.train.resume`). Attributes are plain values:
+    checkpoints load with ``weights_only``."""
+
+    def __init__(self, cfg: ScheduleConfig, total_steps: int) -> None:
+        self.schedule = dataclasses.asdict(cfg)
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        return lr_multiplier(ScheduleConfig(**self.schedule), step, self.total_steps)
+
+
 def default_param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     """Standard parametrisation: one named group per weight-decay class (matrices decay, vectors do not)."""
     decay, no_decay = [], []
@@ -98,5 +113,5 @@ def build_optimizer(
     param_groups: list[dict], cfg: OptimizerConfig, schedule: ScheduleConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(schedule, step, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ScheduleMultiplier(schedule, total_steps))
     return optimizer, scheduler

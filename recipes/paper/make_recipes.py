@@ -60,6 +60,7 @@ PROXY_WARMUP_STEPS = 200  # ≈ 5% of the proxy's steps, the grid's warm-up shar
 VALIDATION_TOKENS = 2_097_152  # tokens per validation pass (2**21)
 VALIDATION_EVERY = 1000  # optimizer steps between validations (main and grid runs)
 PROXY_VALIDATION_EVERY = 256  # optimizer steps between validations of the proxy
+CHECKPOINT_EVERY = 500  # optimizer steps between step checkpoints (every_n_minutes bounds the time between them)
 MUP_D_BASE = 384  # the proxy's d_token: μP widths are multiples of it (s_token = 1 on the proxy)
 MIXTURE = (  # paper Table 1 (§5): source directory name, token share, what it is
     ("nemotron_cc", 0.50, "Nemotron-CC: English web"),
@@ -320,6 +321,7 @@ def trainer_lines(run: Run) -> list[str]:
             "    init_args:",
             "      data_parallel_size: auto # auto = devices × num_nodes: pure data parallelism",
             "      tensor_parallel_size: 1 # dlcm has no tensor parallelism",
+            "      async_save: true # checkpoints written in the background: the loop waits for the host copy only",
         ]
     lines += [
         "  precision: bf16-mixed # bf16 compute; gradients reduced and AdamW state kept in fp32",
@@ -363,6 +365,17 @@ def data_lines(run: Run) -> list[str]:
     return lines
 
 
+def checkpoint_lines() -> list[str]:
+    """Saves for weeks of requeued jobs: independent of validation, at least every 30 minutes, resumed by default."""
+    return [
+        "resume: auto # a restarted or requeued job continues this recipe's newest run from its newest checkpoint",
+        "step_checkpoint: # dlcm.train.step_checkpoint.StepCheckpoint: step<N>.ckpt, last.ckpt links the newest",
+        f"  every_n_steps: {CHECKPOINT_EVERY} # optimizer steps between saves",
+        "  every_n_minutes: 30 # and at least every 30 minutes of training",
+        "  keep_last: 2 # complete saves kept (older ones deleted once a newer one is on disk)",
+    ]
+
+
 def render(run: Run) -> str:
     throughput = [
         "throughput: # dlcm.callbacks.throughput.FlopsThroughput: tokens/s, FLOPs/s, MFU (perf/*)",
@@ -376,7 +389,7 @@ def render(run: Run) -> str:
         f"  validate_every_steps: {run.validation_every} # optimizer steps between validations",
     ]
     body = ["seed_everything: 0 # global seed at start"]
-    body += trainer_lines(run) + global_batch + throughput + model_lines(run) + data_lines(run)
+    body += trainer_lines(run) + global_batch + checkpoint_lines() + throughput + model_lines(run) + data_lines(run)
     return "\n".join(header(run)) + "\n" + comment(body)
 
 

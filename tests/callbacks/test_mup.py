@@ -237,7 +237,7 @@ def test_callback_drives_a_real_fit_and_logs_table_and_named_lr_curves(tmp_path:
 
     # Resuming with other μP settings: the checkpoint's groups win in torch, so the callback says so.
     last = Path(cli.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
-    resumed = run_cli(fit_args(tmp_path, 4, 2 * LR_TOKEN), run=False)
+    resumed = run_cli([*fit_args(tmp_path, 4, 2 * LR_TOKEN), "--extend_run=true"], run=False)
     stale = r"(?s)restored from .*last\.ckpt.*'token_hidden': lr=0\.001, the rule gives 0\.002"
     with pytest.raises(ValueError, match=stale):
         resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path=str(last))

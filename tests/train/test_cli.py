@@ -91,7 +91,8 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path: Path) -> None:
     full, _ = run_fit(fit_args(tmp_path / "full", 10))
     first, cli = run_fit(fit_args(tmp_path / "split", 5, *every))
     ckpt = Path(cli.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
-    resumed, _ = run_fit(fit_args(tmp_path / "split", 10, *every), ckpt_path=str(ckpt))
+    # Another max_steps than the checkpoint's: an explicit extension (in warm-up, so the schedule follows it).
+    resumed, _ = run_fit(fit_args(tmp_path / "split", 10, *every, "--extend_run=true"), ckpt_path=str(ckpt))
     assert sorted(first.losses) == list(range(1, 6))
     assert sorted(resumed.losses) == list(range(6, 11))
     for step in range(1, 11):

@@ -314,8 +314,11 @@ def test_consolidated_checkpoint_has_the_sharded_weights_and_validates_on_one_de
     assert from_file == pytest.approx(expected, rel=1e-6)
 
     # Optimizer states were re-keyed to torch.optim's format: training resumes from the file on one device.
-    one_device = args(runs / "one_device", "global", f"--trainer.max_steps={STEPS + 1}")
-    resumed = run_cli([*one_device, "--data.resume_on_new_layout=true"], run=False)  # saved on 2 ranks
+    longer = [f"--trainer.max_steps={STEPS + 1}", "--extend_run=true"]
+    longer.append(f"--model.init_args.schedule.total_steps={STEPS}")  # the checkpoint's schedule, extended
+    resumed = run_cli(
+        [*args(runs / "one_device", "global", *longer), "--data.resume_on_new_layout=true"], run=False
+    )  # saved on 2 ranks
     resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path=str(out))
     assert resumed.trainer.global_step == STEPS + 1
 
