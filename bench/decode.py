@@ -207,6 +207,20 @@ def bench_model(name: str, config, args, device: torch.device) -> list[dict[str,
     return records
 
 
+def run_pairs(args: Any, meta: dict[str, Any], device: torch.device, bench: Any) -> dict[str, Any]:
+    """``bench(name, config, args, device)`` over every model of ``args.pairs``; the JSON is rewritten after each
+    model, so a run stopped early keeps what it measured."""
+    records = []
+    for pair in args.pairs:
+        for name in PAIRS[pair]:
+            records += [
+                {"pair": pair, **record} for record in bench(name, model_config(name, args.vocab_size), args, device)
+            ]
+            if args.out:
+                write_json(args.out, {"meta": meta, "records": records})
+    return {"meta": meta, "records": records}
+
+
 def _si(value: float) -> str:
     """3 significant digits with a k/M/G suffix."""
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -270,14 +284,7 @@ def main() -> int:
             k: getattr(args, k) for k in ("dtype", "prompt_len", "new_tokens", "warmup", "iters", "seed", "cuda_graphs")
         },
     }
-    records = []
-    for pair in args.pairs:
-        for name in PAIRS[pair]:
-            for record in bench_model(name, model_config(name, args.vocab_size), args, device):
-                records.append({"pair": pair, **record})
-            if args.out:  # after every model
-                write_json(args.out, {"meta": meta, "records": records})
-    print(markdown_table({"meta": meta, "records": records}))
+    print(markdown_table(run_pairs(args, meta, device, bench_model)))
     return 0
 
 

@@ -22,8 +22,8 @@ import warnings
 from typing import Any
 
 import torch
-from decode import DTYPES, PAIRS, Timer, boundaries_at_ratio, model_config  # the decode benchmark's pairs
-from report import run_meta, write_json  # bench/report.py (this script's folder is on sys.path)
+from decode import DTYPES, PAIRS, Timer, boundaries_at_ratio, run_pairs  # the decode bench's pairs
+from report import run_meta  # bench/report.py (this script's folder is on sys.path)
 
 from dlcm.infer.generation import DLCMDecoder, incremental_decoder
 from dlcm.model.dlcm import DLCM
@@ -132,14 +132,7 @@ def main() -> int:
         parser.error("--prompt-len, --batch and --iters must be positive")
     device = torch.device(args.device)
     meta = {"benchmark": "prefill", **run_meta(device), **{k: getattr(args, k) for k in ("dtype", "warmup", "iters")}}
-    records = []
-    for pair in args.pairs:
-        for name in PAIRS[pair]:
-            for record in bench_model(name, model_config(name, args.vocab_size), args, device):
-                records.append({"pair": pair, **record})
-            if args.out:  # after every model
-                write_json(args.out, {"meta": meta, "records": records})
-    print(markdown_table({"meta": meta, "records": records}))
+    print(markdown_table(run_pairs(args, meta, device, bench_model)))
     return 0
 
 
