@@ -125,6 +125,10 @@ class DLCMCLI(LightningCLI):
             ) from err
 
     def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "fit":
+            preemption.install()  # a signal during start-up is acted on at the first step boundary
+            # Before anything reads the logger's log_dir, which would fix its version to a new one.
+            self.config_init["fit"]["ckpt_path"] = self.resolve_resume()
         # A run that fails before its first optimizer step leaves no run directory behind (only its config.yaml).
         log_dir = self.trainer.logger.log_dir if self.trainer.logger is not None else None
         created = [d for d in (Path(log_dir), *Path(log_dir).parents) if not d.exists()] if log_dir else []
@@ -242,8 +246,6 @@ class DLCMCLI(LightningCLI):
         return str(found[0])
 
     def before_fit(self) -> None:
-        preemption.install()  # a signal during start-up is acted on at the first step boundary
-        self.config_init["fit"]["ckpt_path"] = self.resolve_resume()  # chooses the logger's version first
         log_hparams_summary(self.trainer, self.config[self.subcommand] if self.subcommand else self.config)
 
     def after_fit(self) -> None:

@@ -410,6 +410,7 @@ def test_load_weights_roundtrip_and_mismatch(tmp_path: Path) -> None:
 def test_dlcm_eval_end_to_end_on_a_tiny_fit(tmp_path: Path, capsys) -> None:
     from dlcm.eval.cli import main
     from dlcm.train.cli import run_cli
+    from dlcm.train.step_checkpoint import StepCheckpoint
 
     recipe = str(Path(__file__).parents[2] / "recipes" / "dlcm_tiny_r4_defaultcorpus_cpu.yaml")
     root = tmp_path / "run"
@@ -428,7 +429,7 @@ def test_dlcm_eval_end_to_end_on_a_tiny_fit(tmp_path: Path, capsys) -> None:
         run=False,
     )
     fit.trainer.fit(fit.model, fit.datamodule)
-    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    ckpt = str(next(c for c in fit.trainer.callbacks if isinstance(c, StepCheckpoint)).last_path)
     data = tmp_path / "eval"
     data.mkdir()
     write_jsonl(data / "copa.jsonl", [{"query": "In the beginning", "choices": ["God", "def"], "gold": 0}] * 3)

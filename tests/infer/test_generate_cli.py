@@ -11,6 +11,7 @@ import torch
 from dlcm.infer.generate_cli import main, unescape
 from dlcm.infer.generation import generate_texts
 from dlcm.train.cli import run_cli
+from dlcm.train.step_checkpoint import StepCheckpoint
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 RECIPE = str(RECIPES / "dlcm_tiny_r4_defaultcorpus_cpu.yaml")
@@ -35,7 +36,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
         run=False,
     )
     fit.trainer.fit(fit.model, fit.datamodule)
-    return fit.trainer.checkpoint_callback.last_model_path, fit.model, fit.datamodule.tokenizer
+    last = next(c for c in fit.trainer.callbacks if isinstance(c, StepCheckpoint)).last_path
+    return str(last), fit.model, fit.datamodule.tokenizer
 
 
 def run(ckpt: str, *args: str, recipe: str = RECIPE) -> int:
