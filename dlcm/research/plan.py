@@ -11,8 +11,9 @@ measured record and the assumptions it prints:
 
 - Compute: the single-GPU training throughput measured by ``bench/train_throughput.py`` (``bench/results/
   train_throughput_*.json``) for a model of the same parameter count and the recipe's ``compile_blocks``; at
-  another context the achieved model FLOP/s is assumed to carry over (time per token scales with SPEC §10 FLOPs per
-  token). The measured step includes a fused AdamW step per micro-batch (~3% of it on the paper models).
+  another context the achieved model FLOP/s is assumed to carry over (time per token scales with the model FLOPs per
+  token of docs/design.md). The measured step includes a fused AdamW step per micro-batch (~3% of it on the paper
+  models).
 - Activation checkpointing recomputes the forward of the checkpointed blocks: +1/3 of their share of the FLOPs.
 - Collectives (NCCL ring): all-gather / reduce-scatter move ``(n−1)/n`` of the buffer per GPU, all-reduce twice
   that, at the bus bandwidth of the slowest link the group spans (NVLink inside a node, the network across nodes).
