@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -36,3 +37,15 @@ def random_boundaries(cu_seqlens: torch.Tensor, rate: float, generator: torch.Ge
 def isolated_dlcm_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the embedded-corpus cache of a test session out of the user's ~/.cache (built once per session)."""
     os.environ["DLCM_CACHE"] = str(tmp_path_factory.mktemp("dlcm-cache"))
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_leaks() -> Iterator[None]:
+    """Tear down what an in-process distributed run (a world of one under FSDP2) leaves behind: its process groups
+    hold the TCP port that Lightning wrote into MASTER_PORT, which later multi-process tests would then inherit."""
+    port = os.environ.get("MASTER_PORT")
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if os.environ.get("MASTER_PORT") != port:
+        os.environ.pop("MASTER_PORT", None)
