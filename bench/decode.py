@@ -207,6 +207,16 @@ def bench_model(name: str, config, args, device: torch.device) -> list[dict[str,
     return records
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Precision, device, vocabulary, timing and seed options shared by the decode and prefill benchmarks."""
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vocab-size", type=int, default=DEEPSEEK_V3_VOCAB, help="vocabulary of the non-tiny pairs")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def run_pairs(args: Any, meta: dict[str, Any], device: torch.device, bench: Any) -> dict[str, Any]:
     """``bench(name, config, args, device)`` over every model of ``args.pairs``; the JSON is rewritten after each
     model, so a run stopped early keeps what it measured."""
@@ -265,12 +275,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--vocab-size", type=int, default=DEEPSEEK_V3_VOCAB, help="vocabulary of the non-tiny pairs")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    add_model_arguments(parser)
     parser.add_argument("--cuda-graphs", default="on", choices=["on", "off"], help="replay decode steps as graphs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -22,12 +22,12 @@ import warnings
 from typing import Any
 
 import torch
-from decode import DTYPES, PAIRS, Timer, boundaries_at_ratio, run_pairs  # the decode bench's pairs
+from decode import DTYPES, PAIRS, Timer, add_model_arguments, boundaries_at_ratio, run_pairs  # the decode bench's pairs
 from report import run_meta  # bench/report.py (this script's folder is on sys.path)
 
 from dlcm.infer.generation import DLCMDecoder, incremental_decoder
 from dlcm.model.dlcm import DLCM
-from dlcm.model.presets import DEEPSEEK_V3_VOCAB, build_model
+from dlcm.model.presets import build_model
 
 
 def prefill_once(model, prompts_BP: torch.Tensor) -> tuple[float, int]:
@@ -120,12 +120,7 @@ def main() -> int:
     parser.add_argument("--pairs", nargs="+", default=["small", "paper"], choices=sorted(PAIRS))
     parser.add_argument("--prompt-len", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--vocab-size", type=int, default=DEEPSEEK_V3_VOCAB, help="vocabulary of the non-tiny pairs")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    add_model_arguments(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if min(args.prompt_len) < 1 or min(args.batch) < 1 or args.iters < 1:
