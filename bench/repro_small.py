@@ -13,7 +13,7 @@ same data order (``data.seed`` 0, same batch size); run shapes and sweeps are th
    (``sweep_baseline.yaml``): held-out bits per byte, training FLOPs from the FLOPs callback, and bits per byte
    interpolated at equal training FLOPs.
 3. Global vs per-sequence ratio loss (scope ``global`` vs ``sequence``): realised tokens per concept against R.
-4. Tokens per concept of prose and code (``val_boundary/tokens_per_concept/*``) at the same target.
+4. Tokens per concept of prose and code (``val/boundary/tokens_per_concept/*``) at the same target.
 5. Synthetic phrase language: boundary precision/recall of ``router_grad: aux`` vs ``ste``
    (``bench/synthetic_boundaries.py``).
 
@@ -162,10 +162,10 @@ def probe_overrides(steps: int) -> dict[str, Any]:
 
 
 def seconds_per_step(run_dir: Path, skip_fraction: float = 1 / 3) -> float | None:
-    """Median seconds per optimizer step of a (probe) run from its ``perf/tokens_per_sec`` points."""
+    """Median seconds per optimizer step of a (probe) run from its ``train/perf/tokens_per_sec`` points."""
     from dlcm.research.run_metrics import read_run_config, read_scalars, tokens_per_step
 
-    points = read_scalars(run_dir, ["perf/tokens_per_sec"]).get("perf/tokens_per_sec", {})
+    points = read_scalars(run_dir, ["train/perf/tokens_per_sec"]).get("train/perf/tokens_per_sec", {})
     config = read_run_config(run_dir)
     step_tokens = tokens_per_step(config) if config else None
     if not points or not step_tokens:

@@ -2,11 +2,12 @@
 
 Logged on logging steps (``trainer.log_every_n_steps``), over the last ``window − 1`` logging intervals:
 
-- ``perf/tokens_per_sec`` (all ranks) and ``perf/tokens_per_sec_per_device``;
-- ``perf/model_flops_per_sec`` (all ranks) and ``perf/mfu`` = model FLOPs/s ÷ (devices × peak FLOPs per device);
-- ``perf/hardware_flops_per_sec`` and ``perf/hfu``: the same with Ψ counted as its kernel runs it — ``Σ L_i²``
-  pairs for concept replication instead of the model's ``Σ L_i·C_i`` (equal when the exact L×C kernel runs);
-- ``perf/model_flops_per_token`` and ``perf/hardware_flops_per_token``: training FLOPs per token of the last
+- ``train/perf/tokens_per_sec`` (all ranks) and ``train/perf/tokens_per_sec_per_device``;
+- ``train/perf/model_flops_per_sec`` (all ranks) and ``train/perf/mfu`` = model FLOPs/s ÷ (devices × peak FLOPs
+  per device);
+- ``train/perf/hardware_flops_per_sec`` and ``train/perf/hfu``: the same with Ψ counted as its kernel runs it —
+  ``Σ L_i²`` pairs for concept replication instead of the model's ``Σ L_i·C_i`` (equal when the exact L×C kernel runs);
+- ``train/perf/model_flops_per_token`` and ``train/perf/hardware_flops_per_token``: training FLOPs per token of the last
   interval (they move with document and concept lengths).
 
 Convention (docs/design.md): model FLOPs are 3 × forward matmul and attention FLOPs with no causal discount; for one
@@ -133,7 +134,7 @@ class FlopsThroughput(L.Callback):
             metrics = self._measure(trainer)
             if metrics:
                 pl_module.log_dict(
-                    {f"perf/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False, batch_size=1
+                    {f"train/perf/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False, batch_size=1
                 )
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

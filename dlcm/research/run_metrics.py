@@ -8,10 +8,10 @@ Step convention. Lightning logs a training batch's scalars (and validation run i
 ``s`` = optimizer steps completed *before* that batch's step, so TensorBoard step ``s`` holds the state after
 ``s + 1`` optimizer steps.
 
-Training FLOPs come from the FLOPs callback (:mod:`dlcm.callbacks.throughput`): each ``perf/model_flops_per_token``
-point at step ``p_k`` is the model-FLOPs-per-token of the batches after the previous point ``p_{k−1}`` up to and
-including ``p_k`` (the first point starts after batch 0, the callback's reference). Tokens per optimizer step are
-fixed (every micro-batch is full), so the FLOPs through batch ``v`` are
+Training FLOPs come from the FLOPs callback (:mod:`dlcm.callbacks.throughput`): each
+``train/perf/model_flops_per_token`` point at step ``p_k`` is the model-FLOPs-per-token of the batches after the
+previous point ``p_{k−1}`` up to and including ``p_k`` (the first point starts after batch 0, the callback's
+reference). Tokens per optimizer step are fixed (every micro-batch is full), so the FLOPs through batch ``v`` are
 ``tokens_per_step · Σ_{i ≤ v} fpt(i)``, with batch 0 (and any batch after the last point) charged at the nearest
 point's value. This is exact up to batch 0's own concept count.
 """
@@ -31,18 +31,37 @@ CURVE_TAGS = (
     "val/bpb",
     "val/ratio",
     "train/ratio",
-    "boundary/ratio_threshold",
-    "boundary/target_R",
-    "perf/model_flops_per_token",
+    "train/boundary/ratio_threshold",
+    "train/boundary/target_R",
+    "train/perf/model_flops_per_token",
 )
-CURVE_PREFIXES = ("val_boundary/tokens_per_concept/", "boundary/tokens_per_concept/")
-FLOPS_TAG = "perf/model_flops_per_token"
-# Tags older runs logged a second copy of a quantity under: read as the one name kept (old name → kept name).
+CURVE_PREFIXES = ("val/boundary/tokens_per_concept/", "train/boundary/tokens_per_concept/")
+FLOPS_TAG = "train/perf/model_flops_per_token"
+# Names older runs logged a quantity under, read as today's name: second copies of one quantity, and the groups
+# that sat beside train/ and val/ before every scalar moved under one of the two.
 RENAMED_TAGS = {
     "boundary/ratio": "train/ratio",
-    "train/ratio_threshold": "boundary/ratio_threshold",
+    "train/ratio_threshold": "train/boundary/ratio_threshold",
+    "val_boundary/ratio": "val/ratio",
     "val_boundary/ratio_threshold": "val/ratio",
+    "compile/graphs": "train/compile_graphs",
 }
+RENAMED_PREFIXES = {
+    "boundary/": "train/boundary/",
+    "val_boundary/": "val/boundary/",
+    "perf/": "train/perf/",
+    "lr-AdamW/": "train/lr/",
+}
+
+
+def current_tag(tag: str) -> str:
+    """Today's name of a tag an older run may have logged."""
+    if tag in RENAMED_TAGS:
+        return RENAMED_TAGS[tag]
+    for old, new in RENAMED_PREFIXES.items():
+        if tag.startswith(old):
+            return new + tag.removeprefix(old)
+    return tag
 
 
 def event_files(run_dir: str | Path) -> list[Path]:
@@ -52,21 +71,22 @@ def event_files(run_dir: str | Path) -> list[Path]:
 
 def read_scalars(run_dir: str | Path, tags: Iterable[str] | None = None) -> dict[str, dict[int, float]]:
     """``{tag: {step: value}}`` of every scalar (or only ``tags``) in the event files below ``run_dir``; a run that
-    logged only an old name of a tag (``RENAMED_TAGS``) has its points under the kept name."""
+    logged only an old name of a tag (``current_tag``) has its points under today's name."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    wanted = None if tags is None else set(tags) | {old for old, new in RENAMED_TAGS.items() if new in tags}
+    wanted = None if tags is None else set(tags)
     out: dict[str, dict[int, float]] = {}
+    renamed: dict[str, dict[int, float]] = {}
     for path in event_files(run_dir):
         acc = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every point, no reservoir
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
-            if wanted is None or tag in wanted:
-                out.setdefault(tag, {}).update({e.step: float(e.value) for e in acc.Scalars(tag)})
-    for old, new in RENAMED_TAGS.items():
-        points = out.pop(old, None)
-        if points is not None and new not in out:
-            out[new] = points
+            name = current_tag(tag)
+            if wanted is None or name in wanted:
+                into = out if name == tag else renamed
+                into.setdefault(name, {}).update({e.step: float(e.value) for e in acc.Scalars(tag)})
+    for name, points in renamed.items():
+        out.setdefault(name, points)  # a quantity also logged under today's name keeps those points
     return out
 
 
@@ -150,9 +170,9 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     if step_tokens and scalars.get(FLOPS_TAG) and steps_done:
         flops = cumulative_train_flops(scalars[FLOPS_TAG], step_tokens, [steps_done - 1, *val_steps])
     domains = sorted(
-        tag.removeprefix("val_boundary/tokens_per_concept/")
+        tag.removeprefix("val/boundary/tokens_per_concept/")
         for tag in scalars
-        if tag.startswith("val_boundary/tokens_per_concept/")
+        if tag.startswith("val/boundary/tokens_per_concept/")
     )
     loss = _last(scalars.get("val/loss"))
     tokens = steps_done * step_tokens if step_tokens else None
@@ -164,10 +184,10 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
         "val_ppl": _last(scalars.get("val/ppl")),
         "val_ratio": _last(scalars.get("val/ratio")),
         "train_ratio": _last(scalars.get("train/ratio")),
-        "train_ratio_threshold": _last(scalars.get("boundary/ratio_threshold")),
-        "threshold": _last(scalars.get("boundary/threshold")),
-        "target_ratio": _last(scalars.get("boundary/target_R")),
-        "tokens_per_concept": {d: _last(scalars[f"val_boundary/tokens_per_concept/{d}"]) for d in domains},
+        "train_ratio_threshold": _last(scalars.get("train/boundary/ratio_threshold")),
+        "threshold": _last(scalars.get("train/boundary/threshold")),
+        "target_ratio": _last(scalars.get("train/boundary/target_R")),
+        "tokens_per_concept": {d: _last(scalars[f"val/boundary/tokens_per_concept/{d}"]) for d in domains},
         "tokens_per_step": step_tokens,
         "tokens": tokens,
         "train_flops": flops[0] if flops else None,

@@ -41,6 +41,7 @@ from dlcm.train.global_batch import GlobalBatch, apply_global_batch
 from dlcm.train.lightning_modules import LanguageModelModule
 from dlcm.train.resume import ResumeRules, newest_checkpoint
 from dlcm.train.step_checkpoint import StepCheckpoint, checkpoint_dir
+from dlcm.train.tensorboard_logger import RunTensorBoardLogger
 
 DEFAULT_RUN_NAME = "dlcm"
 # Lightning warns that a mid-epoch resume is inexact unless the DataLoader itself is stateful; PackedDataModule's
@@ -380,7 +381,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> DLCMCLI:
         parser_kwargs={"parser_mode": "omegaconf", **STRICT_PARSER, "fit": STRICT_PARSER, "validate": STRICT_PARSER},
         trainer_defaults={
             "logger": {
-                "class_path": f"{TensorBoardLogger.__module__}.{TensorBoardLogger.__name__}",
+                "class_path": f"{RunTensorBoardLogger.__module__}.{RunTensorBoardLogger.__name__}",
                 "init_args": {
                     "save_dir": "runs",
                     "name": None,

@@ -105,7 +105,7 @@ class LanguageModelModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.execution_cfg.compile_blocks:
             # Growth of this count after the first steps means recompilation (e.g. new concept-stream lengths).
-            self.log("compile/graphs", float(compiled_graphs()))
+            self.log("train/compile_graphs", float(compiled_graphs()))
 
     def run(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
@@ -217,7 +217,9 @@ class LanguageModelModule(L.LightningModule):
         optimizer, scheduler = build_optimizer(
             groups, self.optimizer_cfg, self.schedule_cfg, self.total_optimizer_steps()
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # "name": LearningRateMonitor logs train/lr/<param group>, inside the train/ group
+        schedule = {"scheduler": scheduler, "interval": "step", "name": "train/lr"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 class DLCMModule(LanguageModelModule):

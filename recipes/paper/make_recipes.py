@@ -265,8 +265,8 @@ def model_lines(run: Run) -> list[str]:
     lines += [
         "    execution:",
         "      activation_checkpointing: none # none | selective | full: recompute blocks to save memory",
-        f"      compile_blocks: {str(COMPILE_BLOCKS).lower()} # true compiles each block; watch compile/graphs for "
-        "recompiles",
+        f"      compile_blocks: {str(COMPILE_BLOCKS).lower()} # true compiles each block; watch "
+        "train/compile_graphs for recompiles",
         "      meta_init: true # build on the meta device; configure_model allocates only each rank's shards",
     ]
     lines += sharding_lines(run)
@@ -378,7 +378,7 @@ def checkpoint_lines() -> list[str]:
 
 def render(run: Run) -> str:
     throughput = [
-        "throughput: # dlcm.callbacks.throughput.FlopsThroughput: tokens/s, FLOPs/s, MFU (perf/*)",
+        "throughput: # dlcm.callbacks.throughput.FlopsThroughput: tokens/s, FLOPs/s, MFU (train/perf/*)",
         "  peak_flops_per_device: 9.89e+14 # FLOP/s per GPU: H200 dense bf16 datasheet",
         "  window: 2 # logging points averaged over",
         "  causal_discount: false # false = model FLOPs, no causal discount (docs/design.md)",

@@ -230,7 +230,7 @@ def test_callback_drives_a_real_fit_and_logs_table_and_named_lr_curves(tmp_path:
     assert "s_token 2 (d_token 128), s_concept 4 (d_concept 256)" in text
     assert "| concept_hidden | 23 |" in text and "| norms |" in text and "ones" in text
     for name, want in expected.items():
-        curve = [e.value for e in events.Scalars(f"lr-AdamW/{name}")]
+        curve = [e.value for e in events.Scalars(f"train/lr/{name}")]
         assert len(curve) == 3, name
         # Warm-up multipliers 1/30, 2/30, 3/30 of each group's own base rate.
         assert curve == pytest.approx([want.lr * k / 30 for k in (1, 2, 3)], rel=1e-6), name

@@ -288,21 +288,21 @@ def test_throughput_callback_logs_consistent_perf_scalars(
 
     events = EventAccumulator(str(cli.trainer.logger.log_dir))
     events.Reload()
-    logged = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if "perf/" in tag}
+    logged = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if "train/perf/" in tag}
     # Step 1 is the reference point; steps 2…4 each cover `accumulate` micro-batches = `accumulate` fake seconds.
     tokens, model, hardware = zip(*(clock.steps[s] for s in range(2, steps + 1)), strict=True)
     assert list(tokens) == [512.0 * accumulate] * (steps - 1)
-    assert logged["perf/tokens_per_sec"] == pytest.approx([512.0] * (steps - 1), rel=1e-6)
-    assert logged["perf/tokens_per_sec_per_device"] == logged["perf/tokens_per_sec"]  # one device
-    assert logged["perf/model_flops_per_sec"] == pytest.approx([f / accumulate for f in model], rel=1e-6)
-    assert logged["perf/hardware_flops_per_sec"] == pytest.approx([f / accumulate for f in hardware], rel=1e-6)
-    assert logged["perf/mfu"] == pytest.approx([f / accumulate / peak for f in model], rel=1e-6)
-    assert logged["perf/hfu"] == pytest.approx([f / accumulate / peak for f in hardware], rel=1e-6)
+    assert logged["train/perf/tokens_per_sec"] == pytest.approx([512.0] * (steps - 1), rel=1e-6)
+    assert logged["train/perf/tokens_per_sec_per_device"] == logged["train/perf/tokens_per_sec"]  # one device
+    assert logged["train/perf/model_flops_per_sec"] == pytest.approx([f / accumulate for f in model], rel=1e-6)
+    assert logged["train/perf/hardware_flops_per_sec"] == pytest.approx([f / accumulate for f in hardware], rel=1e-6)
+    assert logged["train/perf/mfu"] == pytest.approx([f / accumulate / peak for f in model], rel=1e-6)
+    assert logged["train/perf/hfu"] == pytest.approx([f / accumulate / peak for f in hardware], rel=1e-6)
     per_token = [f / n for f, n in zip(model, tokens, strict=True)]
-    assert logged["perf/model_flops_per_token"] == pytest.approx(per_token, rel=1e-6)
+    assert logged["train/perf/model_flops_per_token"] == pytest.approx(per_token, rel=1e-6)
     if isinstance(cli.model.network.cfg, DLCMConfig):  # replicated Ψ scores L×L, more than the model's L×C
         assert len(kernels) == accumulate * steps
-        assert all(h > m for h, m in zip(logged["perf/hfu"], logged["perf/mfu"], strict=True))
+        assert all(h > m for h, m in zip(logged["train/perf/hfu"], logged["train/perf/mfu"], strict=True))
     else:
-        assert not kernels and logged["perf/hfu"] == logged["perf/mfu"]
+        assert not kernels and logged["train/perf/hfu"] == logged["train/perf/mfu"]
     assert all(math.isfinite(v) and v > 0 for values in logged.values() for v in values)
