@@ -47,3 +47,29 @@ def test_every_imported_package_is_declared() -> None:
         if not names & declared:
             missing.append(f"{module} (from {', '.join(sorted(names))})")
     assert missing == []
+
+
+def test_make_venv_takes_the_cpu_torch_build_from_pytorchs_index_without_a_local_wheel(tmp_path: Path) -> None:
+    """`make venv` on a machine whose pip has no local torch wheel: the --no-index try fails, and torch then comes
+    from PyTorch's CPU index, before anything could pull PyPI's CUDA build. A stand-in python records each call."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "calls"
+    fake = venv / "bin" / "python"
+    # fails like pip without a cached wheel: `--no-index` cannot find torch
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase "$*" in *--no-index*torch*) exit 1;; esac\n')
+    fake.chmod(0o755)
+    subprocess.run(["make", "-s", "-C", str(ROOT), "venv", f"VENV={venv}"], check=True, capture_output=True)
+    calls = log.read_text().splitlines()
+    torch_calls = [c for c in calls if "torch==" in c]
+    assert torch_calls[0] == "-m pip install -q --no-deps --no-index torch==2.13.0"
+    assert (
+        torch_calls[1] == "-m pip install -q --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    )
+    # only then torch's own dependencies (torch itself already satisfied) and the package
+    assert calls.index(torch_calls[1]) < calls.index("-m pip install -q -e .[dev]")
