@@ -1,13 +1,15 @@
 """Streaming webdataset shards into packed micro-batches, deterministically and resumably.
 
-Order. For epoch ``e`` the shard order is a permutation drawn from ``(seed, e)``; documents inside a shard are
-shuffled by a generator of ``(seed, e, shard)``; a stream that runs out cycles with a new permutation. Validation
+Order. For epoch ``e`` the shard order is a permutation drawn from ``(seed, e)``; the documents of a shard are cut
+into pieces of ``max_seq_len`` tokens (where packing cuts them) and the shard's pieces shuffled by a generator of
+``(seed, e, shard)``, so a long document (a large source file) is spread over the batches of its shard instead of
+filling a run of consecutive batches with one domain; a stream that runs out cycles with a new permutation. Validation
 reads in manifest order, unshuffled. Nothing depends on wall-clock or worker timing, so a run is a function of
 ``(seed, epoch, batch index)``.
 
 Splitting. Every (rank, worker) pair is a *slot*. With at least as many shards as slots, slot ``s`` reads
 shards ``s, s + slots, …`` of the epoch's permutation; with fewer shards every slot reads all of them and keeps
-every ``slots``-th document. Batch ``b`` of a rank comes from that rank's logical worker ``b mod num_workers``, so
+every ``slots``-th piece. Batch ``b`` of a rank comes from that rank's logical worker ``b mod num_workers``, so
 the sequence does not depend on how many batches were skipped.
 
 Equal counts. Each rank yields exactly ``batches_per_epoch = train_tokens // (tokens_per_batch · world)`` batches
@@ -17,13 +19,14 @@ Validation reads every ``world``-th document per rank (in the training process, 
 
 Resume. The position (epoch, batches processed in it) is saved in the checkpoint through the data module's
 ``state_dict``, with the layout that defines the order (world size, ``num_workers``, ``tokens_per_batch``,
-``max_seq_len``, ``seed``); the next training iterator skips exactly those batches. A checkpoint saved with another
-layout is refused with an error naming the difference: the slots' streams would continue with other data, so
-resuming on another number of GPUs or workers would silently shift the data order. Skipping builds no batch:
-every batch holds exactly ``tokens_per_batch`` tokens, so a slot's k-th batch starts k · ``tokens_per_batch``
-tokens into its document stream, and the stream is started there (the document the cut falls in split where
-packing would have cut it). Whole shards before that point are not read — their tokens come from the manifest and
-their document shuffle has its own seed — so a resume reads one or two shards per slot wherever it falls.
+``max_seq_len``, ``seed``, and the version of the ordering rule itself); the next training iterator skips exactly
+those batches. A checkpoint saved with another layout is refused with an error naming the difference: the slots'
+streams would continue with other data, so resuming on another number of GPUs or workers would silently shift the
+data order. Skipping builds no batch: every batch holds exactly ``tokens_per_batch`` tokens, so a slot's k-th batch
+starts k · ``tokens_per_batch`` tokens into its document stream, and the stream is started there (the document the
+cut falls in split where packing would have cut it). Whole shards before that point are not read — their tokens come
+from the manifest and their piece shuffle has its own seed — so a resume reads one or two shards per slot wherever
+it falls.
 
 Mixtures. With ``mixture`` each batch comes from one source, chosen by a deterministic schedule of the token
 shares (:mod:`dlcm.data.mixture`); every source's position follows from the batch index, so a mixture resumes
@@ -46,6 +49,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dlcm.data.packing import pack_documents
 from dlcm.data.storage import is_url
+
+# The ordering rule's version, saved with the position: 1 shuffled whole documents inside a shard (checkpoints
+# without the key), 2 shuffles their max_seq_len pieces.
+ORDER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -112,10 +119,12 @@ class PackedStream(IterableDataset):
                     skip_tokens -= spec.shard_tokens[shard_index]
                     yielded = True
                     continue
-                docs = list(iter_shard_documents(spec.shards[shard_index], expected[shard_index]))
+                units = list(iter_shard_documents(spec.shards[shard_index], expected[shard_index]))
                 if spec.shuffle:  # its own generator: passing over a shard needs no draw
-                    random.Random(f"{spec.seed}/{spec.epoch}/{cycle}/{shard_index}").shuffle(docs)
-                for ids, meta in docs:
+                    msl = spec.max_seq_len
+                    units = [(ids[i : i + msl], meta) for ids, meta in units for i in range(0, len(ids), msl)]
+                    random.Random(f"{spec.seed}/{spec.epoch}/{cycle}/{shard_index}").shuffle(units)
+                for ids, meta in units:
                     counter += 1
                     if not by_shard and (counter - 1) % slots != slot:
                         continue
@@ -316,6 +325,8 @@ class PackedDataModule(L.LightningDataModule):
     def _resumed_batches(self, state: dict[str, Any]) -> int:
         """Batches of the saved epoch to skip on this layout; another layout is an error unless opted in."""
         now = self.layout()
+        if "world_size" in state:  # a layout saved before the ordering rule had a version: rule 1
+            state = {"order_version": 1, **state}
         changed = [f"{key}={state[key]} → {now[key]}" for key in now if state.get(key, now[key]) != now[key]]
         if not changed:
             return state["batches_done"]
@@ -324,7 +335,8 @@ class PackedDataModule(L.LightningDataModule):
                 f"cannot resume the data position: the checkpoint was saved with another data layout "
                 f"({', '.join(changed)}). Each rank × DataLoader worker reads its own stream, so the saved position "
                 "would continue with other documents; resume with the saved world size (devices × nodes), "
-                "data.num_workers, data.tokens_per_batch, data.max_seq_len and data.seed, or set "
+                "data.num_workers, data.tokens_per_batch, data.max_seq_len and data.seed (an order_version change "
+                "means a checkpoint of an earlier dlcm, whose order cannot be reproduced), or set "
                 "data.resume_on_new_layout=true to continue in the new layout's order"
             )
         # The same number of tokens consumed over all ranks, counted in the new layout's batches.
@@ -351,6 +363,7 @@ class PackedDataModule(L.LightningDataModule):
             "tokens_per_batch": self.tokens_per_batch,
             "max_seq_len": self.max_seq_len,
             "seed": self.seed,
+            "order_version": ORDER_VERSION,
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -356,10 +356,28 @@ def test_shards_of_another_tokenizer_are_rejected(many_shards: Path) -> None:
 
 def test_empty_validation_split_and_starved_slot(tokenizer: tuple[Path, Tokenizer], tmp_path: Path) -> None:
     build_shards(marked_docs(3), tokenizer[0], tmp_path, val_fraction=0.0, progress=False)
-    dm = module(tmp_path)
+    dm = module(tmp_path, max_seq_len=256)  # each document is one piece
     with pytest.raises(ValueError, match=r"the val split of .* is empty"):
         dm.stream_spec("val")
     # 3 documents cannot feed 4 ranks: the rank left without one fails instead of hanging.
     spec = replace(dm.stream_spec("train"), rank=3, world_size=4)
     with pytest.raises(ValueError, match=r"data slot 3 of 4 .* received no document"):
         run(spec)
+
+
+def test_a_long_document_is_spread_over_its_shard_not_packed_into_consecutive_batches(
+    tokenizer: tuple[Path, Tokenizer], tmp_path: Path
+) -> None:
+    """One code document of about 60 pieces among 60 one-piece prose documents, in one shard: training shuffles pieces,
+    so no run of consecutive pieces stays inside the long document for long and most batches mix both domains."""
+    rng = random.Random(1)
+    prose = [Document(f"p{i}", " ".join(rng.choice(WORDS) for _ in range(6)), "prose") for i in range(60)]
+    long_code = Document("code", " ".join(rng.choice(WORDS) for _ in range(900)), "code")
+    build_shards([long_code, *prose], tokenizer[0], tmp_path, val_fraction=0.0, docs_per_shard=100, progress=False)
+    dm = module(tmp_path)
+    code = dm.manifest.domains.index("code")
+    batches = list(itertools.islice(run(dm.stream_spec("train")), 20))
+    domains = np.concatenate([b["domain"].numpy() for b in batches])
+    runs = [len(list(group)) for value, group in itertools.groupby(domains) if value == code]
+    assert max(runs) < 12  # in document order the long document's pieces would sit back to back
+    assert sum(len(set(b["domain"].tolist())) == 2 for b in batches) >= 15

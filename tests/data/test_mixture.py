@@ -236,7 +236,7 @@ def test_resume_from_the_saved_state(root: Path) -> None:
     attach_trainer(saving, 0, 1, processed=5)
     state = saving.state_dict()
     layout = {"world_size": 1, "num_workers": 0, "tokens_per_batch": TOKENS_PER_BATCH, "max_seq_len": MAX_SEQ_LEN}
-    assert state == {"epoch": 0, "batches_done": 5, **layout, "seed": 0, "mixture": WEIGHTS}
+    assert state == {"epoch": 0, "batches_done": 5, **layout, "seed": 0, "order_version": 2, "mixture": WEIGHTS}
     state = json.loads(json.dumps(state))  # survives a checkpoint's serialisation
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -320,6 +320,12 @@ def test_resuming_on_another_world_size_or_worker_count_is_an_error(
     other.load_state_dict(state)
     with pytest.raises(ValueError, match=rf"tokens_per_batch={TOKENS_PER_BATCH} → {2 * TOKENS_PER_BATCH}"):
         other.consume_position()
+    # A layout saved before the ordering rule had a version (documents, not pieces, shuffled): another order.
+    older = module(root, num_workers=saved[1])
+    attach_trainer(older, 0, saved[0])
+    older.load_state_dict({k: v for k, v in state.items() if k != "order_version"})
+    with pytest.raises(ValueError, match=r"\(order_version=1 → 2\).*checkpoint of an earlier dlcm"):
+        older.consume_position()
     # Opting in continues after as many tokens, in the new layout's order, with a warning.
     moved = module(root, num_workers=now[1], resume_on_new_layout=True)
     attach_trainer(moved, 0, now[0])
