@@ -17,10 +17,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from dlcm.data.corpus import DEFAULT_MAX_BYTES_PER_DOMAIN, ensure_default_corpus
-from dlcm.data.shards import Manifest, build_shards, verify_shards
-from dlcm.data.sources import iter_documents
-from dlcm.data.tokenizer import deepseek_v3_tokenizer_path, resolve_tokenizer_file, tokenizer_sha256, train_bpe
+# Only what the parser needs is imported up front: the shard writer and the tokenizer load torch (seconds), so
+# each command imports them when it runs and `dlcm data … --help` answers without them.
+from dlcm.data.corpus_defaults import DEFAULT_MAX_BYTES_PER_DOMAIN
+from dlcm.data.sources import DocumentSource, iter_documents
 
 _INPUTS_HELP = (
     "files, directories or globs, local or fsspec URLs (s3://, gs://, https://): JSON Lines (.jsonl, .jsonl.gz, "
@@ -42,10 +42,12 @@ def _count(value: str) -> int:
 
 def _tokenizer_arg(value: str) -> Path:
     # A short name for the one published tokenizer the docs name; everything else is a path.
+    from dlcm.data.tokenizer import deepseek_v3_tokenizer_path
+
     return deepseek_v3_tokenizer_path() if value == "deepseek-v3" else Path(value)
 
 
-def _documents(args: argparse.Namespace):
+def _documents(args: argparse.Namespace) -> DocumentSource:
     return iter_documents(
         args.inputs,
         domain=args.domain,
@@ -56,6 +58,9 @@ def _documents(args: argparse.Namespace):
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    from dlcm.data.shards import build_shards
+    from dlcm.data.tokenizer import resolve_tokenizer_file
+
     documents = _documents(args)
     if args.dry_run:
         from dlcm.data.estimate import estimate_build
@@ -85,6 +90,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from dlcm.data.shards import verify_shards
+
     manifest, problems = verify_shards(args.directory, progress=not args.quiet)
     for problem in problems:
         print(f"dlcm data verify: {problem}", file=sys.stderr)
@@ -97,6 +104,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from dlcm.data.tokenizer import tokenizer_sha256, train_bpe
+
     def texts() -> Iterator[str]:
         budget = args.max_bytes
         for doc in _documents(args):
@@ -113,6 +122,9 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_default_corpus(args: argparse.Namespace) -> int:
+    from dlcm.data.corpus import ensure_default_corpus
+    from dlcm.data.shards import Manifest
+
     out = ensure_default_corpus(
         cache_dir=args.cache_dir,
         vocab_size=args.vocab_size,

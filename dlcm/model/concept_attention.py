@@ -29,20 +29,10 @@ from dlcm.model.pooling import ConceptLayout
 
 BLOCK = 128
 ROW_BUCKET = 256
-# From this document length (tokens) on, the exact kernel beats replication + varlen at every head dim measured
-# (H200 bf16, bench/results/cross_attention_h200.json: 1.04–1.41× at 4K, 0.69–0.97× at 2K); ``impl='auto'`` uses it.
-EXACT_MIN_TOKENS = 4096
 # Flex's default launch configuration leaves the bias gathers latency-bound: with 8 warps per program the biased
 # kernel ran as fast as the unbiased one (H200, head dim 64, 16K tokens: 3.9 vs 7.5 ms fwd+bwd,
 # bench/results/cross_attention_launch_h200.json). Only measured head dims are listed; others keep the defaults.
 LAUNCH_BY_HEAD_DIM: dict[int, dict] = {64: {"num_warps": 8}}
-
-
-def resolve_cross_impl(impl: str, device_type: str, max_seqlen: int) -> str:
-    """The Ψ kernel that runs: ``impl`` itself, or for ``'auto'`` the exact kernel on CUDA for long documents."""
-    if impl != "auto":
-        return impl
-    return "exact" if device_type == "cuda" and max_seqlen >= EXACT_MIN_TOKENS else "replicate"
 
 
 def _first_sorted(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

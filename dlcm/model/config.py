@@ -144,8 +144,24 @@ class CrossConfig:
     n_kv_heads: int
     ffn_hidden: int
     # replicate: paper Eq. 17; exact: L×C with explicit log-count bias (same function); auto: the faster of the two
-    # for the stream length on this device (bench/results/cross_attention_h200.json)
+    # for the stream length on this device (resolve_cross_impl)
     impl: CrossImpl = "auto"
+
+
+# From this document length (tokens) on, the exact kernel beats replication + varlen at every head dim measured
+# (H200 bf16, bench/results/cross_attention_h200.json: 1.04–1.41× at 4K, 0.69–0.97× at 2K); ``impl='auto'`` uses it.
+EXACT_MIN_TOKENS = 4096
+
+
+def resolve_cross_impl(impl: str, device_type: str, max_seqlen: int) -> str:
+    """The Ψ kernel that runs: ``impl`` itself, or for ``'auto'`` the exact kernel on CUDA for long documents.
+
+    Here rather than beside the kernels so that the analytic FLOPs count (:mod:`dlcm.model.flops`) applies the
+    model's rule without importing torch.
+    """
+    if impl != "auto":
+        return impl
+    return "exact" if device_type == "cuda" and max_seqlen >= EXACT_MIN_TOKENS else "replicate"
 
 
 @dataclass

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcm.model.attention_backends import causal_attention
-from dlcm.model.concept_attention import flex_concept_attention, resolve_cross_impl
-from dlcm.model.config import CrossConfig
+from dlcm.model.concept_attention import flex_concept_attention
+from dlcm.model.config import CrossConfig, resolve_cross_impl
 from dlcm.model.ffn import SwiGLU
 from dlcm.model.linear import Linear
 from dlcm.model.norm import RMSNorm

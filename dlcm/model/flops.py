@@ -31,14 +31,17 @@ concepts: 46,080 token-side and 44,544 concept-side matmul parameters, so traini
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+from dlcm.model.config import BaselineConfig, DLCMConfig, StackConfig, resolve_cross_impl
 
-from dlcm.model.concept_attention import resolve_cross_impl
-from dlcm.model.config import BaselineConfig, DLCMConfig, StackConfig
+# The counts are plain arithmetic on configs; torch is imported only by the helpers that take tensors, so that
+# `dlcm flops` / `dlcm plan` (and the presets, which size the grid with these counts) start without it.
+if TYPE_CHECKING:
+    import torch
 
 Stream = Literal["token", "concept", "cross", "none"]
 CrossKernel = Literal["replicate", "exact"]
@@ -96,6 +99,8 @@ def packed_length_sums(cu_seqlens_tok: torch.Tensor, cu_seqlens_cpt: torch.Tenso
     Sums of several micro-batches add up, so a callback can accumulate them on the device and read them back once
     per logging step (:meth:`LengthStats.from_sums`).
     """
+    import torch
+
     tok_N = cu_seqlens_tok.diff().to(torch.int64)
     cpt_N = torch.zeros_like(tok_N) if cu_seqlens_cpt is None else cu_seqlens_cpt.diff().to(torch.int64)
     docs = torch.full_like(tok_N[:1], tok_N.shape[0]).squeeze(0)
@@ -229,7 +234,7 @@ def stack_cost(cfg: StackConfig, stream: Stream, rows: Literal["token", "concept
 
 def cross_kernel(cfg: DLCMConfig, device_type: str = "cpu", max_seqlen: int = 0) -> CrossKernel:
     """The Ψ kernel a forward runs on a micro-batch whose ``max_seqlen`` (the host-side bound the model is given)
-    is this: the same rule the model applies (:func:`dlcm.model.concept_attention.resolve_cross_impl`)."""
+    is this: the same rule the model applies (:func:`dlcm.model.config.resolve_cross_impl`)."""
     return resolve_cross_impl(cfg.cross.impl, device_type, max_seqlen)
 
 
@@ -362,6 +367,7 @@ def inference_flops_per_token(
 
 
 def _as_list(values: Sequence[float] | torch.Tensor) -> list:
-    if isinstance(values, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor can only come from a process that has imported torch
+    if torch is not None and isinstance(values, torch.Tensor):
         return values.detach().cpu().reshape(-1).tolist()
     return list(values)

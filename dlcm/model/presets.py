@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from dlcm.model.baseline import DenseBaseline
 from dlcm.model.config import BaselineConfig, CrossConfig, DLCMConfig, ParserConfig, StackConfig
-from dlcm.model.dlcm import DLCM
 from dlcm.model.flops import stack_params, stage_costs
+
+if TYPE_CHECKING:
+    from torch import nn
 
 DEEPSEEK_V3_VOCAB = 128_815
 
@@ -163,4 +163,8 @@ def preset_config(name: str) -> BaselineConfig | DLCMConfig:
 
 def build_model(cfg: BaselineConfig | DLCMConfig) -> nn.Module:
     """Instantiate the network a config describes (build under ``torch.device('meta')`` to defer memory)."""
+    # Imported here: the presets themselves are torch-free, so command lines can list them without loading torch.
+    from dlcm.model.baseline import DenseBaseline
+    from dlcm.model.dlcm import DLCM
+
     return DLCM(cfg) if isinstance(cfg, DLCMConfig) else DenseBaseline(cfg)

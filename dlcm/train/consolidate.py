@@ -16,13 +16,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from lightning.fabric.utilities.load import _load_distributed_checkpoint
-from safetensors.torch import save_file
-
-from dlcm.train.checkpoint_io import UNREADABLE, AtomicCheckpointIO, require_sharded_checkpoint, unreadable
+# torch, Lightning and safetensors are imported by the functions that use them, after the command line is parsed:
+# they take seconds to load, and `dlcm consolidate --help` needs none of them.
+if TYPE_CHECKING:
+    import torch
 
 NETWORK_PREFIX = "network."  # the LightningModule's attribute holding the DLCM / baseline network
 
@@ -38,6 +37,10 @@ def optimizer_state_by_index(state: dict[str, Any]) -> dict[str, Any]:
 
 def consolidate(sharded: Path) -> dict[str, Any]:
     """The single-file Lightning checkpoint equal to the sharded checkpoint directory ``sharded``."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    from dlcm.train.checkpoint_io import UNREADABLE, require_sharded_checkpoint, unreadable
+
     require_sharded_checkpoint(sharded)
     try:
         checkpoint = _load_distributed_checkpoint(sharded)
@@ -59,6 +62,8 @@ def network_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def save_safetensors(weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Written under a temporary name and renamed, like every checkpoint here."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -81,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``dlcm consolidate …``; returns the exit status (2 on a missing or unreadable input)."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from dlcm.train.checkpoint_io import AtomicCheckpointIO
+
     try:
         checkpoint = consolidate(args.sharded)
     except (FileNotFoundError, ValueError) as err:

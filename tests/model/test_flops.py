@@ -19,8 +19,7 @@ from dlcm.callbacks.throughput import FlopsThroughput
 from dlcm.data.shards import Manifest, build_shards
 from dlcm.data.sources import Document
 from dlcm.data.tokenizer import train_bpe
-from dlcm.model.concept_attention import EXACT_MIN_TOKENS
-from dlcm.model.config import DLCMConfig
+from dlcm.model.config import EXACT_MIN_TOKENS, DLCMConfig
 from dlcm.model.flops import (
     LengthStats,
     cross_kernel,

@@ -1,5 +1,6 @@
 """Loss by position in concept (dlcm/research/concept_analysis.py): the docstring's hand-computed example, caps, a
-brute-force check of analyze() on real tiny modules, and the run-directory reader of `dlcm analyze`."""
+brute-force check of analyze() on real tiny modules, and the run-directory reader of `dlcm analyze`
+(dlcm/research/concept_analysis_cli.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 import yaml
 
 from dlcm.model.presets import tiny_baseline, tiny_dlcm
-from dlcm.research.concept_analysis import ConceptLossStats, analyze, concept_positions, main, run_files
+from dlcm.research.concept_analysis import ConceptLossStats, analyze, concept_positions
+from dlcm.research.concept_analysis_cli import main, run_files
 from dlcm.train.lightning_modules import BaselineModule, DLCMModule
 
 
