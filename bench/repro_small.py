@@ -13,7 +13,7 @@ same data order (``data.seed`` 0, same batch size); run shapes and sweeps are th
    (``sweep_baseline.yaml``): held-out bits per byte, training FLOPs from the FLOPs callback, and bits per byte
    interpolated at equal training FLOPs.
 3. Global vs per-sequence ratio loss (scope ``global`` vs ``sequence``): realised tokens per concept against R.
-4. Tokens per concept of prose and code (``val/boundary/tokens_per_concept/*``) at the same target.
+4. Tokens per concept of prose and code (``val/segmentation/tokens_per_concept/*``) at the same target.
 5. Synthetic phrase language: boundary precision/recall of ``router_grad: aux`` vs ``ste``
    (``bench/synthetic_boundaries.py``).
 

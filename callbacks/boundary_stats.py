@@ -5,25 +5,25 @@ decisions, probabilities and concept layout of that very forward): nothing is re
 
 One tag per quantity. The module itself logs ``train/ratio`` (tokens per concept as sampled for the ratio loss),
 ``train/aux`` and ``val/ratio`` (tokens per concept with inference-mode boundaries on the validation split, the
-headline number). This callback adds (``train/boundary/…`` on training logging steps, ``val/boundary/…`` per
+headline number). This callback adds (``train/segmentation/…`` on training logging steps, ``val/segmentation/…`` per
 validation epoch, all summed over ranks):
 
-- ``train/boundary/ratio_threshold``: tokens per concept inference would realise on the training batch (``p ≥ τ``);
-- ``train/boundary/threshold``, ``train/boundary/alpha``: the parser's current τ and sampling α;
-  ``train/boundary/target_R``;
+- ``train/segmentation/ratio_threshold``: tokens per concept inference would realise on the training batch (``p ≥ τ``);
+- ``train/segmentation/threshold``, ``train/segmentation/alpha``: the parser's current τ and sampling α;
+  ``train/segmentation/target_R``;
 - ``G``: mean boundary probability; ``midpoint``: mean ``4p(1 − p)`` over non-forced tokens (1: every ``p`` at 0.5,
   undecided; 0: all at 0 or 1);
 - ``concepts_per_seq``: concepts per packed document; ``length_cv``: coefficient of variation of concept lengths;
-- ``train/boundary/aux_share``: λ·L_aux as a share of the total loss;
+- ``train/segmentation/aux_share``: λ·L_aux as a share of the total loss;
 - ``tokens_per_concept/<domain>``: the paper's Table 5 statistic per document domain (prose, code, …); at
   validation these are the inference-mode ratios per domain;
 - histograms of concept lengths (lengths above ``8·R`` counted in the last bin, so a rare very long concept does
   not squash the rest) and of boundary probabilities; a text view of a few validation documents, wrapped, with
   concepts bracketed and line breaks / tabs shown as ``⏎`` / ``⇥``;
-- ``val/boundary/collapse``: 1 when, after ``warmup_steps``, ``val/ratio`` — the inference-mode ratio on held-out
+- ``val/segmentation/collapse``: 1 when, after ``warmup_steps``, ``val/ratio`` — the inference-mode ratio on held-out
   documents, the one that decides inference FLOPs — leaves ``[0.8·R, 1.25·R]``; a warning is printed when it leaves
   the band. Training batches are not judged: a batch of 2K tokens from one domain moves its own ratio by ±30 %
-  with nothing wrong (see ``train/boundary/ratio_threshold`` for them).
+  with nothing wrong (see ``train/segmentation/ratio_threshold`` for them).
 
 Training statistics are computed on logging steps only (``trainer.log_every_n_steps``): each costs one small
 all-reduce and one host copy.
@@ -157,7 +157,7 @@ class BoundaryStats(L.Callback):
         self._warned.add(name)
         rank_zero_warn(
             f"boundary collapse: {name} ratio {ratio:.2f} tokens/concept left [{low:.2f}, {high:.2f}] (R = {target}) "
-            f"at step {trainer.global_step}; see the boundary/* scalars in TensorBoard"
+            f"at step {trainer.global_step}; see the train/segmentation/* and val/segmentation/* scalars in TensorBoard"
         )
         return 1.0
 
@@ -185,9 +185,11 @@ class BoundaryStats(L.Callback):
         scalars["target_R"] = parser_cfg.target_ratio
         loss = float(outputs["loss"])
         scalars["aux_share"] = parser_cfg.aux_weight * float(outputs["aux"]) / loss if loss else 0.0
-        pl_module.log_dict({f"train/boundary/{k}": v for k, v in scalars.items()}, on_step=True, on_epoch=False)
+        pl_module.log_dict({f"train/segmentation/{k}": v for k, v in scalars.items()}, on_step=True, on_epoch=False)
         if trainer.global_step % self.histogram_every_n_steps == 0:
-            self._histograms(trainer, pl_module, "train/boundary", outputs["layout"].length_C, outputs["parser"].prob_T)
+            self._histograms(
+                trainer, pl_module, "train/segmentation", outputs["layout"].length_C, outputs["parser"].prob_T
+            )
 
     def _histograms(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, lengths: torch.Tensor, probs: torch.Tensor
@@ -232,11 +234,13 @@ class BoundaryStats(L.Callback):
         scalars = self._scalars(sums, self._domains(trainer))
         ratio = scalars.pop("ratio_threshold")  # = val/ratio, logged by the module
         scalars["collapse"] = self._check_band(trainer, pl_module, "validation inference-mode", ratio)
-        pl_module.log_dict({f"val/boundary/{k}": v for k, v in scalars.items()}, on_step=False, on_epoch=True)
-        self._histograms(trainer, pl_module, "val/boundary", torch.cat(self._val_lengths), torch.cat(self._val_probs))
+        pl_module.log_dict({f"val/segmentation/{k}": v for k, v in scalars.items()}, on_step=False, on_epoch=True)
+        self._histograms(
+            trainer, pl_module, "val/segmentation", torch.cat(self._val_lengths), torch.cat(self._val_probs)
+        )
         writer = self._tensorboard(trainer)
         if writer is not None and trainer.is_global_zero and self._val_text:
-            writer.add_text("val/boundary/segmentation", self._val_text, trainer.global_step)
+            writer.add_text("val/segmentation/sample", self._val_text, trainer.global_step)
 
     def _render(self, trainer: L.Trainer, batch: dict, outputs: dict) -> str | None:
         """The first documents of a validation batch, each concept in brackets, wrapped at concept boundaries into

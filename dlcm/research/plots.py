@@ -10,7 +10,7 @@ transfer table. Figures (each drawn only when some input has the data):
 - ``loss_vs_flops``: validation loss (or ``--metric val/bpb``) against the training FLOPs spent when it was
   measured, one line per run (FLOPs from the FLOPs callback, :mod:`dlcm.research.run_metrics`);
 - ``ratio_over_training``: realised tokens per concept — sampled as trained (``train/ratio``), thresholded as
-  inference decides on training batches (``train/boundary/ratio_threshold``) and on validation (``val/ratio``) —
+  inference decides on training batches (``train/segmentation/ratio_threshold``) and on validation (``val/ratio``) —
   with the target R;
 - ``tokens_per_concept``: the last validation tokens per concept of each domain (the paper's Table 5), per run;
 - ``position_loss``: mean loss by position inside a concept, DLCM and baseline (the paper's Figure 7), and their
@@ -35,7 +35,7 @@ from dlcm.research.run_metrics import RENAMED_TAGS
 
 RATIO_CURVES = (
     ("train/ratio", "train, sampled", "-"),
-    ("train/boundary/ratio_threshold", "train, thresholded", ":"),
+    ("train/segmentation/ratio_threshold", "train, thresholded", ":"),
     ("val/ratio", "validation, thresholded", "--"),
 )
 

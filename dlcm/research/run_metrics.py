@@ -31,24 +31,24 @@ CURVE_TAGS = (
     "val/bpb",
     "val/ratio",
     "train/ratio",
-    "train/boundary/ratio_threshold",
-    "train/boundary/target_R",
+    "train/segmentation/ratio_threshold",
+    "train/segmentation/target_R",
     "train/perf/model_flops_per_token",
 )
-CURVE_PREFIXES = ("val/boundary/tokens_per_concept/", "train/boundary/tokens_per_concept/")
+CURVE_PREFIXES = ("val/segmentation/tokens_per_concept/", "train/segmentation/tokens_per_concept/")
 FLOPS_TAG = "train/perf/model_flops_per_token"
 # Names older runs logged a quantity under, read as today's name: second copies of one quantity, and the groups
 # that sat beside train/ and val/ before every scalar moved under one of the two.
 RENAMED_TAGS = {
     "boundary/ratio": "train/ratio",
-    "train/ratio_threshold": "train/boundary/ratio_threshold",
+    "train/ratio_threshold": "train/segmentation/ratio_threshold",
     "val_boundary/ratio": "val/ratio",
     "val_boundary/ratio_threshold": "val/ratio",
     "compile/graphs": "train/compile_graphs",
 }
 RENAMED_PREFIXES = {
-    "boundary/": "train/boundary/",
-    "val_boundary/": "val/boundary/",
+    "boundary/": "train/segmentation/",
+    "val_boundary/": "val/segmentation/",
     "perf/": "train/perf/",
     "lr-AdamW/": "train/lr/",
 }
@@ -170,9 +170,9 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     if step_tokens and scalars.get(FLOPS_TAG) and steps_done:
         flops = cumulative_train_flops(scalars[FLOPS_TAG], step_tokens, [steps_done - 1, *val_steps])
     domains = sorted(
-        tag.removeprefix("val/boundary/tokens_per_concept/")
+        tag.removeprefix("val/segmentation/tokens_per_concept/")
         for tag in scalars
-        if tag.startswith("val/boundary/tokens_per_concept/")
+        if tag.startswith("val/segmentation/tokens_per_concept/")
     )
     loss = _last(scalars.get("val/loss"))
     tokens = steps_done * step_tokens if step_tokens else None
@@ -184,10 +184,10 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
         "val_ppl": _last(scalars.get("val/ppl")),
         "val_ratio": _last(scalars.get("val/ratio")),
         "train_ratio": _last(scalars.get("train/ratio")),
-        "train_ratio_threshold": _last(scalars.get("train/boundary/ratio_threshold")),
-        "threshold": _last(scalars.get("train/boundary/threshold")),
-        "target_ratio": _last(scalars.get("train/boundary/target_R")),
-        "tokens_per_concept": {d: _last(scalars[f"val/boundary/tokens_per_concept/{d}"]) for d in domains},
+        "train_ratio_threshold": _last(scalars.get("train/segmentation/ratio_threshold")),
+        "threshold": _last(scalars.get("train/segmentation/threshold")),
+        "target_ratio": _last(scalars.get("train/segmentation/target_R")),
+        "tokens_per_concept": {d: _last(scalars[f"val/segmentation/tokens_per_concept/{d}"]) for d in domains},
         "tokens_per_step": step_tokens,
         "tokens": tokens,
         "train_flops": flops[0] if flops else None,

@@ -66,27 +66,31 @@ def test_training_scalars_match_the_batches(fitted) -> None:
     cli, keep, events = fitted
     cfg = cli.model.config.parser
     expected_thr = [out["parser"].threshold_T.float().mean().item() for out, _ in keep.train]
-    assert series(events, "train/boundary/ratio_threshold") == pytest.approx([1 / f for f in expected_thr], rel=1e-5)
+    assert series(events, "train/segmentation/ratio_threshold") == pytest.approx(
+        [1 / f for f in expected_thr], rel=1e-5
+    )
     expected_g = [out["parser"].prob_T.mean().item() for out, _ in keep.train]
-    assert series(events, "train/boundary/G") == pytest.approx(expected_g, rel=1e-5)
+    assert series(events, "train/segmentation/G") == pytest.approx(expected_g, rel=1e-5)
     midpoint = []
     for out, batch in keep.train:
         p = out["parser"].prob_T.double()
         midpoint.append((4 * p * (1 - p)).sum().item() / (p.numel() - (len(batch["cu_seqlens"]) - 1)))
-    assert series(events, "train/boundary/midpoint") == pytest.approx(midpoint, rel=1e-5)
-    assert series(events, "train/boundary/target_R") == [cfg.target_ratio] * len(keep.train)
+    assert series(events, "train/segmentation/midpoint") == pytest.approx(midpoint, rel=1e-5)
+    assert series(events, "train/segmentation/target_R") == [cfg.target_ratio] * len(keep.train)
     # τ is calibrated on every training batch: it moved off its start and the last value logged is the model's.
-    assert series(events, "train/boundary/threshold")[-1] == pytest.approx(float(cli.model.network.parser.threshold))
-    assert series(events, "train/boundary/alpha") == pytest.approx([cfg.sharpen_alpha] * len(keep.train))
+    assert series(events, "train/segmentation/threshold")[-1] == pytest.approx(
+        float(cli.model.network.parser.threshold)
+    )
+    assert series(events, "train/segmentation/alpha") == pytest.approx([cfg.sharpen_alpha] * len(keep.train))
     per_seq = [out["layout"].num_concepts / (len(batch["cu_seqlens"]) - 1) for out, batch in keep.train]
-    assert series(events, "train/boundary/concepts_per_seq") == pytest.approx(per_seq, rel=1e-5)
+    assert series(events, "train/segmentation/concepts_per_seq") == pytest.approx(per_seq, rel=1e-5)
     cv = [
         (out["layout"].length_C.float().std(unbiased=False) / out["layout"].length_C.float().mean()).item()
         for out, _ in keep.train
     ]
-    assert series(events, "train/boundary/length_cv") == pytest.approx(cv, rel=1e-4)
+    assert series(events, "train/segmentation/length_cv") == pytest.approx(cv, rel=1e-4)
     share = [cfg.aux_weight * out["aux"].item() / out["loss"].item() for out, _ in keep.train]
-    assert series(events, "train/boundary/aux_share") == pytest.approx(share, rel=1e-4)
+    assert series(events, "train/segmentation/aux_share") == pytest.approx(share, rel=1e-4)
 
 
 def test_per_domain_tokens_per_concept(fitted) -> None:
@@ -99,17 +103,24 @@ def test_per_domain_tokens_per_concept(fitted) -> None:
         mine = batch["domain"] == i
         if mine.any():
             expected = (tokens_D[mine].sum() / concepts_D[mine].sum()).item()
-            assert series(events, f"train/boundary/tokens_per_concept/{name}")[0] == pytest.approx(expected, rel=1e-5)
+            assert series(events, f"train/segmentation/tokens_per_concept/{name}")[0] == pytest.approx(
+                expected, rel=1e-5
+            )
 
 
 def test_one_tag_per_quantity(fitted) -> None:
     _, _, events = fitted
     scalars = set(events.Tags()["scalars"])
-    assert {"train/ratio", "train/aux", "val/ratio", "train/boundary/ratio_threshold"} <= scalars
-    duplicates = {"train/boundary/ratio", "train/boundary/aux", "train/ratio_threshold", "val/boundary/ratio"}
-    duplicates |= {"val/boundary/ratio_threshold", "train/boundary/F_sampled", "val/boundary/F_threshold"}
+    assert {"train/ratio", "train/aux", "val/ratio", "train/segmentation/ratio_threshold"} <= scalars
+    duplicates = {
+        "train/segmentation/ratio",
+        "train/segmentation/aux",
+        "train/ratio_threshold",
+        "val/segmentation/ratio",
+    }
+    duplicates |= {"val/segmentation/ratio_threshold", "train/segmentation/F_sampled", "val/segmentation/F_threshold"}
     assert not scalars & duplicates
-    assert "train/boundary/collapse" not in scalars  # only the held-out inference-mode ratio is judged
+    assert "train/segmentation/collapse" not in scalars  # only the held-out inference-mode ratio is judged
     # two groups, train first: TensorBoard sorts groups (a tag's first path part) by name
     assert {tag.split("/")[0] for tag in [*scalars, *events.Tags()["histograms"]]} == {"train", "val"}
 
@@ -120,9 +131,13 @@ def test_validation_scalars_histograms_and_text(fitted) -> None:
     thresholded = sum(out["parser"].threshold_T.sum().item() for out, _ in keep.val)
     assert series(events, "val/ratio") == pytest.approx([tokens / thresholded], rel=1e-5)
     histograms = events.Tags()["histograms"]
-    expected = {"train/boundary/concept_length", "train/boundary/boundary_prob", "val/boundary/concept_length"}
+    expected = {
+        "train/segmentation/concept_length",
+        "train/segmentation/boundary_prob",
+        "val/segmentation/concept_length",
+    }
     assert expected <= set(histograms)
-    text = events.Tensors("val/boundary/segmentation/text_summary")[0].tensor_proto.string_val[0].decode()
+    text = events.Tensors("val/segmentation/sample/text_summary")[0].tensor_proto.string_val[0].decode()
     first_out, first_batch = keep.val[0]
     end = min(int(first_batch["cu_seqlens"][1]), 160)
     concepts = len(set(first_out["layout"].concept_id_T[:end].tolist()))
@@ -142,13 +157,13 @@ def test_wrap_pieces_breaks_between_concepts() -> None:
 def test_concept_length_histogram_keeps_outliers_in_the_last_bin(fitted) -> None:
     cli, _, events = fitted
     cap = math.ceil(LENGTH_CAP * cli.model.config.parser.target_ratio)
-    histogram = events.Histograms("val/boundary/concept_length")[-1].histogram_value
+    histogram = events.Histograms("val/segmentation/concept_length")[-1].histogram_value
     assert histogram.max <= cap
 
 
 def test_collapse_flag_and_warning_when_the_ratio_leaves_the_band(fitted) -> None:
     cli, _, events = fitted
-    flags = series(events, "val/boundary/collapse")
+    flags = series(events, "val/segmentation/collapse")
     ratio = series(events, "val/ratio")[0]
     target = cli.model.config.parser.target_ratio
     assert flags == [0.0 if 0.8 * target <= ratio <= 1.25 * target else 1.0]

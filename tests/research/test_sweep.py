@@ -309,13 +309,13 @@ def test_summary_from_events_integrates_flops_per_token(tmp_path: Path) -> None:
         for step in range(10):
             w.add_scalar("train/loss", 5.0 - step / 10, step)
             w.add_scalar("train/ratio", 4.0 + step, step)
-            w.add_scalar("train/boundary/target_R", 4.0, step)
+            w.add_scalar("train/segmentation/target_R", 4.0, step)
         for step, value in fpt.items():
             w.add_scalar("train/perf/model_flops_per_token", value, step)
         for step, loss in ((4, 4.5), (9, 4.0)):
             w.add_scalar("val/loss", loss, step)
             w.add_scalar("val/bpb", loss / 2, step)
-            w.add_scalar("val/boundary/tokens_per_concept/code", 3.5, step)
+            w.add_scalar("val/segmentation/tokens_per_concept/code", 3.5, step)
     config = {"trainer": {"devices": 1, "accumulate_grad_batches": 2}, "data": {"tokens_per_batch": 100}}
     (log_dir / "config.yaml").write_text(yaml.safe_dump(config))
     assert tokens_per_step(config) == 200
@@ -398,7 +398,7 @@ def test_runs_logged_under_old_tag_names_read_as_the_kept_names(tmp_path: Path) 
 
     with SummaryWriter(str(tmp_path / "old")) as w:
         w.add_scalar("boundary/ratio", 4.5, 1)  # today: train/ratio
-        w.add_scalar("train/ratio_threshold", 5.5, 1)  # today: train/boundary/ratio_threshold
+        w.add_scalar("train/ratio_threshold", 5.5, 1)  # today: train/segmentation/ratio_threshold
         w.add_scalar("val/ratio", 6.0, 1)
         w.add_scalar("val_boundary/ratio_threshold", 6.5, 1)  # the val/ratio logged under today's name wins
         w.add_scalar("perf/tokens_per_sec", 7.0, 1)  # groups now under train/ and val/
@@ -407,10 +407,10 @@ def test_runs_logged_under_old_tag_names_read_as_the_kept_names(tmp_path: Path) 
     scalars = read_scalars(tmp_path / "old")
     assert scalars == {
         "train/ratio": {1: 4.5},
-        "train/boundary/ratio_threshold": {1: 5.5},
+        "train/segmentation/ratio_threshold": {1: 5.5},
         "val/ratio": {1: 6.0},
         "train/perf/tokens_per_sec": {1: 7.0},
-        "val/boundary/tokens_per_concept/code": {1: 3.0},
+        "val/segmentation/tokens_per_concept/code": {1: 3.0},
         "train/lr/decay": {1: pytest.approx(1e-3)},
     }
     assert read_scalars(tmp_path / "old", ["train/ratio"]) == {"train/ratio": {1: 4.5}}
