@@ -35,19 +35,15 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fsdp_memory import random_batches
+from fsdp_memory import fit_one_device
 from report import run_meta, write_json
 
-from dlcm.model.config import DLCMConfig
-from dlcm.model.presets import PRESETS, preset_config
-from dlcm.train.checkpoint_io import AtomicModelParallelStrategy, remove_path
+from dlcm.model.presets import PRESETS
+from dlcm.train.checkpoint_io import remove_path
 from dlcm.train.execution import ExecutionConfig
-from dlcm.train.lightning_modules import BaselineModule, DLCMModule
-from dlcm.train.optim import ScheduleConfig
 from dlcm.train.step_checkpoint import StepCheckpoint, step_path
 
 MODES = ("sync", "async")
@@ -125,32 +121,10 @@ def directory_bytes(path: Path) -> int:
 
 def measure(mode: str, preset: str, every: int, saves: int, tokens: int, context: int, directory: Path) -> dict:
     """Train ``every * saves`` steps with a save every ``every`` steps; the timings of this mode."""
-    cuda = torch.cuda.is_available()
-    config = preset_config(preset)
-    module_class = DLCMModule if isinstance(config, DLCMConfig) else BaselineModule
-    L.seed_everything(0, verbose=False)
-    with torch.device("cuda" if cuda else "cpu"):
-        module = module_class(
-            config, schedule=ScheduleConfig(warmup_steps=0), context_length=context, execution=ExecutionConfig()
-        )
     saver = TimedStepCheckpoint(every, directory / mode)
     times = StepTimes(saver)
     steps = every * saves
-    trainer = L.Trainer(
-        accelerator="gpu" if cuda else "cpu",
-        devices=1,
-        strategy=AtomicModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1, async_save=mode == "async"),
-        precision="bf16-mixed" if cuda else "32-true",
-        max_steps=steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[times, saver],
-    )
-    batches = random_batches(config.vocab_size, tokens, context, steps)
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    fit_one_device(preset, ExecutionConfig(), tokens, context, steps, [times, saver], async_save=mode == "async")
     last = step_path(saver.dirpath, steps)
     size = directory_bytes(last)
     remove_path(last)

@@ -22,7 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from torch.utils.data import DataLoader
 
 from dlcm.model.config import DLCMConfig
@@ -80,38 +80,51 @@ class PeakMemory(Callback):
             self.peak = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def measure(
-    preset: str, checkpointing: str, tokens: int, context: int, steps: int, compile_blocks: bool, param_dtype: str
-) -> dict[str, Any]:
-    """Train ``steps`` steps of ``preset`` through the FSDP2 path in this process; losses, step times, peak memory."""
+def fit_one_device(
+    preset: str,
+    execution: ExecutionConfig,
+    tokens: int,
+    context: int,
+    steps: int,
+    callbacks: list[Callback],
+    async_save: bool = False,
+) -> None:
+    """Train ``steps`` steps of ``preset`` on random batches through dlcm's FSDP2 path, one device, in this process."""
     cuda = torch.cuda.is_available()
     config = preset_config(preset)
-    execution = ExecutionConfig(
-        activation_checkpointing=checkpointing, compile_blocks=compile_blocks, fsdp_param_dtype=param_dtype
-    )
     module_class = DLCMModule if isinstance(config, DLCMConfig) else BaselineModule
     L.seed_everything(0, verbose=False)  # the same initial weights for every setting
     with torch.device("cuda" if cuda else "cpu"):  # initialise on the GPU: a 2B-parameter CPU init takes minutes
         module = module_class(
             config, schedule=ScheduleConfig(warmup_steps=0), context_length=context, execution=execution
         )
-    peak = PeakMemory()
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu",
         devices=1,
-        strategy=AtomicModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        strategy=AtomicModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1, async_save=async_save),
         precision="bf16-mixed" if cuda else "32-true",
         max_steps=steps,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[peak],
+        callbacks=callbacks,
     )
     batches = random_batches(config.vocab_size, tokens, context, steps)
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))  # batch_size=None: as they are
+
+
+def measure(
+    preset: str, checkpointing: str, tokens: int, context: int, steps: int, compile_blocks: bool, param_dtype: str
+) -> dict[str, Any]:
+    """Train ``steps`` steps of ``preset`` through the FSDP2 path in this process; losses, step times, peak memory."""
+    execution = ExecutionConfig(
+        activation_checkpointing=checkpointing, compile_blocks=compile_blocks, fsdp_param_dtype=param_dtype
+    )
+    peak = PeakMemory()
+    fit_one_device(preset, execution, tokens, context, steps, [peak])
     return {
         "activation_checkpointing": checkpointing,
         "compile_blocks": compile_blocks,

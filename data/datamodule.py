@@ -92,6 +92,18 @@ def resume_pieces(ids: np.ndarray, tokens: int, max_seq_len: int) -> tuple[list[
     return [part for part in (ids[tokens:boundary], ids[boundary:]) if len(part)], 0
 
 
+@dataclass(frozen=True)
+class SlotPosition:
+    """A reading process's slot among ``slots`` (rank × worker), its logical worker index of ``workers``, and how
+    many of its batches come before the resume point."""
+
+    slot: int
+    slots: int
+    logical: int
+    workers: int
+    done: int
+
+
 class PackedStream(IterableDataset):
     """Iterable of packed batches for one rank (and, inside a DataLoader, one of its workers)."""
 
@@ -144,18 +156,22 @@ class PackedStream(IterableDataset):
                     "documents for this many ranks and workers; lower num_workers or add data"
                 )
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def position(self) -> SlotPosition:
+        """Where the calling process (this rank, and inside a DataLoader this worker) starts reading."""
         spec = self.spec
         info = get_worker_info()
         workers = max(spec.num_workers, 1)
         logical = (spec.skip + (info.id if info else 0)) % workers
-        slot, slots = spec.rank * workers + logical, spec.world_size * workers
         # This worker's batches k (global index logical + k·workers) that come before the resume point.
         done = max(0, -(-(spec.skip - logical) // workers))
-        documents = self.documents(slot, slots, done * spec.tokens_per_batch)
+        return SlotPosition(spec.rank * workers + logical, spec.world_size * workers, logical, workers, done)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec, at = self.spec, self.position()
+        documents = self.documents(at.slot, at.slots, at.done * spec.tokens_per_batch)
         batches = pack_documents(documents, spec.tokens_per_batch, spec.max_seq_len, spec.token_bytes)
-        for k, batch in enumerate(batches, start=done):
-            if logical + k * workers >= spec.batches:
+        for k, batch in enumerate(batches, start=at.done):
+            if at.logical + k * at.workers >= spec.batches:
                 return
             yield batch
 

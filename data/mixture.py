@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import get_worker_info
 
 from dlcm.data import storage
 from dlcm.data.datamodule import PackedStream, StreamSpec
@@ -233,24 +232,19 @@ class MixtureStream(PackedStream):
             )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        spec = self.spec
-        info = get_worker_info()
-        workers = max(spec.num_workers, 1)
-        logical = (spec.skip + (info.id if info else 0)) % workers
-        slot, slots = spec.rank * workers + logical, spec.world_size * workers
-        done = max(0, -(-(spec.skip - logical) // workers))  # this worker's batches before the resume point
+        spec, at = self.spec, self.position()
         weights = [s.weight for s in self.sources]
-        delivered = delivered_batches(weights, done)
+        delivered = delivered_batches(weights, at.done)
         # Each source's packed stream starts where its delivered batches end; made when first needed, so a resume
         # reads only the shards the batches it serves come from.
         streams: list[Iterator[dict[str, Any]] | None] = [None] * len(self.sources)
-        for k in itertools.count(done):
-            if logical + k * workers >= spec.batches:
+        for k in itertools.count(at.done):
+            if at.logical + k * at.workers >= spec.batches:
                 return
             i = next_source(weights, delivered)
             if streams[i] is None:
                 source_spec = self.source_specs[i]
-                documents = PackedStream(source_spec).documents(slot, slots, delivered[i] * spec.tokens_per_batch)
+                documents = PackedStream(source_spec).documents(at.slot, at.slots, delivered[i] * spec.tokens_per_batch)
                 streams[i] = pack_documents(documents, spec.tokens_per_batch, spec.max_seq_len, spec.token_bytes)
             try:
                 batch = next(streams[i])
