@@ -265,11 +265,16 @@ def test_a_killed_parallel_build_resumes_byte_identical(tok: Path, tmp_path: Pat
 # --- integrity ---
 
 
-def test_damaged_and_foreign_shards_are_named_before_training(tok: Path, tmp_path: Path) -> None:
+def small_build(tok: Path, tmp_path: Path, out: Path) -> Manifest:
+    """200 JSON Lines records built into ``out``: 20 % validation, 32 documents per shard."""
     path = tmp_path / "c.jsonl"
     path.write_bytes(jsonl_bytes(records(200)))
+    return build_shards(iter_documents([path]), tok, out, val_fraction=0.2, docs_per_shard=32, progress=False)
+
+
+def test_damaged_and_foreign_shards_are_named_before_training(tok: Path, tmp_path: Path) -> None:
     out = tmp_path / "shards"
-    manifest = build_shards(iter_documents([path]), tok, out, val_fraction=0.2, docs_per_shard=32, progress=False)
+    manifest = small_build(tok, tmp_path, out)
     shard = manifest.shard_paths("train")[2]
     good = shard.read_bytes()
     # A flipped byte keeps the size: training starts (the fast check passes), `verify` names the shard.
@@ -289,10 +294,8 @@ def test_damaged_and_foreign_shards_are_named_before_training(tok: Path, tmp_pat
 
 
 def test_shards_stream_through_urls_and_pipes(tok: Path, tmp_path: Path) -> None:
-    path = tmp_path / "c.jsonl"
-    path.write_bytes(jsonl_bytes(records(200)))
     out = tmp_path / "shards"
-    manifest = build_shards(iter_documents([path]), tok, out, val_fraction=0.2, docs_per_shard=32, progress=False)
+    manifest = small_build(tok, tmp_path, out)
     shard = manifest.shard_paths("train")[0]
     local = [(ids.tolist(), meta) for ids, meta in iter_shard_documents(shard)]
     for url in (shard.as_uri(), f"pipe:cat {shard}"):
