@@ -1,4 +1,4 @@
-"""Markdown table of a cross-attention, self-attention, decode, prefill or training-throughput benchmark JSON:
+"""Markdown table of a cross-attention, self-attention, decode, prefill, eval or training-throughput benchmark JSON:
 ``python bench/table.py bench/results/<file>.json``. Several training-throughput JSONs (e.g. one per context, from
 separate runs) render as one table: ``python bench/table.py a.json b.json``."""
 
@@ -22,7 +22,8 @@ def main(path: str, *more: str) -> int:
         print(throughput_table({"runs": runs, "records": [r for run in runs for r in run["records"]]}))
         return 0
     benchmark = data.get("meta", {}).get("benchmark")
-    if benchmark in ("decode", "prefill", "self_attention"):  # bench/<name>.py (this script's folder is on sys.path)
+    # bench/<name>.py renders its own JSON (this script's folder is on sys.path).
+    if benchmark in ("decode", "prefill", "self_attention", "eval_throughput"):
         print(importlib.import_module(benchmark).markdown_table(data))
         return 0
     if "meta" not in data:  # bench/train_throughput.py
