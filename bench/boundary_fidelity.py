@@ -4,7 +4,9 @@ per byte, over seeds — and the DLCM vs FLOPs-matched baseline gap over seeds, 
     python bench/boundary_fidelity.py --runs-dir /tmp/bf --out bf_scale1.json                  # H200, ≈ 9 min
     python bench/boundary_fidelity.py --scale 2 --runs-dir /tmp/bf2 --out bf_scale2.json \\
         --match-steps bf_scale1.json                                                          # H200, ≈ 9 min
-    python bench/boundary_fidelity.py --smoke --runs-dir /tmp/bf-smoke                          # CPU, checks the driver
+    python bench/boundary_fidelity.py --mode cpu --runs-dir /tmp/bfc1 --out bf_cpu_scale1.json   # 2 cores, ≈ 20 min
+    python bench/boundary_fidelity.py --mode cpu --scale 2 --runs-dir /tmp/bfc2 --out bf_cpu_scale2.json
+    python bench/boundary_fidelity.py --mode smoke --runs-dir /tmp/bf-smoke                     # CPU, checks the driver
 
 Every run is a ``dlcm fit`` of the small-scale reproduction's recipes (``recipes/sweeps/repro_small_h200/``:
 the R = 4 DLCM and its FLOPs-matched dense baseline on the embedded default corpus), all started at once on one
@@ -15,6 +17,10 @@ runs so that the whole driver fits ``--budget-s``. Scale 1 trains 14 runs:
   τ = 0.5 and α = 0.1);
 - the default mechanism (``calibrated``) on seeds 1 and 2 (with seed 0 above: 3 seeds), and at R = 2 and R = 8;
 - the dense baseline on seeds 0, 1, 2.
+
+``--mode cpu`` runs the same study on the CPU demo's recipes (``recipes/*_tiny_defaultcorpus_cpu.yaml``, 300 steps,
+two runs at a time): only the seed groups (the default DLCM and the baseline on seeds 0, 1, 2), since the
+mechanisms were compared on the CPU before (docs/RESULTS.md).
 
 Scale 2 (``--scale 2``) doubles every width and head count of the DLCM (167M instead of 47M inference FLOPs per
 token at 1,024 tokens, 3.5×), gives the baseline the shape ``shape_search.matched_baseline`` matches to it, and
@@ -82,6 +88,7 @@ class Mode:
     budget_s: float
     reserve_s: float  # start-up, validations and the summary
     parallel: int | None = None  # dlcm fit processes at a time (None: all, so everything shares the device)
+    mechanisms: bool = True  # scale 1 also compares MECHANISMS and R = 2, 8 (else only the seed groups)
 
 
 MODES = {
@@ -96,6 +103,19 @@ MODES = {
         budget_s=480.0,  # a 10-minute call leaves ≈ 2 minutes for installs and slack
         reserve_s=80.0,
     ),
+    "cpu": Mode(
+        name="cpu",
+        dlcm_recipe="recipes/dlcm_tiny_r4_defaultcorpus_cpu.yaml",
+        baseline_recipe="recipes/baseline_tiny_defaultcorpus_cpu.yaml",
+        probe_steps=0,
+        max_steps=300,  # the demo's count
+        min_steps=50,
+        val_points=3,
+        budget_s=math.inf,
+        reserve_s=0.0,
+        parallel=2,  # one thread each on a 2-core machine
+        mechanisms=False,
+    ),
     "smoke": Mode(
         name="smoke",
         dlcm_recipe="recipes/sweeps/repro_small_cpu_smoke/recipe_dlcm_r4.yaml",
@@ -108,6 +128,13 @@ MODES = {
         reserve_s=0.0,
         parallel=2,
     ),
+}
+
+
+NOTES = {
+    "gpu": "one GPU, all runs concurrent",
+    "cpu": "CPU demo recipes, two runs at a time",
+    "smoke": "CPU smoke run: tiny shapes and steps, checks the driver only",
 }
 
 
@@ -179,7 +206,7 @@ def study_jobs(mode: Mode, scale: int) -> list[Job]:
         return Job(f"{group}-s{seed}", group, "dlcm", seed, ratio, {**dlcm_size, **sets, **seed_overrides(seed)})
 
     jobs = []
-    if scale == 1:
+    if scale == 1 and mode.mechanisms:
         jobs += [dlcm(f"r4-{name}", 0, 4.0, parser) for name, parser in MECHANISMS.items()]
         jobs += [dlcm(f"r4-{DEFAULT}", seed, 4.0, MECHANISMS[DEFAULT]) for seed in SEEDS[1:]]
         jobs += [dlcm(f"r{r}-{DEFAULT}", 0, float(r), MECHANISMS[DEFAULT]) for r in (2, 8)]
@@ -327,7 +354,7 @@ def run_driver(args: argparse.Namespace) -> dict[str, Any]:
     from dlcm.data.corpus import ensure_default_corpus
     from dlcm.research.sweep import Executor, write_json, write_summary
 
-    mode = MODES["smoke" if args.smoke else "gpu"]
+    mode = MODES[args.mode]
     start = time.perf_counter()
     runs_dir = args.runs_dir.resolve()
     budget = args.budget_s if args.budget_s is not None else mode.budget_s
@@ -377,9 +404,7 @@ def run_driver(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "mode": mode.name,
         "scale": args.scale,
-        "note": "CPU smoke run: tiny shapes and steps, checks the driver only"
-        if args.smoke
-        else "one GPU, all runs concurrent",
+        "note": NOTES[mode.name],
         "what": (
             "val_ratio: validation tokens per concept with inference-mode boundaries (p >= the parser's tau), all "
             "documents; ratio_prose / ratio_code: the same per domain; *_error: ratio / R - 1; threshold: the "
@@ -409,7 +434,9 @@ def run_driver(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU version (checks the driver end to end)")
+    parser.add_argument(
+        "--mode", choices=sorted(MODES), default="gpu", help="gpu: the study; cpu: on the demo recipes; smoke: checks"
+    )
     parser.add_argument("--scale", type=int, choices=(1, 2), default=1, help="2: doubled widths (≈ 4× FLOPs)")
     parser.add_argument("--runs-dir", type=Path, required=True, help="run directories (keep off the results dir)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: in --runs-dir)")

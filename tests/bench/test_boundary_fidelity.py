@@ -35,20 +35,37 @@ def test_scale_one_runs_every_mechanism_the_default_over_seeds_and_the_baseline(
     assert {seed2.overrides[k] for k in ("seed_everything", "model.init_args.seed", "data.seed")} == {2}
 
 
-def test_scale_two_doubles_the_dlcm_and_matches_the_baseline_in_flops() -> None:
+def test_cpu_mode_runs_the_seed_groups_on_the_demo_recipes() -> None:
+    mode = bf.MODES["cpu"]
+    assert mode.dlcm_recipe == "recipes/dlcm_tiny_r4_defaultcorpus_cpu.yaml" and mode.max_steps == 300
+    for scale in (1, 2):
+        jobs = bf.study_jobs(mode, scale)
+        assert sorted((j.group, j.seed) for j in jobs) == [
+            (g, s) for g in ("baseline", "r4-calibrated") for s in bf.SEEDS
+        ]
+
+
+# The tiny widths give the shape search coarser steps: the demo's own pair is 2.8 % apart in FLOPs per token.
+@pytest.mark.parametrize(
+    ("mode_name", "encoder_width", "backbone_heads", "cross_ffn", "rel"),
+    [("gpu", 768, 24, 2048, 0.03), ("cpu", 256, 16, 768, 0.04)],
+)
+def test_scale_two_doubles_the_dlcm_and_matches_the_baseline_in_flops(
+    mode_name: str, encoder_width: int, backbone_heads: int, cross_ffn: int, rel: float
+) -> None:
     import dataclasses
 
     from dlcm.model.flops import inference_flops_per_token
     from dlcm.research.flops_report import load_recipe
 
-    mode = bf.MODES["gpu"]
+    mode = bf.MODES[mode_name]
     jobs = bf.study_jobs(mode, 2)
     assert sorted(j.group for j in jobs) == ["baseline"] * 3 + ["r4-calibrated"] * 3
     dlcm = next(j for j in jobs if j.kind == "dlcm").overrides
     base = next(j for j in jobs if j.kind == "baseline").overrides
-    assert dlcm["model.init_args.config.encoder.width"] == 768
-    assert dlcm["model.init_args.config.backbone.n_heads"] == 24
-    assert dlcm["model.init_args.config.cross.ffn_hidden"] == 2048
+    assert dlcm["model.init_args.config.encoder.width"] == encoder_width
+    assert dlcm["model.init_args.config.backbone.n_heads"] == backbone_heads
+    assert dlcm["model.init_args.config.cross.ffn_hidden"] == cross_ffn
 
     def shaped(recipe: str, overrides: dict) -> object:
         config = load_recipe(bf.ROOT / recipe, vocab_size=bf.VOCAB).config
@@ -60,13 +77,14 @@ def test_scale_two_doubles_the_dlcm_and_matches_the_baseline_in_flops() -> None:
         changes = {n: dataclasses.replace(getattr(config, n), **f) for n, f in sections.items()}
         return dataclasses.replace(config, **changes)
 
+    context = load_recipe(bf.ROOT / mode.dlcm_recipe, vocab_size=bf.VOCAB).context_length
     flops = {
-        kind: inference_flops_per_token(shaped(recipe, overrides), 1024).total
+        kind: inference_flops_per_token(shaped(recipe, overrides), context).total
         for kind, recipe, overrides in (("dlcm", mode.dlcm_recipe, dlcm), ("base", mode.baseline_recipe, base))
     }
-    small = inference_flops_per_token(load_recipe(bf.ROOT / mode.dlcm_recipe, vocab_size=bf.VOCAB).config, 1024)
+    small = inference_flops_per_token(load_recipe(bf.ROOT / mode.dlcm_recipe, vocab_size=bf.VOCAB).config, context)
     assert flops["dlcm"] >= 3 * small.total  # the second scale: ≥ 3× the FLOPs per token
-    assert flops["base"] == pytest.approx(flops["dlcm"], rel=0.03)
+    assert flops["base"] == pytest.approx(flops["dlcm"], rel=rel)
 
 
 def test_plan_steps_fits_the_slowest_run_and_the_cap() -> None:
@@ -115,7 +133,7 @@ def test_mean_std_of_one_or_no_values() -> None:
 @pytest.mark.slow
 def test_cpu_smoke_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "smoke.json"
-    assert bf.main(["--smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    assert bf.main(["--mode", "smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
     import json
 
     result = json.loads(out.read_text())
