@@ -394,9 +394,10 @@ def run_driver(args: argparse.Namespace) -> dict[str, Any]:
 
     max_seconds = calibration.get("train_seconds_planned", math.inf) / SAFETY  # safety net: the training window
     runs = as_runs(mode, jobs, training_overrides(steps, mode.val_points, False, max_seconds))
-    _log(f"training {len(runs)} runs at once, {steps} steps each")
+    parallel = mode.parallel or len(runs)
+    _log(f"training {len(runs)} runs, {parallel} at a time, {steps} steps each")
     train_start = time.perf_counter()
-    results = Executor(runs_dir, mode.parallel or len(runs), threads=1, log=_log)(runs)
+    results = Executor(runs_dir, parallel, threads=1, log=_log)(runs)
     timing["train_s"] = time.perf_counter() - train_start
     write_summary(runs_dir, results)
     timing["total_s"] = time.perf_counter() - start
