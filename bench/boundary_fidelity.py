@@ -4,9 +4,11 @@ per byte, over seeds — and the DLCM vs FLOPs-matched baseline gap over seeds, 
     python bench/boundary_fidelity.py --runs-dir /tmp/bf --out bf_scale1.json                  # H200, ≈ 9 min
     python bench/boundary_fidelity.py --scale 2 --runs-dir /tmp/bf2 --out bf_scale2.json \\
         --match-steps bf_scale1.json                                                          # H200, ≈ 9 min
-    python bench/boundary_fidelity.py --mode cpu --runs-dir /tmp/bfc1 --out bf_cpu_scale1.json   # 2 cores, ≈ 20 min
-    python bench/boundary_fidelity.py --mode cpu --scale 2 --runs-dir /tmp/bfc2 --out bf_cpu_scale2.json
+    python bench/boundary_fidelity.py --mode cpu --runs-dir /tmp/bfc1 --out bf_cpu_scale1.json   # 2 cores, ≈ 13 min
+    python bench/boundary_fidelity.py --mode cpu --scale 2 --runs-dir /tmp/bfc2 --out bf_cpu_scale2.json  # ≈ 35 min
     python bench/boundary_fidelity.py --mode smoke --runs-dir /tmp/bf-smoke                     # CPU, checks the driver
+
+``--lr`` sets every run's peak learning rate (a second scale may need a lower one than the recipes').
 
 Every run is a ``dlcm fit`` of the small-scale reproduction's recipes (``recipes/sweeps/repro_small_h200/``:
 the R = 4 DLCM and its FLOPs-matched dense baseline on the embedded default corpus), all started at once on one
@@ -393,7 +395,11 @@ def run_driver(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"the budget allows only {steps} steps (< {mode.min_steps}): raise --budget-s")
 
     max_seconds = calibration.get("train_seconds_planned", math.inf) / SAFETY  # safety net: the training window
-    runs = as_runs(mode, jobs, training_overrides(steps, mode.val_points, False, max_seconds))
+    extra = training_overrides(steps, mode.val_points, False, max_seconds)
+    if args.lr is not None:
+        extra["model.init_args.optimizer.lr"] = args.lr
+        calibration["lr"] = args.lr
+    runs = as_runs(mode, jobs, extra)
     parallel = mode.parallel or len(runs)
     _log(f"training {len(runs)} runs, {parallel} at a time, {steps} steps each")
     train_start = time.perf_counter()
@@ -445,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-steps", type=int, default=None, help="probe length (GPU: 30; 0: no probe)")
     parser.add_argument("--steps", type=int, default=None, help="pin every run's steps (no probe)")
     parser.add_argument("--match-steps", type=Path, default=None, help="at most the steps of this results JSON")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate of every run (default: recipes')")
     args = parser.parse_args(argv)
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr {args.lr} is not allowed: a positive learning rate")
     result = run_driver(args)
     return 1 if result["failed"] else 0
 

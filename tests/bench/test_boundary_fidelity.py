@@ -130,13 +130,21 @@ def test_mean_std_of_one_or_no_values() -> None:
     assert bf.mean_std([None, math.nan])["mean"] is None
 
 
+def test_a_learning_rate_that_is_not_positive_is_refused(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        bf.main(["--mode", "smoke", "--runs-dir", str(tmp_path), "--lr", "0"])
+    assert "--lr 0.0 is not allowed" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_cpu_smoke_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "smoke.json"
-    assert bf.main(["--mode", "smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    assert bf.main(["--mode", "smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--lr", "5e-4"]) == 0
     import json
 
     result = json.loads(out.read_text())
     assert result["failed"] == [] and len(result["runs"]) == 14
+    assert result["calibration"]["lr"] == 5e-4
+    assert all("--model.init_args.optimizer.lr=0.0005" in c for c in result["commands"]["runs"].values())
     assert all(r["steps"] == bf.MODES["smoke"].max_steps for r in result["runs"].values())
     assert result["groups"]["r4-calibrated"]["val_ratio"]["n"] == 3
