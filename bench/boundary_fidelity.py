@@ -315,8 +315,9 @@ def format_report(result: dict[str, Any]) -> str:
         if stat["mean"] is None:
             return "-"
         text = format(stat["mean"] * scale, fmt)
-        spread = format(stat["std"] * scale, fmt.lstrip("+"))
-        return text + (f" ± {spread}" if stat["std"] is not None else "")
+        if stat["std"] is None:  # a group of one seed
+            return text
+        return f"{text} ± {format(stat['std'] * scale, fmt.lstrip('+'))}"
 
     header = ["group", "seeds", "val ratio", "err %", "prose", "code", "τ", "val bpb", "train FLOPs"]
     table = [header]

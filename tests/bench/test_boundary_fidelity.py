@@ -125,6 +125,14 @@ def test_summary_statistics_and_paired_gap() -> None:
     assert "FAILED runs: baseline-s2" in report
 
 
+def test_report_of_a_one_seed_group_has_no_spread() -> None:
+    jobs = [j for j in bf.study_jobs(bf.MODES["gpu"], 1) if j.group in ("r4-fixed", "baseline")]
+    results = {j.name: fake_result(1.6, 4.2 if j.kind == "dlcm" else None, prose=4.0) for j in jobs}
+    report = bf.format_report({"mode": "gpu", "scale": 1, "note": "test", "failed": [], **bf.summarize(jobs, results)})
+    row = next(line for line in report.splitlines() if line.startswith("r4-fixed"))
+    assert "4.200" in row and "+5.0" in row and "±" not in row
+
+
 def test_mean_std_of_one_or_no_values() -> None:
     assert bf.mean_std([1.0]) == {"mean": 1.0, "std": None, "n": 1, "values": [1.0]}
     assert bf.mean_std([None, math.nan])["mean"] is None
