@@ -1,14 +1,17 @@
-"""bench/boundary_fidelity.py: the study's runs, the scale-2 shapes, the seed statistics and the report; the CPU
-smoke run end to end is slow (minutes)."""
+"""bench/boundary_fidelity.py: the study's runs, the scale-2 shapes, the seed statistics, the report and the figure
+(bench/plot_boundary_fidelity.py); the CPU smoke run end to end is slow (minutes)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.bench.test_bench_decode import load
 
 PATH = Path(__file__).parents[2] / "bench" / "boundary_fidelity.py"
 sys.path.insert(0, str(PATH.parent))
@@ -148,11 +151,35 @@ def test_a_learning_rate_that_is_not_positive_is_refused(tmp_path: Path, capsys)
 def test_cpu_smoke_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "smoke.json"
     assert bf.main(["--mode", "smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--lr", "5e-4"]) == 0
-    import json
-
     result = json.loads(out.read_text())
     assert result["failed"] == [] and len(result["runs"]) == 14
     assert result["calibration"]["lr"] == 5e-4
     assert all("--model.init_args.optimizer.lr=0.0005" in c for c in result["commands"]["runs"].values())
     assert all(r["steps"] == bf.MODES["smoke"].max_steps for r in result["runs"].values())
     assert result["groups"]["r4-calibrated"]["val_ratio"]["n"] == 3
+
+
+def test_figure_of_the_seed_groups_is_written(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    plot = load("plot_boundary_fidelity")
+    curves = {"val/bpb": {"step": [9, 19], "value": [2.5, 2.2]}, "val/ratio": {"step": [9, 19], "value": [4.3, 4.1]}}
+
+    def run(group: str, seed: int) -> dict:
+        return {
+            "group": group,
+            "seed": seed,
+            "status": "ok",
+            "val_flops": [1e9, 2e9],
+            "curves": curves,
+            "target_ratio": 4,
+        }
+
+    runs = {f"{g}-s{s}": run(g, s) for g in ("r4-calibrated", "baseline", "r4-fixed") for s in (0, 1)}
+    results = tmp_path / "bf.json"
+    results.write_text(json.dumps({"scale": 1, "calibration": {"lr": 5e-4}, "run_summaries": runs}))
+    assert plot.label(json.loads(results.read_text())) == "scale 1, lr 0.0005"
+    out = tmp_path / "figures" / "bf.png"
+    assert plot.main([str(results), "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path / "missing.json"), "--out", str(out)])
