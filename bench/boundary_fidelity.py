@@ -89,6 +89,7 @@ class Mode:
     val_points: int
     budget_s: float
     reserve_s: float  # start-up, validations and the summary
+    note: str  # what the results JSON and the report say about the setting
     parallel: int | None = None  # dlcm fit processes at a time (None: all, so everything shares the device)
     mechanisms: bool = True  # scale 1 also compares MECHANISMS and R = 2, 8 (else only the seed groups)
 
@@ -104,6 +105,7 @@ MODES = {
         val_points=5,
         budget_s=480.0,  # a 10-minute call leaves ≈ 2 minutes for installs and slack
         reserve_s=80.0,
+        note="one GPU, all runs concurrent",
     ),
     "cpu": Mode(
         name="cpu",
@@ -115,6 +117,7 @@ MODES = {
         val_points=3,
         budget_s=math.inf,
         reserve_s=0.0,
+        note="CPU demo recipes, two runs at a time",
         parallel=2,  # one thread each on a 2-core machine
         mechanisms=False,
     ),
@@ -128,15 +131,9 @@ MODES = {
         val_points=2,
         budget_s=math.inf,
         reserve_s=0.0,
+        note="CPU smoke run: tiny shapes and steps, checks the driver only",
         parallel=2,
     ),
-}
-
-
-NOTES = {
-    "gpu": "one GPU, all runs concurrent",
-    "cpu": "CPU demo recipes, two runs at a time",
-    "smoke": "CPU smoke run: tiny shapes and steps, checks the driver only",
 }
 
 
@@ -412,7 +409,7 @@ def run_driver(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "mode": mode.name,
         "scale": args.scale,
-        "note": NOTES[mode.name],
+        "note": mode.note,
         "what": (
             "val_ratio: validation tokens per concept with inference-mode boundaries (p >= the parser's tau), all "
             "documents; ratio_prose / ratio_code: the same per domain; *_error: ratio / R - 1; threshold: the "

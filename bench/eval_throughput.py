@@ -5,7 +5,8 @@ Each recipe is built exactly as ``dlcm eval`` builds it (the training CLI: model
 section), at initialisation weights, in ``--dtype`` on ``--device``. DLCM's boundaries are Bernoulli(1/R) draws, as
 in ``bench/decode.py`` (an untrained parser does not compress at R). One untimed pass over the first
 ``--warmup-items`` items, then ``--iters`` timed passes of ``evaluate_examples`` over the task's first ``--limit``
-items (the wall clock between device synchronisations, tokenisation included, as a user waits for it).
+items (``bench/decode.py``'s timer: CUDA events, which include the host's work such as tokenisation, as a user waits
+for it; the wall clock on a CPU).
 
     python bench/eval_throughput.py --data-dir /path/to/eval --task piqa --out bench/results/eval_throughput_h200.json
     python bench/eval_throughput.py --data-dir tests/fixtures/eval --task piqa --device cpu --limit 8 \\
@@ -17,52 +18,44 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from typing import Any
 
 import torch
-from decode import DTYPES, boundaries_at_ratio  # the decode bench's Bernoulli(1/R) boundaries
+from decode import DTYPES, Timer, boundaries_at_ratio  # the decode bench's timer and Bernoulli(1/R) boundaries
 from report import run_meta, write_json  # bench/report.py (this script's folder is on sys.path)
 
 from dlcm.eval.scoring import evaluate_examples
-from dlcm.eval.tasks import TASKS, load_task
+from dlcm.eval.tasks import TASKS, Example, load_task
 from dlcm.model.dlcm import DLCM
 from dlcm.train.restore import build_from_recipe
 
 SMALL_PAIR = ["recipes/baseline_small_defaultcorpus_h200.yaml", "recipes/dlcm_small_r4_defaultcorpus_h200.yaml"]
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench_recipe(recipe: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Items per second of one recipe's model on the task."""
+def bench_recipe(recipe: str, items: list[Example], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Items per second of one recipe's model on the task's items."""
     torch.manual_seed(args.seed)
     module, tokenizer = build_from_recipe([recipe])
     network = module.network.to(device=device, dtype=DTYPES[args.dtype])
     is_dlcm = isinstance(network, DLCM)
     if is_dlcm:
         boundaries_at_ratio(network)
-    items = load_task(args.task, args.data_dir, args.limit)
     evaluate_examples(network, tokenizer, items[: args.warmup_items], module.context_length, args.batch_tokens)
     seconds = []
     for _ in range(args.iters):
-        synchronize(device)
-        start = time.perf_counter()
-        evaluate_examples(network, tokenizer, items, module.context_length, args.batch_tokens)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
+        with Timer(device) as timer:
+            evaluate_examples(network, tokenizer, items, module.context_length, args.batch_tokens)
+        seconds.append(timer.ms / 1e3)
+    median = statistics.median(seconds)
     record = {
         "recipe": recipe,
         "family": "dlcm" if is_dlcm else "baseline",
         "params": sum(p.numel() for p in network.parameters()),
         "task": args.task,
         "items": len(items),
-        "seconds": statistics.median(seconds),
+        "seconds": median,
         "seconds_runs": seconds,
-        "items_per_s": len(items) / statistics.median(seconds),
+        "items_per_s": len(items) / median,
     }
     if is_dlcm:
         record["target_ratio"] = network.cfg.parser.target_ratio
@@ -112,9 +105,10 @@ def main() -> int:
         **run_meta(device),
         **{k: getattr(args, k) for k in ("task", "limit", "batch_tokens", "dtype", "iters")},
     }
+    items = load_task(args.task, args.data_dir, args.limit)
     records: list[dict[str, Any]] = []
     for recipe in args.recipes:
-        records.append(bench_recipe(recipe, args, device))
+        records.append(bench_recipe(recipe, items, args, device))
         if args.out:
             write_json(args.out, {"meta": meta, "records": records})
     print(markdown_table({"meta": meta, "records": records}))

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_GROUP = "r4-calibrated"
 COLOURS = ["tab:blue", "tab:green", "tab:purple", "tab:red"]
 
 
@@ -34,10 +33,11 @@ def seeds_figure(results: list[dict[str, Any]]) -> Any:
     bpb_ax, ratio_ax = fig.subplots(1, 2)
     target = None
     for colour, result in zip(COLOURS, results, strict=False):
+        default_group = f"r4-{result['default_mechanism']}"  # the study's group name of its default DLCM
         for run in result["run_summaries"].values():
-            if run.get("group") not in (DEFAULT_GROUP, "baseline") or run.get("status") != "ok":
+            if run.get("group") not in (default_group, "baseline") or run.get("status") != "ok":
                 continue
-            is_dlcm = run["group"] == DEFAULT_GROUP
+            is_dlcm = run["group"] == default_group
             first = run.get("seed") == 0  # one legend entry per file and kind
             bpb = run["curves"]["val/bpb"]
             ax_label = f"{label(result)}, {'DLCM' if is_dlcm else 'baseline'}" if first else None

@@ -176,7 +176,8 @@ def test_figure_of_the_seed_groups_is_written(tmp_path: Path) -> None:
 
     runs = {f"{g}-s{s}": run(g, s) for g in ("r4-calibrated", "baseline", "r4-fixed") for s in (0, 1)}
     results = tmp_path / "bf.json"
-    results.write_text(json.dumps({"scale": 1, "calibration": {"lr": 5e-4}, "run_summaries": runs}))
+    study = {"scale": 1, "default_mechanism": "calibrated", "calibration": {"lr": 5e-4}, "run_summaries": runs}
+    results.write_text(json.dumps(study))
     assert plot.label(json.loads(results.read_text())) == "scale 1, lr 0.0005"
     out = tmp_path / "figures" / "bf.png"
     assert plot.main([str(results), "--out", str(out)]) == 0
