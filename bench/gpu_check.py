@@ -43,31 +43,14 @@ def parts(out: Path, eval_dir: str | None) -> list[Part]:
     def json_of(name: str) -> str:
         return str(out / f"{name}.json")
 
-    train = ("--pairs", "paper", "--profile")
+    # Eager as well at the recipes' context: the 2.3B DLCM must fit 16K tokens without compile or checkpointing.
+    train_2048 = ("--pairs", "paper", "--profile", "--compile", "on", "off", "--context", "2048")
+    train_8192 = ("--pairs", "paper", "--profile", "--compile", "on", "--context", "8192")
     steps = [
         Part("tests", (PY, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider"), 180, False),
         Part("cross_entropy", bench("linear_cross_entropy", "--out", json_of("cross_entropy")), 40),
-        # Eager as well at the recipes' context: the 2.3B DLCM must fit 16K tokens without compile or checkpointing.
-        Part(
-            "train_2048",
-            bench(
-                "train_throughput",
-                *train,
-                "--compile",
-                "on",
-                "off",
-                "--context",
-                "2048",
-                "--out",
-                json_of("train_2048"),
-            ),
-            180,
-        ),
-        Part(
-            "train_8192",
-            bench("train_throughput", *train, "--compile", "on", "--context", "8192", "--out", json_of("train_8192")),
-            130,
-        ),
+        Part("train_2048", bench("train_throughput", *train_2048, "--out", json_of("train_2048")), 180),
+        Part("train_8192", bench("train_throughput", *train_8192, "--out", json_of("train_8192")), 130),
         Part("prefill", bench("prefill", "--iters", "5", "--out", json_of("prefill")), 60),
         Part("decode", bench("decode", "--new-tokens", "64", "--out", json_of("decode")), 50),
         Part("stall", bench("checkpoint_stall", "--saves", "2", "--out", json_of("stall")), 60),
