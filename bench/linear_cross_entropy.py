@@ -61,7 +61,7 @@ def chunked_loss(compiled: bool) -> Loss:
 def liger_loss() -> Loss | None:
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError:
+    except (ImportError, AttributeError, OSError, RuntimeError):  # absent, or built for another torch / triton
         return None
     return functools.partial(liger_fused_linear_cross_entropy, ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -69,7 +69,7 @@ def liger_loss() -> Loss | None:
 def cce_loss(filter_eps: str | None) -> Loss | None:
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
-    except ImportError:
+    except (ImportError, AttributeError, OSError, RuntimeError):  # absent, or built for another torch / triton
         return None
     return lambda x, w, targets: cce(x, w, targets, ignore_index=IGNORE_INDEX, reduction="sum", filter_eps=filter_eps)
 
