@@ -186,12 +186,19 @@ class LanguageModelModule(L.LightningModule):
             _set_rng_states(states[self.global_rank])  # another world size: nothing to match ranks with
         # Name the mismatch before load_state_dict fails with a bare size error (typically a checkpoint trained
         # with another tokenizer, so another vocab_size, or another recipe).
-        own = self.state_dict()
+        own, saved = self.state_dict(), checkpoint.get("state_dict", {})
         mismatched = [
             f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)}"
-            for name, tensor in checkpoint.get("state_dict", {}).items()
+            for name, tensor in saved.items()
             if name in own and tuple(tensor.shape) != tuple(own[name].shape)
         ]
+        for what, names in (
+            ("missing in the checkpoint", own.keys() - saved.keys()),
+            ("not in the model", saved.keys() - own.keys()),
+        ):
+            if names:  # another depth or another model family: load_state_dict would list every tensor
+                first = ", ".join(sorted(names)[:2])
+                mismatched.append(f"{len(names)} tensors {what} ({first}, …)" if len(names) > 2 else f"{first} {what}")
         if mismatched:
             raise ValueError(
                 "the checkpoint does not fit this model ("
@@ -240,6 +247,11 @@ class DLCMModule(LanguageModelModule):
         seed: int = 0,
         execution: ExecutionConfig | None = None,
     ) -> None:
+        if config.parser.target_ratio > context_length:
+            raise ValueError(
+                f"parser.target_ratio={config.parser.target_ratio:g} is not allowed with context_length="
+                f"{context_length}: tokens per concept, at most the context length"
+            )
         super().__init__(config, optimizer, schedule, context_length, seed, execution)
         self.val_boundaries = torchmetrics.SumMetric()
         self.val_all_tokens = torchmetrics.SumMetric()
