@@ -148,7 +148,11 @@ class DLCMCLI(LightningCLI):
     def _nothing_saved(self) -> str:
         step_checkpoint = next((c for c in self.trainer.callbacks if isinstance(c, StepCheckpoint)), None)
         last = step_checkpoint.last_path if step_checkpoint is not None else None
-        newest = f"the newest checkpoint is {last.parent / last.readlink()}" if last and last.exists() else "no checkpoint was saved"
+        newest = (
+            f"the newest checkpoint is {last.parent / last.readlink()}"
+            if last and last.exists()
+            else "no checkpoint was saved"
+        )
         return f"stopped at once at step {self.trainer.global_step}, nothing saved there ({newest})"
 
     def add_arguments_to_parser(self, parser: Any) -> None:

@@ -94,26 +94,31 @@ def refused_overrides(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 def check_settings(path: Path, hparams: dict[str, Any], subcommand: str) -> int:
-    """Refuse, in one line naming each, the settings of this run (recipe and command line) that differ from what the
-    checkpoint at ``path`` fixes; return its step. ``--ckpt_path`` and ``--resume=auto`` both come here, before
-    anything is loaded or logged, and for ``validate`` as for ``fit``: every value either reaches the model or is
-    refused, none is silently replaced by the checkpoint's."""
+    """Refuse the settings of this run (recipe and command line) that differ from what the checkpoint at ``path``
+    fixes; return its step. ``--ckpt_path`` and ``--resume=auto`` both come here, before anything is loaded or
+    logged, for ``validate`` as for ``fit``: every value either reaches the model or is refused, none is silently
+    replaced by the checkpoint's."""
     meta = checkpoint_metadata(path)
-    refused = refused_overrides(meta.get("hyper_parameters") or {}, hparams)
-    if refused:
-        what = f"cannot resume from {path}" if subcommand == "fit" else f"cannot {subcommand} {path}"
-        raise ValueError(
-            f"{what} with {'; '.join(refused)}: the model shape, objective, optimizer and schedule are fixed in a "
-            "checkpoint. Drop these values from the command line and recipe (the config.yaml of the checkpoint's run "
-            "holds the ones it was trained with)"
-            + (", or start a new run (--resume=never, no --ckpt_path)" if subcommand == "fit" else "")
-        )
+    what = f"cannot resume from {path}" if subcommand == "fit" else f"cannot {subcommand} {path}"
+    refuse_changed_settings(meta.get("hyper_parameters") or {}, hparams, what, new_run=subcommand == "fit")
     return int(meta.get("global_step", 0))
+
+
+def refuse_changed_settings(saved: dict[str, Any], now: dict[str, Any], what: str, new_run: bool) -> None:
+    """One line naming every hyper-parameter in ``now`` that differs from the checkpoint's ``saved`` and would
+    change the run."""
+    refused = refused_overrides(saved, now)
+    if refused:
+        raise ValueError(
+            f"{what}: {'; '.join(refused)}. The model shape, objective, optimizer and schedule are fixed in a "
+            "checkpoint: drop these values from the command line and recipe (the config.yaml of the checkpoint's run "
+            "holds the ones it was trained with)" + (", or start a new run (--resume=never)" if new_run else "")
+        )
 
 
 class ResumeRules(Callback):
     """Keeps the trainer's ``max_steps`` in checkpoints and applies the rule on the run's length when ``fit``
-    resumes (the hyper-parameters are compared before, by :func:`check_settings`).
+    resumes, after refusing changed hyper-parameters (as :func:`check_settings` does before anything loads).
 
     Args:
         extend_run: allow ``trainer.max_steps`` to differ from the checkpoint's (the schedule follows it where
@@ -127,8 +132,12 @@ class ResumeRules(Callback):
         checkpoint[RUN_STATE] = {"max_steps": trainer.max_steps}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if trainer.state.fn == "fit":
-            self._check_length(trainer, pl_module, checkpoint, f"cannot resume from {trainer.ckpt_path}")
+        if trainer.state.fn != "fit":
+            return
+        # `dlcm fit` compared the settings before loading (check_settings); this covers a Trainer run directly.
+        where = f"cannot resume from {trainer.ckpt_path}"
+        refuse_changed_settings(checkpoint.get("hyper_parameters", {}), dict(pl_module.hparams), where, new_run=True)
+        self._check_length(trainer, pl_module, checkpoint, where)
 
     def _check_length(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict, where: str) -> None:
         lambdas = (checkpoint.get("lr_schedulers") or [{}])[0].get("lr_lambdas") or [None]
