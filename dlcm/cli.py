@@ -116,7 +116,8 @@ def one_line(err: BaseException) -> str:
             head = lines[0].strip().rstrip(":")
             lines = [f"{head} ({problem.group(1)}):", *branch]
             break
-    return _CLASS_REPR.sub(r"\1", " ".join(part.strip() for part in _union_summary(lines) if part.strip()))
+    text = " ".join(part.strip() for part in _union_summary(lines) if part.strip())
+    return _CLASS_REPR.sub(r"\1", text.removeprefix(f"{_UNION} ").strip())
 
 
 def _union_summary(lines: list[str]) -> list[str]:
@@ -135,6 +136,22 @@ def _union_summary(lines: list[str]) -> list[str]:
         name = key.group(1) if key else "the value"
         return [f"{name}={given} is not allowed: one of {', '.join(allowed)}"]
     return [f"{key.group(1)}:" if key else "", *errors] if errors else lines
+
+
+def torch_device(name: str | None) -> str:
+    """The ``--device`` of ``dlcm eval`` / ``generate``: the name given, refused in one line unless torch knows it
+    and it is there; by default cuda when available, else cpu."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise UsageError(f"--device={name} is not allowed: a torch device such as cpu, cuda or cuda:1") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device={name} is not allowed here: this machine has no CUDA device (use cpu)")
+    return name
 
 
 def run_command(name: str, argv: list[str]) -> int:
