@@ -8,6 +8,7 @@ runs' settings in one, and resuming again would read the refused recipe.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -27,13 +28,14 @@ class RunDirectoryGuard:
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.created: list[Path] = []
         self.existing: set[Path] = set()
-        self.contents: dict[Path, bytes] = {}
+        self.contents: dict[Path, tuple[bytes, int, int]] = {}  # data, access and modification times (ns)
         if self.log_dir is None:
             return
         self.created = [d for d in (self.log_dir, *self.log_dir.parents) if not d.exists()]
         if not self.created:
             self.existing = set(self.log_dir.rglob("*"))
-            self.contents = {p: p.read_bytes() for p in (self.log_dir / n for n in REWRITTEN) if p.is_file()}
+            files = [p for p in (self.log_dir / name for name in REWRITTEN) if p.is_file()]
+            self.contents = {p: (p.read_bytes(), p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in files}
 
     def restore(self) -> None:
         if self.log_dir is None:
@@ -47,5 +49,6 @@ class RunDirectoryGuard:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-        for path, data in self.contents.items():
+        for path, (data, accessed, modified) in self.contents.items():
             path.write_bytes(data)
+            os.utime(path, ns=(accessed, modified))
