@@ -19,7 +19,6 @@ from pathlib import Path
 
 # Only what the parser needs is imported up front: the shard writer and the tokenizer load torch (seconds), so
 # each command imports them when it runs and `dlcm data … --help` answers without them.
-from dlcm.cli import one_line
 from dlcm.data.corpus_defaults import DEFAULT_MAX_BYTES_PER_DOMAIN
 from dlcm.data.sources import DocumentSource, iter_documents
 
@@ -212,7 +211,9 @@ def main(argv: list[str]) -> int:
     try:
         return args.run(args)
     except (ValueError, OSError) as err:  # FileNotFoundError, and permission or disk-full errors on the output
-        print(f"dlcm data {args.command}: error: {one_line(err)}", file=sys.stderr)
+        # An OSError as "No such file or directory: <path>", not Python's "[Errno 2] …: '<path>'".
+        message = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.filename else err
+        print(f"dlcm data {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.command == "build":

@@ -138,22 +138,6 @@ def _union_summary(lines: list[str]) -> list[str]:
     return [f"{key.group(1)}:" if key else "", *errors] if errors else lines
 
 
-def torch_device(name: str | None) -> str:
-    """The ``--device`` of ``dlcm eval`` / ``generate``: the name given, refused in one line unless torch knows it
-    and it is there; by default cuda when available, else cpu."""
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(name).type
-    except RuntimeError:
-        raise UsageError(f"--device={name} is not allowed: a torch device such as cpu, cuda or cuda:1") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device={name} is not allowed here: this machine has no CUDA device (use cpu)")
-    return name
-
-
 def run_command(name: str, argv: list[str]) -> int:
     """Run one subcommand; errors propagate (:func:`main` reports them)."""
     command = COMMANDS[name]

@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dlcm.cli import UsageError, torch_device
 from dlcm.eval.provenance import file_record, package_versions, source_commit
 from dlcm.eval.tasks import TASKS, load_task, task_path
+from dlcm.infer.device import torch_device
 
 # What each metric of the results means (stored in the results JSON, so nobody has to guess which acc_norm it is).
 METRIC_DEFINITIONS = {
@@ -123,10 +123,11 @@ def write_json_atomically(path: str | Path, data: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     """Run ``dlcm eval``; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
-        raise UsageError(f"--tasks={args.tasks!r} names no task: comma-separated, from {', '.join(sorted(TASKS))}")
+        parser.error(f"--tasks={args.tasks!r} names no task: comma-separated, from {', '.join(sorted(TASKS))}")
     # Load every task before building the model, so a typo or a malformed file fails in seconds.
     examples = {t: load_task(t, args.data_dir, args.limit) for t in tasks}
 

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dlcm.cli import torch_device
 from dlcm.data.sources import iter_jsonl_records
+from dlcm.infer.device import torch_device
 
 # Parameter dtypes for decoding, by torch's names (torch is imported when a command runs, not for --help).
 DTYPE_NAMES = ("bfloat16", "float32", "float64")

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dlcm.cli import one_line
 from dlcm.model.config import BaselineConfig, DLCMConfig, StackConfig
 from dlcm.model.flops import inference_flops_per_token
 from dlcm.model.presets import DEEPSEEK_V3_VOCAB
@@ -422,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe.gradient_sync = args.gradient_sync or recipe.gradient_sync
         result = plan(recipe, args.nodes, args.gpus_per_node, gpu, files)
     except (ValueError, FileNotFoundError) as err:
-        print(f"dlcm plan: error: {one_line(err)}", file=sys.stderr)
+        print(f"dlcm plan: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1) if args.json else render(result, gpu))
     return 0
