@@ -117,7 +117,14 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
     tokenizer = train_bpe(texts(), args.vocab_size, args.out)
     sha = tokenizer_sha256(args.out)
-    print(f"wrote {args.out}: byte-level BPE, {tokenizer.get_vocab_size(with_added_tokens=True)} ids, sha256 {sha}")
+    ids = tokenizer.get_vocab_size(with_added_tokens=True)
+    print(f"wrote {args.out}: byte-level BPE, {ids} ids, sha256 {sha}")
+    if ids < args.vocab_size:  # BPE stops when no pair of tokens occurs twice: the corpus has no more merges
+        print(
+            f"note: {ids} ids, not the {args.vocab_size} asked: the corpus has no more pairs to merge (give it more "
+            "text for a larger vocabulary)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -204,7 +211,9 @@ def main(argv: list[str]) -> int:
     try:
         return args.run(args)
     except (ValueError, OSError) as err:  # FileNotFoundError, and permission or disk-full errors on the output
-        print(f"dlcm data {args.command}: error: {err}", file=sys.stderr)
+        # An OSError as "No such file or directory: <path>", not Python's "[Errno 2] …: '<path>'".
+        message = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.filename else err
+        print(f"dlcm data {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.command == "build":

@@ -69,7 +69,15 @@ def encode_in_order(
         return
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__, "dlcm.data.tokenizer"])  # imported once, inherited by every worker
-    with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_file),)) as pool:
+    # CTRL-C reaches the whole process group. The forkserver imports its preload before it ignores SIGINT, and a
+    # worker runs before its initializer does: started while this process ignores SIGINT, both inherit that (an
+    # ignored signal stays ignored across exec), so only this process reports the interrupt, in one line.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_file),))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with pool:
         pending: deque = deque()
         for tag, texts in chunks:
             pending.append((tag, pool.apply_async(encode_chunk, (texts,))))

@@ -27,7 +27,7 @@ class Command(NamedTuple):
 
 
 COMMANDS = {
-    "fit": Command(None, "train a recipe (dlcm fit --config recipes/<recipe>.yaml; resume with --ckpt_path)"),
+    "fit": Command(None, "train a recipe (dlcm fit --config recipes/<recipe>.yaml; continue a run with --resume auto)"),
     "validate": Command(None, "loss, perplexity and bits per byte of a checkpoint on the validation split"),
     "data": Command("dlcm.data.build_cli", "tokenize a corpus into shards, train a tokenizer, build the demo corpus"),
     "eval": Command("dlcm.eval.cli", "zero-shot benchmarks of a checkpoint (ARC, PIQA, WinoGrande, LAMBADA, …)"),
@@ -43,6 +43,9 @@ COMMANDS = {
 DEBUG_FLAG = "--debug"
 _CLASS_PATH_PROBLEM = re.compile(r"\s*- Problem with given class_path '([^']+)':")
 _CLASS_REPR = re.compile(r"<class '(?:builtins\.)?([\w.]+)'>")
+_UNION = "Does not validate against any of the Union subtypes"
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)":')
+_LITERAL = re.compile(r"^Expected a typing\.Literal\[(.*)\]$")
 
 
 class UsageError(ValueError):
@@ -113,7 +116,26 @@ def one_line(err: BaseException) -> str:
             head = lines[0].strip().rstrip(":")
             lines = [f"{head} ({problem.group(1)}):", *branch]
             break
-    return _CLASS_REPR.sub(r"\1", " ".join(part.strip() for part in lines if part.strip()))
+    text = " ".join(part.strip() for part in _union_summary(lines) if part.strip())
+    return _CLASS_REPR.sub(r"\1", text.removeprefix(f"{_UNION} ").strip())
+
+
+def _union_summary(lines: list[str]) -> list[str]:
+    """jsonargparse's report of a value that no member of a union type accepted, reduced to what is wrong: the
+    members' own errors (not "Expected a NoneType", nor a dump of the whole value), or the literals allowed."""
+    if not any(_UNION in line for line in lines):
+        return lines
+    given = next((line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("Given value:")), "")
+    errors = [
+        line.strip()[2:] for line in lines if line.strip().startswith("- ") and not line.strip().endswith("NoneType'>")
+    ]
+    key = _PARSER_KEY.match(lines[0].strip())
+    literals = [match.group(1) for match in map(_LITERAL.match, errors) if match]
+    if errors and len(literals) == len(errors):
+        allowed = dict.fromkeys(value.strip().strip("'") for group in literals for value in group.split(","))
+        name = key.group(1) if key else "the value"
+        return [f"{name}={given} is not allowed: one of {', '.join(allowed)}"]
+    return [f"{key.group(1)}:" if key else "", *errors] if errors else lines
 
 
 def run_command(name: str, argv: list[str]) -> int:
@@ -144,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(name, rest)
     except SystemExit as done:  # --help / --print_config, or a subcommand that exits on its own
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug:
             raise
-        print(f"dlcm {name}: interrupted", file=sys.stderr)
+        print(f"dlcm {name}: interrupted{f'; {err}' if str(err) else ''}", file=sys.stderr)
         return 130
     except user_error_types() as err:
         if debug:

@@ -3,6 +3,7 @@ non-zero status, and nothing left behind in the working directory (table-driven,
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -25,6 +26,18 @@ BASELINE = str(RECIPES / "baseline_tiny_defaultcorpus_cpu.yaml")
 FIT, VALIDATE, EVAL, GENERATE = (
     [command, "--config", DLCM, "--config", "{on_shards}"] for command in ("fit", "validate", "eval", "generate")
 )
+# `dlcm fit --resume=auto` of the two-step run that the `inputs` fixture trains in {runs}/tiny/version_0.
+RESUME = [
+    *FIT,
+    "--trainer.logger.init_args.save_dir={runs}",
+    "--run_name=tiny",
+    "--trainer.max_steps=2",
+    "--data.tokens_per_batch=256",
+    "--trainer.limit_val_batches=0",
+    "--trainer.enable_progress_bar=false",
+    "--resume=auto",
+]
+MODEL = "--model.init_args."
 WORDS = ("the", "of", "and", "to", "in", "that", "he", "shall", "unto", "for", "his", "a", "lord", "they", "be", "is")
 
 
@@ -84,6 +97,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["spec_bad_key"].write_text(f"protocol: grid\nconfigs: [{DLCM}]\naxes: {{}}\nsett: {{}}\n")
     paths["bad_csv"] = root / "runs.csv"
     paths["bad_csv"].write_text("a,b\n1,2\n")
+    paths["runs"] = root / "runs"
+    assert main([*fill(RESUME, paths)[:-2], "--step_checkpoint.every_n_steps=1"]) == 0
+    paths["step1"] = root / "runs" / "tiny" / "version_0" / "checkpoints" / "step000000001.ckpt"
+    paths["text"] = root / "text.txt"
+    paths["text"].write_text("the lord\n")
     return paths
 
 
@@ -114,7 +132,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("tokens per batch", [*FIT, "--data.tokens_per_batch", "1"], ["tokens_per_batch=1", "least 2"]),
     ("workers", [*FIT, "--data.num_workers", "-1"], ["num_workers=-1", "0 or more"]),
     ("val batches", [*FIT, "--data.val_batches", "0"], ["val_batches=0", "at least 1"]),
-    ("precision", [*FIT, "--trainer.precision", "7"], ["precision", "7"]),
+    ("precision", [*FIT, "--trainer.precision", "7"], ["precision=7", "bf16-mixed"]),
     ("missing recipe", ["fit", "--config", "missing.yaml"], ["missing.yaml", "does not exist"]),
     ("yaml syntax", ["fit", "--config", "{bad_yaml}"], ["bad_recipe.yaml"]),
     ("yaml not a mapping", ["fit", "--config", "{list_yaml}"], ["list_recipe.yaml"]),
@@ -215,6 +233,117 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("flops: unknown preset", ["flops", "--preset", "dlcm_9000b"], ["dlcm_9000b"]),
     ("consolidate: missing checkpoint", ["consolidate", "nodir", "out.ckpt"], ["nodir"]),
     ("plot: missing run", ["plot", "norun"], ["norun"]),
+    # Values a recipe may hold: each named with what is allowed, without a dump of the whole model namespace.
+    ("val_check_interval 0", [*FIT, "--trainer.val_check_interval", "0"], ["val_check_interval=0", "integer >= 1"]),
+    ("max_steps 0", [*FIT, "--trainer.max_steps", "0"], ["max_steps=0", "1 or more"]),
+    ("max_steps below -1", [*FIT, "--trainer.max_steps", "-5"], ["max_steps=-5", "-1"]),
+    ("ratio beyond the context", [*FIT, f"{MODEL}config.parser.target_ratio", "512"], ["target_ratio=512", "256"]),
+    ("ratio below 1", [*FIT, f"{MODEL}config.parser.target_ratio", "-1"], ["target_ratio=-1.0", "> 1"]),
+    ("aux weight", [*FIT, f"{MODEL}config.parser.aux_weight", "-2"], ["aux_weight=-2.0", ">= 0"]),
+    ("sharpen alpha", [*FIT, f"{MODEL}config.parser.sharpen_alpha", "0"], ["sharpen_alpha=0.0", "> 0"]),
+    ("heads", [*FIT, f"{MODEL}config.encoder.n_heads", "3"], ["n_heads=3", "divisor"]),
+    ("smoothing", [*FIT, f"{MODEL}config.smoothing", "bogus"], ["smoothing", "bogus", "ema"]),
+    ("learning rate", [*FIT, f"{MODEL}optimizer.lr", "-1"], ["lr=-1.0", "> 0"]),
+    ("betas", [*FIT, f"{MODEL}optimizer.betas", "[0.9,1.5]"], ["betas=(0.9, 1.5)", "[0, 1)"]),
+    ("warm-up", [*FIT, f"{MODEL}schedule.warmup_steps", "-1"], ["warmup_steps=-1", ">= 0"]),
+    ("context length", [*FIT, f"{MODEL}context_length", "0"], ["max_seq_len=0", "at least 2"]),
+    ("resume mode", [*FIT, "--resume", "bogus"], ["resume", "bogus", "auto"]),
+    ("extend_run not a bool", [*FIT, "--extend_run", "maybe"], ["extend_run", "maybe"]),
+    ("keep_last", [*FIT, "--step_checkpoint.keep_last", "0"], ["keep_last=0", ">= 1"]),
+    ("every_n_steps", [*FIT, "--step_checkpoint.every_n_steps", "0"], ["every_n_steps=0", ">= 1"]),
+    # Every value either reaches the model or is refused: --ckpt_path and --resume=auto follow one rule.
+    (
+        "fit --ckpt_path: another depth",
+        [*RESUME, "--ckpt_path", "{step1}", f"{MODEL}config.backbone.n_layers", "4"],
+        ["step000000001.ckpt", "backbone.n_layers=4 (checkpoint: 3)"],
+    ),
+    (
+        "resume: another depth",
+        [*RESUME, f"{MODEL}config.backbone.n_layers", "4"],
+        ["cannot resume", "backbone.n_layers=4 (checkpoint: 3)"],
+    ),
+    ("resume: another width", [*RESUME, f"{MODEL}config.backbone.width", "512"], ["backbone.width=512"]),
+    ("resume: another R", [*RESUME, f"{MODEL}config.parser.target_ratio", "8"], ["target_ratio=8.0 (checkpoint: 4.0)"]),
+    ("resume: another learning rate", [*RESUME, f"{MODEL}optimizer.lr", "0.002"], ["lr=0.002 (checkpoint: 0.001)"]),
+    ("resume: another seed", [*RESUME, f"{MODEL}seed", "1"], ["seed=1 (checkpoint: 0)"]),
+    ("resume: another max_steps", [*RESUME, "--trainer.max_steps=4"], ["max_steps=4", "--extend_run=true"]),
+    (
+        "resume: another data layout",
+        [*RESUME, "--ckpt_path", "{step1}", "--data.tokens_per_batch=512"],
+        ["data layout", "tokens_per_batch=256 → 512"],
+    ),
+    (
+        "resume: another vocabulary",
+        [*RESUME, "--data.data_dir", "{bad_tokenizer}"],
+        ["tokenizer.json"],
+    ),
+    (
+        "validate: another R",
+        [*VALIDATE, "--ckpt_path", "{step1}", f"{MODEL}config.parser.target_ratio", "8"],
+        ["cannot validate", "target_ratio=8.0 (checkpoint: 4.0)"],
+    ),
+    (
+        "validate: another depth",
+        [*VALIDATE, "--ckpt_path", "{step1}", f"{MODEL}config.decoder.n_layers", "1"],
+        ["decoder.n_layers=1 (checkpoint: 2)"],
+    ),
+    ("validate: no checkpoint", [*VALIDATE], ["--ckpt_path", "untrained"]),
+    ("validate: checkpoint missing", [*VALIDATE, "--ckpt_path", "gone.ckpt"], ["gone.ckpt", "does not exist"]),
+    # eval, generate, plan, flops, data: the flags of the other commands.
+    ("eval: no task", [*EVAL, "--ckpt_path", "{dlcm}", "--tasks", ",", "--data-dir", "{tasks}"], ["--tasks=','"]),
+    (
+        "eval: unknown device",
+        [*EVAL, "--ckpt_path", "{dlcm}", "--tasks", "arc_easy", "--data-dir", "{tasks}", "--device", "bogus"],
+        ["--device=bogus", "cpu"],
+    ),
+    (
+        "generate: unknown device",
+        [*GENERATE, "--ckpt_path", "{dlcm}", "--prompt", "a", "--device", "bogus"],
+        ["--device=bogus", "cpu"],
+    ),
+    (
+        "generate: max new tokens",
+        [*GENERATE, "--ckpt_path", "{dlcm}", "--prompt", "a", "--max-new-tokens", "-3"],
+        ["max_new_tokens=-3", "non-negative"],
+    ),
+    ("generate: top-k", [*GENERATE, "--ckpt_path", "{dlcm}", "--prompt", "a", "--top-k", "-1"], ["top_k=-1"]),
+    ("generate: foreign checkpoint", [*GENERATE, "--ckpt_path", "{foreign}", "--prompt", "a"], ["foreign.ckpt"]),
+    ("plan: nodes", ["plan", DLCM, "--nodes", "0"], ["--nodes=0", "at least 1"]),
+    ("plan: GPUs per node", ["plan", DLCM, "--gpus-per-node", "0"], ["--gpus-per-node=0", "at least 1"]),
+    ("plan: missing recipe", ["plan", "missing.yaml"], ["missing.yaml", "does not exist"]),
+    ("plan: step tokens", ["plan", DLCM, "--step-tokens", "3"], ["global_batch.tokens=3", "multiple"]),
+    ("flops: missing recipe", ["flops", "--config", "missing.yaml"], ["missing.yaml", "does not exist"]),
+    ("flops: ratio", ["flops", "--preset", "dlcm_2.3b", "--ratio", "0"], ["ratio=0.0", "at least 1"]),
+    ("flops: context", ["flops", "--preset", "dlcm_2.3b", "--context", "0"], ["context_length=0", "positive"]),
+    ("consolidate: not sharded", ["consolidate", "{shards}", "out.ckpt"], ["shards", "not a complete sharded"]),
+    ("plot: not a run", ["plot", "{shards}"], ["shards", "neither a sweep"]),
+    ("data verify: missing", ["data", "verify", "nowhere"], ["nowhere", "dlcm data build"]),
+    (
+        "data train-tokenizer: missing input",
+        ["data", "train-tokenizer", "nofile.txt", "--vocab-size", "300", "--out", "t.json"],
+        ["nofile.txt", "does not exist"],
+    ),
+    (
+        "data train-tokenizer: vocabulary",
+        ["data", "train-tokenizer", "{text}", "--vocab-size", "0", "--out", "t.json"],
+        ["vocab_size=0", "at least 257"],
+    ),
+    (
+        "data build: val fraction",
+        ["data", "build", "{text}", "--tokenizer", "{tokenizer}", "--out", "o", "--val-fraction", "2"],
+        ["val_fraction=2.0", "[0, 1)"],
+    ),
+    (
+        "data build: workers",
+        ["data", "build", "{text}", "--tokenizer", "{tokenizer}", "--out", "o", "--workers", "0"],
+        ["workers=0", "at least 1"],
+    ),
+    (
+        "data build: missing tokenizer",
+        ["data", "build", "{text}", "--tokenizer", "nowhere.json", "--out", "o"],
+        ["nowhere.json", "does not exist"],
+    ),
+    ("scaling: run without sidecar", ["scaling", "fit", "--runs", "nowhere"], ["nowhere", "scaling.json"]),
 ]
 
 
@@ -226,11 +355,17 @@ def snapshot(root: Path) -> set[Path]:
     return {p.relative_to(root) for p in root.rglob("*")}
 
 
+def fingerprint(root: Path) -> dict[Path, tuple[int, int]]:
+    """Size and modification time of every file under ``root``: the data, checkpoints and run directories."""
+    return {p.relative_to(root): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
 @pytest.mark.parametrize(("argv", "fragments"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_one_line_error_and_nothing_left_behind(
     argv: list[str], fragments: list[str], inputs: dict[str, Path], tmp_path: Path, monkeypatch, capsys
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    before = fingerprint(inputs["shards"].parent)
     status = main(fill(argv, inputs))
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
@@ -243,11 +378,12 @@ def test_one_line_error_and_nothing_left_behind(
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     assert snapshot(tmp_path) == set(), "left behind"
+    assert fingerprint(inputs["shards"].parent) == before, "the data, a checkpoint or a run directory changed"
 
 
 def test_the_table_covers_every_kind_of_input() -> None:
-    assert len(CASES) >= 40
-    assert {c[1][0] for c in CASES} >= {"fit", "validate", "eval", "generate", "scaling", "sweep", "data"}
+    assert len(CASES) >= 80
+    assert {c[1][0] for c in CASES} >= {"fit", "validate", "eval", "generate", "scaling", "sweep", "data", "plan"}
 
 
 def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch) -> None:
@@ -284,3 +420,35 @@ def test_subcommand_help_imports_no_torch(command: list[str]) -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.rstrip().endswith("False False")
+
+
+@pytest.mark.parametrize(
+    ("argv", "reached"),
+    [
+        ([*RESUME[:-1], "--ckpt_path", "{step1}", f"{MODEL}context_length", "128"], ("context_length", 128)),
+        ([*VALIDATE, "--ckpt_path", "{step1}", f"{MODEL}config.attn_backend", "sdpa"], ("config.attn_backend", "sdpa")),
+    ],
+    ids=["fit --ckpt_path: context length", "validate: attention backend"],
+)
+def test_accepted_overrides_reach_the_model(argv, reached, inputs, tmp_path: Path, monkeypatch) -> None:
+    import lightning as L
+
+    seen = {}
+
+    def recording(original):  # keeps the signature: LightningCLI derives the subcommand's flags from it
+        @functools.wraps(original)
+        def record(self, model=None, **kwargs) -> None:
+            seen.update(model=model, **kwargs)
+
+        return record
+
+    for name in ("fit", "validate"):
+        monkeypatch.setattr(L.Trainer, name, recording(getattr(L.Trainer, name)))
+    monkeypatch.chdir(tmp_path)
+    assert main(fill(argv, inputs)) == 0
+    key, value = reached
+    node = seen["model"]
+    for part in key.split("."):
+        node = getattr(node, part)
+    assert node == value
+    assert seen["ckpt_path"] == str(inputs["step1"])

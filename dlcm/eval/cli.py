@@ -22,6 +22,7 @@ from typing import Any
 
 from dlcm.eval.provenance import file_record, package_versions, source_commit
 from dlcm.eval.tasks import TASKS, load_task, task_path
+from dlcm.infer.device import torch_device
 
 # What each metric of the results means (stored in the results JSON, so nobody has to guess which acc_norm it is).
 METRIC_DEFINITIONS = {
@@ -122,16 +123,18 @@ def write_json_atomically(path: str | Path, data: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     """Run ``dlcm eval``; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        parser.error(f"--tasks={args.tasks!r} names no task: comma-separated, from {', '.join(sorted(TASKS))}")
     # Load every task before building the model, so a typo or a malformed file fails in seconds.
     examples = {t: load_task(t, args.data_dir, args.limit) for t in tasks}
-    import torch
 
     from dlcm.eval.scoring import evaluate_examples
     from dlcm.train.restore import build_from_recipe, load_weights
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = torch_device(args.device)
     module, tokenizer = build_from_recipe(args.config)
     step = load_weights(module, args.ckpt_path) if args.ckpt_path else 0
     network = module.network.to(args.device)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dlcm.data.sources import iter_jsonl_records
+from dlcm.infer.device import torch_device
 
 # Parameter dtypes for decoding, by torch's names (torch is imported when a command runs, not for --help).
 DTYPE_NAMES = ("bfloat16", "float32", "float64")
@@ -89,7 +90,7 @@ def main(argv: list[str]) -> int:
     from dlcm.infer.generation import check_sampling, first_stop, fit_to_context, generate_batch
     from dlcm.train.restore import build_from_recipe, load_weights
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = torch_device(args.device)
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} is not allowed: a positive integer")

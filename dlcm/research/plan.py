@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe.gradient_sync = args.gradient_sync or recipe.gradient_sync
         result = plan(recipe, args.nodes, args.gpus_per_node, gpu, files)
     except (ValueError, FileNotFoundError) as err:
-        print(f"dlcm plan: {err}", file=sys.stderr)
+        print(f"dlcm plan: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1) if args.json else render(result, gpu))
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import shutil
 import sys
 import warnings
 from argparse import ArgumentError
@@ -39,7 +38,8 @@ from dlcm.train import preemption
 from dlcm.train.checkpoint_io import UNREADABLE, AtomicCheckpointIO, require_sharded_checkpoint, unreadable
 from dlcm.train.global_batch import GlobalBatch, apply_global_batch
 from dlcm.train.lightning_modules import LanguageModelModule
-from dlcm.train.resume import ResumeRules, newest_checkpoint
+from dlcm.train.resume import ResumeRules, check_settings, newest_checkpoint
+from dlcm.train.run_directory import RunDirectoryGuard
 from dlcm.train.step_checkpoint import StepCheckpoint, checkpoint_dir
 from dlcm.train.tensorboard_logger import RunTensorBoardLogger
 
@@ -88,14 +88,16 @@ class DLCMCLI(LightningCLI):
         return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads the model's hyperparameters from --ckpt_path before anything is built (as it does here, in
-        # one read): check the path and the file and name the problem, not with a raw unpickling or union error.
+        # Lightning replaces the recipe's model section with the checkpoint's hyperparameters here, which silently
+        # drops what the user typed. Here the checkpoint is only checked to be one of this recipe's model class
+        # (naming the problem, not with a raw unpickling or union error); the recipe and command line build the
+        # model, and check_settings refuses each value that differs from what the checkpoint fixes.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path:
             return
         path = Path(ckpt_path)
-        if path.is_dir():  # a sharded checkpoint: its hyperparameters are not read (as in Lightning)
+        if path.is_dir():  # a sharded checkpoint: its metadata is read by check_settings
             if not (path / ".metadata").is_file():
                 raise ValueError(
                     f"--ckpt_path {path} is a directory, not a checkpoint: pass a .ckpt file (e.g. "
@@ -111,34 +113,47 @@ class DLCMCLI(LightningCLI):
             raise unreadable(path, err) from err
         if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():
             raise ValueError(f"--ckpt_path {path} is not a checkpoint written by `dlcm fit` (no Lightning state in it)")
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
-        if not hparams:
-            return
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        try:
-            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
-        except ArgumentError as err:
+        trained = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+        recipe = self.config[subcommand].get("model", {}).get("class_path")
+        if trained and recipe and trained != recipe:
             raise ValueError(
-                f"checkpoint {path} was trained with another model than this recipe's; use the recipe it was "
-                f"trained with (the config.yaml of its run directory). {err}"
-            ) from err
+                f"checkpoint {path} was trained with another model than this recipe's: {trained.rsplit('.', 1)[-1]} "
+                f"(the recipe builds {recipe.rsplit('.', 1)[-1]}); use the recipe it was trained with (the "
+                "config.yaml of its run directory)"
+            )
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "fit":
             preemption.install()  # a signal during start-up is acted on at the first step boundary
             # Before anything reads the logger's log_dir, which would fix its version to a new one.
             self.config_init["fit"]["ckpt_path"] = self.resolve_resume()
-        # A run that fails before its first optimizer step leaves no run directory behind (only its config.yaml).
-        log_dir = self.trainer.logger.log_dir if self.trainer.logger is not None else None
-        created = [d for d in (Path(log_dir), *Path(log_dir).parents) if not d.exists()] if log_dir else []
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        if subcommand == "validate" and ckpt_path is None:
+            raise ValueError(
+                "dlcm validate scores a checkpoint: pass --ckpt_path <step….ckpt, last.ckpt or a sharded checkpoint "
+                "directory> (without one it would score an untrained network)"
+            )
+        start_step = 0 if ckpt_path is None else check_settings(Path(ckpt_path), dict(self.model.hparams), subcommand)
+        # A command that fails before its first optimizer step leaves the run directory as it found it.
+        guard = RunDirectoryGuard(self.trainer.logger.log_dir if self.trainer.logger is not None else None)
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
-            if created and self.trainer.global_step == 0 and not any(created[0].rglob("*.ckpt")):
-                shutil.rmtree(created[-1], ignore_errors=True)
+            if self.trainer.global_step in (0, start_step):
+                guard.restore()
+            if preemption.stopped_at_once():  # Lightning turns the KeyboardInterrupt into a bare exit status 1
+                raise KeyboardInterrupt(self._nothing_saved()) from None
             raise
+
+    def _nothing_saved(self) -> str:
+        step_checkpoint = next((c for c in self.trainer.callbacks if isinstance(c, StepCheckpoint)), None)
+        last = step_checkpoint.last_path if step_checkpoint is not None else None
+        newest = (
+            f"the newest checkpoint is {last.parent / last.readlink()}"
+            if last and last.exists()
+            else "no checkpoint was saved"
+        )
+        return f"stopped at once at step {self.trainer.global_step}, nothing saved there ({newest})"
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.config.vocab_size", apply_on="instantiate")
@@ -198,6 +213,17 @@ class DLCMCLI(LightningCLI):
             raise ValueError(
                 f"trainer.accumulate_grad_batches={accumulate} is not allowed: micro-batches per optimizer step, "
                 "1 or more"
+            )
+        max_steps, interval = config.get("max_steps"), config.get("val_check_interval")
+        if isinstance(max_steps, int) and (max_steps == 0 or max_steps < -1):  # 0 would "finish" without a step
+            raise ValueError(
+                f"trainer.max_steps={max_steps} is not allowed: optimizer steps in total, 1 or more (or -1: until "
+                "max_epochs)"
+            )
+        if isinstance(interval, (int, float)) and interval <= 0:  # Lightning would divide by it
+            raise ValueError(
+                f"trainer.val_check_interval={interval} is not allowed: training batches between validations (an "
+                "integer >= 1), or a fraction of an epoch in (0, 1]"
             )
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]

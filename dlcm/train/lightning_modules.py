@@ -246,6 +246,11 @@ class DLCMModule(LanguageModelModule):
         seed: int = 0,
         execution: ExecutionConfig | None = None,
     ) -> None:
+        if config.parser.target_ratio > context_length:
+            raise ValueError(
+                f"parser.target_ratio={config.parser.target_ratio:g} is not allowed with context_length="
+                f"{context_length}: tokens per concept, at most the context length"
+            )
         super().__init__(config, optimizer, schedule, context_length, seed, execution)
         self.val_boundaries = torchmetrics.SumMetric()
         self.val_all_tokens = torchmetrics.SumMetric()

@@ -33,16 +33,20 @@ SAFE_HPARAMS = ("config.attn_backend", "config.cross.impl", "context_length", "e
 RUN_STATE = "dlcm_run"  # the checkpoint key where the trainer's max_steps is kept
 
 
+def checkpoint_metadata(path: Path) -> dict[str, Any]:
+    """What a checkpoint holds besides its tensors' data (a file is memory-mapped, not read): its step,
+    hyper-parameters and loop states; of a sharded checkpoint directory, its metadata file."""
+    if path.is_dir():
+        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
 def checkpoint_step(path: Path) -> int | None:
     """The ``global_step`` a complete checkpoint was saved at, or None if ``path`` is not one."""
     try:
-        if path.is_dir():
-            if not (path / SHARD_INDEX).is_file():
-                return None
-            meta = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
-        else:
-            meta = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return int(meta["global_step"])
+        if path.is_dir() and not (path / SHARD_INDEX).is_file():
+            return None
+        return int(checkpoint_metadata(path)["global_step"])
     except (*UNREADABLE, OSError, KeyError, ValueError):
         return None
 
@@ -89,8 +93,32 @@ def refused_overrides(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return out
 
 
+def check_settings(path: Path, hparams: dict[str, Any], subcommand: str) -> int:
+    """Refuse the settings of this run (recipe and command line) that differ from what the checkpoint at ``path``
+    fixes; return its step. ``--ckpt_path`` and ``--resume=auto`` both come here, before anything is loaded or
+    logged, for ``validate`` as for ``fit``: every value either reaches the model or is refused, none is silently
+    replaced by the checkpoint's."""
+    meta = checkpoint_metadata(path)
+    what = f"cannot resume from {path}" if subcommand == "fit" else f"cannot {subcommand} {path}"
+    refuse_changed_settings(meta.get("hyper_parameters") or {}, hparams, what, new_run=subcommand == "fit")
+    return int(meta.get("global_step", 0))
+
+
+def refuse_changed_settings(saved: dict[str, Any], now: dict[str, Any], what: str, new_run: bool) -> None:
+    """One line naming every hyper-parameter in ``now`` that differs from the checkpoint's ``saved`` and would
+    change the run."""
+    refused = refused_overrides(saved, now)
+    if refused:
+        raise ValueError(
+            f"{what}: {'; '.join(refused)}. The model shape, objective, optimizer and schedule are fixed in a "
+            "checkpoint: drop these values from the command line and recipe (the config.yaml of the checkpoint's run "
+            "holds the ones it was trained with)" + (", or start a new run (--resume=never)" if new_run else "")
+        )
+
+
 class ResumeRules(Callback):
-    """Applies the resume rules of this module when ``fit`` resumes from a checkpoint.
+    """Keeps the trainer's ``max_steps`` in checkpoints and applies the rule on the run's length when ``fit``
+    resumes, after refusing changed hyper-parameters (as :func:`check_settings` does before anything loads).
 
     Args:
         extend_run: allow ``trainer.max_steps`` to differ from the checkpoint's (the schedule follows it where
@@ -106,13 +134,9 @@ class ResumeRules(Callback):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn != "fit":
             return
+        # `dlcm fit` compared the settings before loading (check_settings); this covers a Trainer run directly.
         where = f"cannot resume from {trainer.ckpt_path}"
-        refused = refused_overrides(checkpoint.get("hyper_parameters", {}), dict(pl_module.hparams))
-        if refused:
-            raise ValueError(
-                f"{where}: {'; '.join(refused)}. The model shape, objective, optimizer and schedule are fixed in a "
-                "checkpoint: drop these overrides, or start a new run (--resume=never)"
-            )
+        refuse_changed_settings(checkpoint.get("hyper_parameters", {}), dict(pl_module.hparams), where, new_run=True)
         self._check_length(trainer, pl_module, checkpoint, where)
 
     def _check_length(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict, where: str) -> None:

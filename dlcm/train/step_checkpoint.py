@@ -1,5 +1,5 @@
 """Checkpoints on a training cadence, independent of validation: every N optimizer steps and/or every M minutes,
-at the end of training, and at the first step boundary after a preemption signal.
+at the end of training, and at the first step boundary after a preemption signal or CTRL-C.
 
 Each save is ``step<global_step>.ckpt`` (a file, or a directory of shards under FSDP2), written atomically by
 dlcm's checkpoint IO / strategy; ``last.ckpt`` is a symbolic link to the newest complete one, and only the newest
@@ -129,12 +129,18 @@ class StepCheckpoint(Checkpoint):
         # Here rather than right after the save: Lightning logs a step's metrics after its batch-end hooks, and the
         # resumed run logs from the step after the checkpoint on.
         if self._stop_at is not None:
-            rank_zero_info(
-                f"preemption signal ({', '.join(preemption.received()) or 'on another rank'}): saved "
-                f"{self._saved_path()} at step {self._stop_at}; exiting with code {preemption.REQUEUE_EXIT_CODE} "
-                "for requeue"
-            )
-            raise preemption.Preempted()
+            stop = preemption.Preempted()
+            if preemption.interrupted():
+                rank_zero_info(
+                    f"interrupted: saved {self._saved_path()} at step {self._stop_at}; the same command with "
+                    f"--resume=auto (or --ckpt_path {self._saved_path()}) continues the run"
+                )
+            else:
+                rank_zero_info(
+                    f"preemption signal ({', '.join(preemption.received()) or 'on another rank'}): saved "
+                    f"{self._saved_path()} at step {self._stop_at}; exiting with code {stop.code} for requeue"
+                )
+            raise stop
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._saved_step:
@@ -155,7 +161,8 @@ class StepCheckpoint(Checkpoint):
 
     def _save(self, trainer: L.Trainer, step: int) -> None:
         path = step_path(self.dirpath, step)
-        trainer.save_checkpoint(path)  # collective under sharded strategies; atomic (dlcm.train.checkpoint_io)
+        # Collective under sharded strategies; atomic (dlcm.train.checkpoint_io); the full state, to resume from.
+        trainer.save_checkpoint(path, weights_only=False)
         self._saved_step = step
         self._saved_at = time.monotonic()
         if trainer.is_global_zero:

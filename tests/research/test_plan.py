@@ -118,6 +118,6 @@ def test_plan_prints_days_to_the_token_budget_and_refuses_a_world_the_step_does_
     assert main(["plan", str(DLCM_8X8), "--nodes", "3", "--gpus-per-node", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "dlcm plan: global_batch.tokens=4194304 is not allowed on 24 GPUs: a multiple of data.tokens_per_batch × "
-        "world size = 16384 × 24 = 393216"
+        "dlcm plan: error: global_batch.tokens=4194304 is not allowed on 24 GPUs: a multiple of "
+        "data.tokens_per_batch × world size = 16384 × 24 = 393216"
     )

@@ -306,7 +306,16 @@ def test_consolidated_checkpoint_has_the_sharded_weights_and_validates_on_one_de
         assert torch.equal(weights[name], value), name
 
     validated = run_cli(
-        ["validate", f"--config={RECIPE}", *VALIDATE, f"--trainer.default_root_dir={runs}", f"--ckpt_path={out}"]
+        [
+            "validate",
+            f"--config={RECIPE}",
+            *VALIDATE,
+            f"--trainer.default_root_dir={runs}",
+            f"--ckpt_path={out}",
+            # The settings it was trained with (validate refuses a recipe that differs from its checkpoint).
+            "--model.init_args.config.parser.boundary_mode=threshold",
+            "--model.init_args.schedule.warmup_steps=0",
+        ]
     )
     from_file = validated.trainer.callback_metrics["val/loss"].item()
     validated.model.network.load_state_dict(trained)  # the weights as the ranks held them, gathered
