@@ -21,6 +21,7 @@ from typing import Any
 from dlcm.model.config import BaselineConfig, DLCMConfig
 
 FORMAT_VERSION = 1
+MODEL_RECORD = "dlcm_model"  # the checkpoint key of the record :func:`dlcm.load` reads
 DEFAULT_CONTEXT_LENGTH = 2048  # tokens: the training modules' default longest document
 MODEL_TYPES: dict[str, type] = {"dlcm": DLCMConfig, "baseline": BaselineConfig}
 ModelConfig = DLCMConfig | BaselineConfig
