@@ -281,4 +281,3 @@ def _read_text(path: Path) -> str:
 def _placed(pretrained: Pretrained, device: Any, dtype: torch.dtype | None) -> Pretrained:
     pretrained.network.to(device=device, dtype=dtype).eval()
     return pretrained
-
