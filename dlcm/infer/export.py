@@ -94,7 +94,7 @@ def model_card(pretrained: Pretrained, checkpoint: str) -> str:
 
 
 def export_config(pretrained: Pretrained) -> dict[str, Any]:
-    summary = {k: pretrained.record.get(k) for k in ("global_step", "tokens_seen", "validation")}
+    summary = {k: pretrained.record.get(k) for k in ("global_step", "tokens_seen", "validation", "recipe")}
     return {
         "format_version": FORMAT_VERSION,
         "config": config_to_dict(pretrained.config),

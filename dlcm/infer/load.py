@@ -139,6 +139,20 @@ def load_with_recipe(
     return _placed(pretrained, device, dtype)
 
 
+def load_for_command(
+    configs: list[str] | None, ckpt_path: str | None, device: Any = None, dtype: torch.dtype | None = None
+) -> Pretrained:
+    """What ``--config`` / ``--ckpt_path`` of ``dlcm generate``, ``eval`` and ``analyze`` name: the checkpoint alone
+    (its own config and tokenizer), or one recipe with an optional checkpoint."""
+    if configs and len(configs) > 1:
+        raise ValueError(f"--config is given {len(configs)} times: pass the one recipe the model was trained with")
+    if configs:
+        return load_with_recipe(configs[0], ckpt_path, device, dtype)
+    if ckpt_path is None:
+        raise ValueError("no model: pass --ckpt_path (a checkpoint or an exported folder) and/or --config RECIPE")
+    return load(ckpt_path, device, dtype)
+
+
 def load_export(path: Path) -> Pretrained:
     """An exported model folder (see ``dlcm export``)."""
     from safetensors import SafetensorError
