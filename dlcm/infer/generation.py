@@ -349,13 +349,8 @@ class DLCMDecoder:
         bias_BR = log_count_bias(cols_R, own_B1, position_B[:, None], self.start_BR, self.length_BR, readable_BR)
         h_B1D = self.h_BLD[all_B, position_B][:, None]
         q_B1NH = m.cross.queries(h_B1D)
-        out_BN1H = F.scaled_dot_product_attention(
-            q_B1NH.transpose(1, 2),
-            self.cross_k_BRKH.transpose(1, 2),
-            self.cross_v_BRKH.transpose(1, 2),
-            attn_mask=bias_BR[:, None, None].to(q_B1NH.dtype),
-            enable_gqa=True,
-        )
+        mask_B11R = bias_BR[:, None, None].to(q_B1NH.dtype)
+        out_BN1H = cached_attention(q_B1NH, self.cross_k_BRKH, self.cross_v_BRKH, mask_B11R)
         prob_B1 = self.prob_BL[all_B, position_B][:, None]
         confidence_B1 = m.parser.confidence(prob_B1, boundary_B[:, None]) if m.cfg.parser.router_grad == "ste" else None
         x_B1D = m.cross.finish(h_B1D, out_BN1H.transpose(1, 2), confidence_B1)
