@@ -18,10 +18,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dlcm.infer.load import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, Pretrained
-from dlcm.model.config_io import FORMAT_VERSION, config_to_dict
+from dlcm.model.config_io import CONFIG_FILE, FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE, config_to_dict
+
+# torch is imported by the functions that load and write, after the command line is parsed (`--help` needs none).
+if TYPE_CHECKING:
+    from dlcm.infer.load import Pretrained
 
 CARD_FILE = "README.md"
 

@@ -24,13 +24,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dlcm.model.config_io import MODEL_RECORD, ModelConfig, check_format_version, config_from_dict
+from dlcm.model.config_io import (
+    CONFIG_FILE,
+    MODEL_RECORD,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    ModelConfig,
+    check_format_version,
+    config_from_dict,
+)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 NETWORK_PREFIX = "network."  # the LightningModule attribute holding the network in a checkpoint's state_dict
-CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 SHARD_INDEX, SHARD_META = ".metadata", "meta.pt"  # torch.distributed.checkpoint's index; Lightning's non-tensor state
 
 

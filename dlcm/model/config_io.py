@@ -23,6 +23,8 @@ from dlcm.model.config import BaselineConfig, DLCMConfig
 FORMAT_VERSION = 1
 MODEL_RECORD = "dlcm_model"  # the checkpoint key of the record :func:`dlcm.load` reads
 DEFAULT_CONTEXT_LENGTH = 2048  # tokens: the training modules' default longest document
+# The files of an exported model folder (``dlcm export``).
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 MODEL_TYPES: dict[str, type] = {"dlcm": DLCMConfig, "baseline": BaselineConfig}
 ModelConfig = DLCMConfig | BaselineConfig
 
