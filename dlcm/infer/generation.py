@@ -153,7 +153,10 @@ class DLCMDecoder:
         acc = torch.promote_types(dtype, torch.float32)
         self.model = model
         self.encoder = StackCache(model.encoder, batch, capacity, device, dtype)
-        self.backbone = StackCache(model.backbone, batch, capacity, device, dtype)  # concepts ≤ tokens
+        # Concepts: about capacity / R, grown on demand (a backbone cache at the token capacity held 4× the memory
+        # the concepts need, and a single-token step reads the whole capacity).
+        concept_capacity = max(1, int(capacity / model.cfg.parser.target_ratio))
+        self.backbone = StackCache(model.backbone, batch, concept_capacity, device, dtype)
         self.decoder = StackCache(model.decoder, batch, capacity, device, dtype)
         # Host view of each document's concepts: how many started, and the open (newest) one's first token.
         self.concept_count = [0] * batch
@@ -260,8 +263,9 @@ class DLCMDecoder:
         caches = [self.encoder, self.backbone, self.decoder]
         needed = max(self.lengths) + 1
         self._reserve(needed)
-        for cache in caches:
+        for cache in (self.encoder, self.decoder):
             cache.reserve(needed)
+        self.backbone.reserve(max(self.concept_count) + 1)  # the step may complete one more concept
         if self._capacities() != self.graph_capacity:  # reallocated since capture (by a step or an extend)
             for phase in self.phases:
                 phase.reset()
