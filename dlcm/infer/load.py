@@ -216,6 +216,8 @@ def check_vocabulary(tokenizer: Tokenizer, config: ModelConfig, source: str) -> 
 
 
 def read_checkpoint_file(path: Path, weights_only: bool = True) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: pass a .ckpt file written by `dlcm fit`")
     checkpoint = _torch_load(path, path, weights_only)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} has no 'state_dict': not a checkpoint written by `dlcm fit`")

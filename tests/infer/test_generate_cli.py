@@ -118,7 +118,7 @@ def test_errors_name_the_bad_input(trained, tmp_path: Path) -> None:
     ckpt = trained[0]
     with pytest.raises(FileNotFoundError, match=r"checkpoint .*nowhere\.ckpt does not exist"):
         run(str(tmp_path / "nowhere.ckpt"), "--prompt", "a")
-    with pytest.raises(ValueError, match="does not match the model of this recipe"):
+    with pytest.raises(ValueError, match=r"last\.ckpt does not match the model \(missing stack"):
         run(ckpt, "--prompt", "a", recipe=str(RECIPES / "baseline_tiny_defaultcorpus_cpu.yaml"))
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: .*missing the 'prompt' field"):
