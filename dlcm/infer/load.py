@@ -108,8 +108,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         return _placed(pretrained, device, dtype)
     if path.is_dir():
         raise ValueError(
-            f"directory {path} has no {CONFIG_FILE} and no {SHARD_INDEX}: neither a `dlcm export` folder nor a sharded "
-            "checkpoint"
+            f"{path} is a directory with no {CONFIG_FILE} and no {SHARD_INDEX}: neither a `dlcm export` folder nor a "
+            "sharded checkpoint"
         )
     checkpoint = read_checkpoint_file(path)
     pretrained = from_record(read_record(checkpoint, path), str(path))
@@ -118,19 +118,21 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
 
 
 def load_with_recipe(
-    recipe: str | Path,
+    recipe: str | Path | list[str | Path],
     ckpt_path: str | Path | None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> Pretrained:
     """The network and tokenizer a training recipe describes, with a checkpoint's weights (None: the initial
-    weights). Reads checkpoints of any format version, including 0, whose pickled configs are trusted here."""
+    weights). Several recipes compose in order. Reads checkpoints of any format version, including 0, whose
+    pickled configs are trusted here."""
     from dlcm.infer.recipe import load_recipe, recipe_tokenizer
     from dlcm.model.presets import build_model
 
     model = load_recipe(recipe)
     network = build_model(model.config)
-    record: dict[str, Any] = {"recipe": Path(recipe).read_text(encoding="utf-8")}
+    first = recipe[0] if isinstance(recipe, list) else recipe
+    record: dict[str, Any] = {"recipe": Path(first).read_text(encoding="utf-8")}
     if ckpt_path is not None:
         ckpt_path = Path(ckpt_path)
         if ckpt_path.is_dir():
@@ -150,11 +152,9 @@ def load_for_command(
     configs: list[str] | None, ckpt_path: str | None, device: Any = None, dtype: torch.dtype | None = None
 ) -> Pretrained:
     """What ``--config`` / ``--ckpt_path`` of ``dlcm generate``, ``eval`` and ``analyze`` name: the checkpoint alone
-    (its own config and tokenizer), or one recipe with an optional checkpoint."""
-    if configs and len(configs) > 1:
-        raise ValueError(f"--config is given {len(configs)} times: pass the one recipe the model was trained with")
+    (its own config and tokenizer), or recipes (composed in order) with an optional checkpoint."""
     if configs:
-        return load_with_recipe(configs[0], ckpt_path, device, dtype)
+        return load_with_recipe(list(configs), ckpt_path, device, dtype)
     if ckpt_path is None:
         raise ValueError("no model: pass --ckpt_path (a checkpoint or an exported folder) and/or --config RECIPE")
     return load(ckpt_path, device, dtype)
@@ -260,7 +260,10 @@ def load_network_weights(network: nn.Module, weights: dict[str, torch.Tensor], s
     problems += [f"unexpected {name}" for name in weights if name not in own]
     if problems:
         more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
-        raise ValueError(f"{source} does not match the model ({'; '.join(problems[:4])}{more})")
+        raise ValueError(
+            f"{source} does not match the model ({'; '.join(problems[:4])}{more}): a checkpoint of another model or "
+            "recipe"
+        )
     network.load_state_dict(weights, strict=True)
 
 
@@ -272,7 +275,7 @@ def load_sharded_weights(network: nn.Module, path: Path) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
 
     if not (path / SHARD_INDEX).is_file():
-        raise ValueError(f"{path} is not a sharded checkpoint ({SHARD_INDEX} missing)")
+        raise ValueError(f"{path} is a directory, not a sharded checkpoint ({SHARD_INDEX} missing): pass a .ckpt file")
     own = {NETWORK_PREFIX + name: tensor for name, tensor in network.state_dict().items()}
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is

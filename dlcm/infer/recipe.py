@@ -54,6 +54,19 @@ def section(recipe: dict[str, Any], key: str, base: Path) -> dict[str, Any]:
     return load_yaml(base / value) if isinstance(value, str) else value
 
 
+def read_recipes(paths: str | Path | list[str | Path]) -> tuple[Path, dict[str, Any]]:
+    """(first recipe's path, the recipes merged in order): later files override earlier keys, as ``--config`` given
+    several times composes in ``dlcm fit``. Sections given as fragment paths are read relative to their own file."""
+    from omegaconf import OmegaConf
+
+    paths = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+    merged = OmegaConf.create({})
+    for path in paths:
+        recipe = load_yaml(path)
+        merged = OmegaConf.merge(merged, {key: section(recipe, key, path.parent) for key in recipe})
+    return paths[0], OmegaConf.to_container(merged)
+
+
 def data_args(recipe: dict[str, Any], base: Path) -> dict[str, Any]:
     data = section(recipe, "data", base)
     return data.get("init_args") or data
@@ -80,10 +93,9 @@ def vocab_from_data(data: dict[str, Any]) -> tuple[int, str]:
     return default, "from the embedded default corpus's tokenizer (data.data_dir is null)"
 
 
-def load_recipe(path: str | Path, vocab_size: int | None = None) -> RecipeModel:
-    """The model config and context length of a training recipe."""
-    path = Path(path)
-    recipe = load_yaml(path)
+def load_recipe(paths: str | Path | list[str | Path], vocab_size: int | None = None) -> RecipeModel:
+    """The model config and context length of a training recipe (several compose in order)."""
+    path, recipe = read_recipes(paths)
     model = section(recipe, "model", path.parent)
     class_path = model.get("class_path")
     if not class_path:
@@ -108,12 +120,12 @@ def load_recipe(path: str | Path, vocab_size: int | None = None) -> RecipeModel:
     return RecipeModel(path.stem, config, context, f"vocab {config.vocab_size:,} {note}")
 
 
-def recipe_tokenizer(path: str | Path) -> Tokenizer:
+def recipe_tokenizer(paths: str | Path | list[str | Path]) -> Tokenizer:
     """The tokenizer the recipe's data section trains with (the default corpus's is built on first use)."""
     from dlcm.data.datamodule import open_manifest
     from dlcm.data.tokenizer import load_tokenizer
 
-    path = Path(path)
-    data = data_args(load_yaml(path), path.parent)
+    path, recipe = read_recipes(paths)
+    data = data_args(recipe, path.parent)
     _, manifest = open_manifest(data.get("data_dir"), data.get("mixture"))
     return load_tokenizer(manifest.tokenizer_path)

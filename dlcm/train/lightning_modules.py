@@ -194,12 +194,12 @@ class LanguageModelModule(L.LightningModule):
         """What :func:`dlcm.load` and ``dlcm export`` need beside the weights: the network's config, the context
         length and the tokenizer, plus the run's summary for the model card (recipe, tokens seen, the last
         validation). Plain data, so ``torch.load(weights_only=True)`` reads it."""
-        trainer = self.trainer
+        trainer = self._trainer  # None when a checkpoint is saved from a trainer this module was never fitted by
         datamodule = getattr(trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
         micro_tokens = getattr(datamodule, "tokens_per_batch", None)
         step_tokens = micro_tokens * trainer.accumulate_grad_batches * trainer.world_size if micro_tokens else None
-        recipe = Path(trainer.log_dir) / "config.yaml" if trainer.log_dir else None
+        recipe = Path(trainer.log_dir) / "config.yaml" if trainer is not None and trainer.log_dir else None
         return {
             "format_version": FORMAT_VERSION,
             "config": config_to_dict(self.config),

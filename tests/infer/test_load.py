@@ -103,7 +103,7 @@ def test_bad_inputs_are_refused_with_one_line_and_nothing_written(tokenizer, tmp
     with pytest.raises(ValueError, match=r"model\.safetensors cannot be read .* truncated"):
         load(tmp_path / "out")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"has no config\.json and no \.metadata"):
+    with pytest.raises(ValueError, match=r"is a directory with no config\.json and no \.metadata"):
         load(tmp_path / "empty")
     capsys.readouterr()
     assert dlcm_main(["export", str(good), str(tmp_path / "out")]) == 1  # not empty
