@@ -22,6 +22,8 @@ from dlcm.model.config_io import DEFAULT_CONTEXT_LENGTH, MODEL_TYPES, dataclass_
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+# The recipe groups read here that may be given as a path to a fragment file.
+FRAGMENT_GROUPS = ("model", "data")
 # The LightningModule class names of recipes and the network each trains.
 MODULE_MODEL_TYPES = {"DLCMModule": "dlcm", "BaselineModule": "baseline"}
 
@@ -63,7 +65,8 @@ def read_recipes(paths: str | Path | list[str | Path]) -> tuple[Path, dict[str, 
     merged = OmegaConf.create({})
     for path in paths:
         recipe = load_yaml(path)
-        merged = OmegaConf.merge(merged, {key: section(recipe, key, path.parent) for key in recipe})
+        groups = {key: section(recipe, key, path.parent) for key in FRAGMENT_GROUPS if key in recipe}
+        merged = OmegaConf.merge(merged, recipe | groups)
     return paths[0], OmegaConf.to_container(merged)
 
 
