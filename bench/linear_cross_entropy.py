@@ -61,7 +61,7 @@ def chunked_loss(compiled: bool) -> Loss:
 def liger_loss() -> Loss | None:
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError:
+    except (ImportError, AttributeError, OSError, RuntimeError):  # absent, or built for another torch / triton
         return None
     return functools.partial(liger_fused_linear_cross_entropy, ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -69,7 +69,7 @@ def liger_loss() -> Loss | None:
 def cce_loss(filter_eps: str | None) -> Loss | None:
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
-    except ImportError:
+    except (ImportError, AttributeError, OSError, RuntimeError):  # absent, or built for another torch / triton
         return None
     return lambda x, w, targets: cce(x, w, targets, ignore_index=IGNORE_INDEX, reduction="sum", filter_eps=filter_eps)
 
@@ -156,9 +156,32 @@ def main() -> int:
             torch.cuda.empty_cache()
         print(rec, flush=True)
         records.append(rec)
+    meta = {"benchmark": "linear_cross_entropy", **run_meta(device), "warmup": args.warmup, "iters": args.iters}
+    data = {"meta": meta, "records": records}
     if args.out:
-        write_json(args.out, {**run_meta(device), "records": records})
+        write_json(args.out, data)
+    print(markdown_table(data))
     return 0
+
+
+def markdown_table(data: dict) -> str:
+    meta = data["meta"]
+    lines = [
+        f"`{meta['command']}` — {meta['device']}, torch {meta['torch']}, bf16 inputs, forward + backward, median of "
+        f"{meta['iters']} after {meta['warmup']} warm-up\n",
+        "| implementation | rows × width × vocab | ms | memory beyond inputs (GiB) | loss rel. err | dx err | dW err |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["records"]:
+        shape = f"{r['tokens']} × {r['width']} × {r['vocab']}"
+        if "ms" not in r:
+            lines.append(f"| {r['impl']} | {shape} | {r.get('skipped') or r.get('error', '')[:60]} | | | | |")
+            continue
+        lines.append(
+            f"| {r['impl']} | {shape} | {r['ms']:.1f} | {r['peak_extra_gib']:.2f} | {r['loss_rel_err']:.1e} "
+            f"| {r['dx_err']:.1e} | {r['dw_err']:.1e} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -73,8 +73,10 @@ def _add_product(acc_PD: torch.Tensor, a_Pc: torch.Tensor, b_cD: torch.Tensor) -
     """``acc += a @ b`` with ``acc`` in fp32 and ``a``, ``b`` possibly bf16, without a rounded bf16 partial."""
     if a_Pc.dtype == acc_PD.dtype:
         acc_PD.addmm_(a_Pc, b_cD)
-    elif acc_PD.is_cuda:
+    elif acc_PD.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
         torch.ops.aten.addmm.dtype_out(acc_PD, a_Pc, b_cD, acc_PD.dtype, out=acc_PD)
+    elif acc_PD.is_cuda:  # a PyTorch without the mixed-dtype GEMM: round each chunk's product once
+        acc_PD.add_(a_Pc @ b_cD)
     else:  # CPU has no mixed-dtype GEMM: fp32 operands (CPU runs are fp32 in practice)
         acc_PD.addmm_(a_Pc.to(acc_PD.dtype), b_cD.to(acc_PD.dtype))
 
