@@ -153,7 +153,7 @@ def matched_baseline_overrides(dlcm_recipe: Path, dlcm_size: dict[str, Any], bas
     """Overrides giving the baseline recipe the shape whose inference FLOPs per token match the DLCM's after
     ``dlcm_size`` (``dlcm.research.shape_search.matched_baseline``: doubling both widths alone leaves the DLCM 10 %
     above, since attention FLOPs grow 2× and matmul FLOPs 4×)."""
-    from dlcm.research.flops_report import load_recipe
+    from dlcm.infer.recipe import load_recipe
     from dlcm.research.shape_search import matched_baseline
 
     dlcm = load_recipe(dlcm_recipe, vocab_size=VOCAB)

@@ -34,11 +34,12 @@ import torch
 from report import run_meta, write_json  # bench/report.py (this script's folder is on sys.path)
 
 from dlcm.infer.generation import DLCMDecoder, incremental_decoder, sample_tokens
+from dlcm.infer.recipe import load_recipe
 from dlcm.model.config import BaselineConfig, DLCMConfig
 from dlcm.model.dlcm import DLCM
 from dlcm.model.flops import inference_flops_per_token
 from dlcm.model.presets import DEEPSEEK_V3_VOCAB, build_model
-from dlcm.research.flops_report import load_preset, load_recipe
+from dlcm.research.flops_report import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 # (baseline, DLCM): presets or recipe files; the recipes' vocabulary comes from --vocab-size.

@@ -26,8 +26,8 @@ from report import run_meta, write_json  # bench/report.py (this script's folder
 
 from dlcm.eval.scoring import evaluate_examples
 from dlcm.eval.tasks import TASKS, Example, load_task
+from dlcm.infer.load import load_with_recipe
 from dlcm.model.dlcm import DLCM
-from dlcm.train.restore import build_from_recipe
 
 SMALL_PAIR = ["recipes/baseline_small_defaultcorpus_h200.yaml", "recipes/dlcm_small_r4_defaultcorpus_h200.yaml"]
 
@@ -35,16 +35,16 @@ SMALL_PAIR = ["recipes/baseline_small_defaultcorpus_h200.yaml", "recipes/dlcm_sm
 def bench_recipe(recipe: str, items: list[Example], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Items per second of one recipe's model on the task's items."""
     torch.manual_seed(args.seed)
-    module, tokenizer = build_from_recipe([recipe])
-    network = module.network.to(device=device, dtype=DTYPES[args.dtype])
+    model = load_with_recipe(recipe, None, device, DTYPES[args.dtype])  # the recipe's initial weights
+    network, tokenizer = model.network, model.tokenizer
     is_dlcm = isinstance(network, DLCM)
     if is_dlcm:
         boundaries_at_ratio(network)
-    evaluate_examples(network, tokenizer, items[: args.warmup_items], module.context_length, args.batch_tokens)
+    evaluate_examples(network, tokenizer, items[: args.warmup_items], model.context_length, args.batch_tokens)
     seconds = []
     for _ in range(args.iters):
         with Timer(device) as timer:
-            evaluate_examples(network, tokenizer, items, module.context_length, args.batch_tokens)
+            evaluate_examples(network, tokenizer, items, model.context_length, args.batch_tokens)
         seconds.append(timer.ms / 1e3)
     median = statistics.median(seconds)
     record = {
@@ -60,7 +60,7 @@ def bench_recipe(recipe: str, items: list[Example], args: argparse.Namespace, de
     if is_dlcm:
         record["target_ratio"] = network.cfg.parser.target_ratio
     print(f"{recipe}: {len(items)} items in {record['seconds']:.2f} s, {record['items_per_s']:.1f} items/s", flush=True)
-    del module, network
+    del model, network
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return record

@@ -200,6 +200,25 @@ class PackedLoader:
             yield from DataLoader(stream, batch_size=None, num_workers=spec.num_workers, persistent_workers=False)
 
 
+def open_manifest(data_dir: str | Path | None, mixture: dict[str, float] | None) -> tuple[Any, Any]:
+    """(directory, manifest) of a data section: the mixture of ``data_dir``'s sources, the shard directory
+    ``data_dir`` (a URL stays a string: its shards are streamed), or the embedded default corpus (built on first use).
+    A mixture reads like a manifest over its sources (tokenizer, domains, split totals, shard paths)."""
+    from dlcm.data.corpus import ensure_default_corpus
+    from dlcm.data.shards import Manifest
+
+    if mixture is not None:
+        from dlcm.data.mixture import Mixture
+
+        loaded = Mixture.load(data_dir, mixture)
+        return loaded.directory, loaded
+    if data_dir is None:
+        directory: str | Path = ensure_default_corpus()
+    else:
+        directory = str(data_dir) if is_url(str(data_dir)) else Path(data_dir)
+    return directory, Manifest.load(directory)
+
+
 class PackedDataModule(L.LightningDataModule):
     """Packed micro-batches from a ``dlcm data build`` directory, or the embedded default corpus.
 
@@ -231,8 +250,6 @@ class PackedDataModule(L.LightningDataModule):
         resume_on_new_layout: bool = False,
     ) -> None:
         super().__init__()
-        from dlcm.data.corpus import ensure_default_corpus
-        from dlcm.data.shards import Manifest
         from dlcm.data.tokenizer import load_tokenizer, token_byte_lengths, vocab_size
 
         for name, value, floor in (("tokens_per_batch", tokens_per_batch, 2), ("max_seq_len", max_seq_len, 2)):
@@ -242,18 +259,8 @@ class PackedDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers={num_workers} is not allowed: 0 or more worker processes")
         if val_batches is not None and val_batches < 1:
             raise ValueError(f"data.val_batches={val_batches} is not allowed: None or at least 1")
-        self.mixture = None
-        if mixture is not None:
-            from dlcm.data.mixture import Mixture
-
-            # A Mixture reads like a Manifest over its sources (tokenizer, domains, split totals, shard paths).
-            self.mixture = Mixture.load(data_dir, mixture)
-            self.data_dir = self.mixture.directory
-        elif data_dir is None:
-            self.data_dir = ensure_default_corpus()
-        else:  # a URL (s3://…) stays a string: the shards are streamed from there
-            self.data_dir = str(data_dir) if is_url(str(data_dir)) else Path(data_dir)
-        self.manifest = self.mixture if self.mixture is not None else Manifest.load(self.data_dir)
+        self.data_dir, self.manifest = open_manifest(data_dir, mixture)
+        self.mixture = self.manifest if mixture is not None else None
         tokenizer = load_tokenizer(self.manifest.tokenizer_path)
         self.tokenizer = tokenizer  # callbacks decode validation text with it
         self.vocab_size = vocab_size(tokenizer)

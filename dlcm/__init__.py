@@ -11,7 +11,8 @@ The package is layered; each layer imports only from the ones before it:
 - :mod:`dlcm.research` — sweeps, scaling law, analyses, plots;
 - :mod:`dlcm.cli` — the command table.
 
-The network classes are re-exported here, imported on first use so that ``dlcm --help`` does not load torch.
+The network classes and :func:`dlcm.load` (a trained model and its tokenizer from a checkpoint or an exported
+folder) are re-exported here, imported on first use so that ``dlcm --help`` does not load torch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "load": "dlcm.infer.load",
+    "Pretrained": "dlcm.infer.load",
     "DLCM": "dlcm.model.dlcm",
     "DLCMOutput": "dlcm.model.dlcm",
     "DenseBaseline": "dlcm.model.baseline",

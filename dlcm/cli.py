@@ -32,6 +32,9 @@ COMMANDS = {
     "data": Command("dlcm.data.build_cli", "tokenize a corpus into shards, train a tokenizer, build the demo corpus"),
     "eval": Command("dlcm.eval.cli", "zero-shot benchmarks of a checkpoint (ARC, PIQA, WinoGrande, LAMBADA, …)"),
     "generate": Command("dlcm.infer.generate_cli", "sample continuations of prompts from a checkpoint (JSONL)"),
+    "export": Command(
+        "dlcm.infer.export", "a checkpoint -> config.json, model.safetensors, tokenizer.json, model card"
+    ),
     "consolidate": Command("dlcm.train.consolidate", "merge a sharded checkpoint into one .ckpt (and safetensors)"),
     "flops": Command("dlcm.research.flops_report", "inference FLOPs per token of a recipe or preset, per stage"),
     "sweep": Command("dlcm.research.sweep", "expand a sweep spec into dlcm fit runs, run them, summarise them"),

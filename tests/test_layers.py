@@ -19,15 +19,16 @@ LAYER_DIRS = {
     "eval": ROOT / "dlcm" / "eval",
     "research": ROOT / "dlcm" / "research",
 }
-# Layers each layer may import from (besides itself). train and callbacks form one level: the CLI builds the
-# callbacks, and the μP callback builds the optimizer's groups.
+# Layers each layer may import from (besides itself), as docs/design.md §16 draws them. Inference and evaluation
+# stand on the model and data layers only: a trained model is used without the training stack. train and callbacks
+# still form one level (the CLI builds the callbacks; the μP callback builds the optimizer's groups).
 ALLOWED = {
     "model": set(),
     "data": set(),
     "train": {"model", "data", "callbacks"},
     "callbacks": {"model", "train"},
-    "infer": {"model", "data", "train", "callbacks"},
-    "eval": {"model", "data", "train", "callbacks", "infer"},
+    "infer": {"model", "data"},
+    "eval": {"model", "data", "infer"},
     "research": {"model", "data", "train", "callbacks", "infer", "eval"},
 }
 
@@ -75,6 +76,19 @@ def test_the_walk_sees_function_level_imports_and_flags_them(tmp_path: Path) -> 
     )
     (model_dir / "ok.py").write_text("import torch\nfrom dlcm.model import config\n")
     assert reverse_arrows("model", model_dir, tmp_path) == ["model/leaky.py:4 imports dlcm.train.optim (model → train)"]
+
+
+def test_an_inference_module_importing_the_training_layer_is_flagged(tmp_path: Path) -> None:
+    infer_dir = tmp_path / "infer"
+    infer_dir.mkdir()
+    (infer_dir / "loader.py").write_text(
+        "from dlcm.model.config import DLCMConfig\nfrom dlcm.train.cli import run_cli\n"
+    )
+    assert reverse_arrows("infer", infer_dir, tmp_path) == ["infer/loader.py:2 imports dlcm.train.cli (infer → train)"]
+    (infer_dir / "loader.py").write_text("import dlcm.callbacks.mup\n")
+    assert reverse_arrows("infer", infer_dir, tmp_path) == [
+        "infer/loader.py:1 imports dlcm.callbacks.mup (infer → callbacks)"
+    ]
 
 
 def test_the_top_level_holds_only_entry_files() -> None:

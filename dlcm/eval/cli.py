@@ -2,12 +2,13 @@
 
 Example::
 
-    dlcm eval --config recipes/dlcm_tiny_r4_defaultcorpus_cpu.yaml --ckpt_path runs/…/last.ckpt \\
+    dlcm eval --ckpt_path runs/…/last.ckpt \\
         --tasks arc_easy,piqa,lambada_openai --data-dir /path/to/eval --limit 500 --out results.json \\
         --tensorboard runs/…/tensorboard
 
-The recipe (and its data section, which names the tokenizer) must be the one the checkpoint was trained with: the
-model is rebuilt through the training CLI, so vocabulary size and context length come out exactly as in training.
+``--ckpt_path`` is a checkpoint or an exported folder, loaded with its own config, tokenizer and context length
+(:func:`dlcm.load`). ``--config`` alone evaluates a recipe's initial weights; with a checkpoint it is needed only for
+format version 0, and must then be the recipe (and data section, which names the tokenizer) it was trained with.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ METRIC_DEFINITIONS = {
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlcm eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", action="append", required=True, help="recipe YAML (repeatable, composes in order)")
-    p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", help="Lightning checkpoint; omit for init weights")
+    p.add_argument("--config", action="append", help="recipe YAML: initial weights, or a format version 0 checkpoint's")
+    p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", help="checkpoint or exported folder")
     p.add_argument("--tasks", required=True, help=f"comma-separated, from: {', '.join(sorted(TASKS))}")
     p.add_argument("--data-dir", required=True, help="directory holding <task>.jsonl (ceval/cmmlu: also .csv or dir)")
     p.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
@@ -85,7 +86,7 @@ def provenance(args: argparse.Namespace, tasks: list[str], step: int) -> dict[st
         "command": " ".join(["dlcm", "eval", *sys.argv[2:]]) if sys.argv[1:2] == ["eval"] else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": {**file_record(args.ckpt_path), "global_step": step} if args.ckpt_path else None,
-        "recipes": [file_record(c) for c in args.config],
+        "recipes": [file_record(c) for c in args.config or []],
         "tasks": {t: file_record(task_path(t, args.data_dir)) for t in tasks},
         "limit": args.limit,
         "device": args.device,
@@ -132,17 +133,17 @@ def main(argv: list[str]) -> int:
     examples = {t: load_task(t, args.data_dir, args.limit) for t in tasks}
 
     from dlcm.eval.scoring import evaluate_examples
-    from dlcm.train.restore import build_from_recipe, load_weights
+    from dlcm.infer.load import load_for_command
 
     args.device = torch_device(args.device)
-    module, tokenizer = build_from_recipe(args.config)
-    step = load_weights(module, args.ckpt_path) if args.ckpt_path else 0
-    network = module.network.to(args.device)
+    model = load_for_command(args.config, args.ckpt_path, args.device)
+    step = int(model.record.get("global_step") or 0)
+    network, tokenizer = model.network, model.tokenizer
     results: dict[str, dict[str, float]] = {}
     for task, items in examples.items():
         start = time.perf_counter()
         results[task] = evaluate_examples(
-            network, tokenizer, items, module.context_length, args.batch_tokens, progress=not args.no_progress
+            network, tokenizer, items, model.context_length, args.batch_tokens, progress=not args.no_progress
         )
         print(f"{task}: {len(items)} items in {time.perf_counter() - start:.1f} s")
     print(format_table(results))

@@ -54,8 +54,8 @@ DEFAULT_GEN_BATCH = 16
 class DLCMHarnessLM(LM):
     """lm_eval ``LM`` over a DLCM or dense-baseline network, its tokenizer and its training context length.
 
-    ``config`` names the training recipe (several compose in order when joined by ``:``) and ``checkpoint`` the
-    Lightning checkpoint, both loaded exactly as ``dlcm eval`` loads them. ``batch_tokens`` packs scoring
+    ``checkpoint`` is a checkpoint or an exported folder and ``config`` an optional recipe (initial weights, or a
+    format version 0 checkpoint), both loaded exactly as ``dlcm eval`` loads them. ``batch_tokens`` packs scoring
     requests; ``batch_size`` (the harness's option) is the number of prompts decoded together (``auto`` →
     16). ``device`` and ``dtype`` place the network.
     """
@@ -71,18 +71,16 @@ class DLCMHarnessLM(LM):
         max_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        if config is None:
-            raise ValueError("model_args needs config=<recipe.yaml> (and checkpoint=<last.ckpt>) for --model dlcm")
         from dlcm.infer.generate_cli import dtype_of
-        from dlcm.train.restore import build_from_recipe, load_weights
+        from dlcm.infer.load import load_for_command
 
         torch_dtype = dtype_of(dtype)  # checks the name before anything is built
-        module, tokenizer = build_from_recipe(config.split(":"))
-        if checkpoint is not None:
-            load_weights(module, checkpoint)
+        if config is None and checkpoint is None:
+            raise ValueError("model_args needs checkpoint=<last.ckpt or exported folder> for --model dlcm")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        network = module.network.to(device=device, dtype=torch_dtype)
-        self._setup(network, tokenizer, module.context_length, batch_tokens, batch_size, max_batch_size)
+        model = load_for_command(config.split(":") if config else None, checkpoint, device, torch_dtype)
+        network, tokenizer = model.network, model.tokenizer
+        self._setup(network, tokenizer, model.context_length, batch_tokens, batch_size, max_batch_size)
 
     @classmethod
     def from_network(

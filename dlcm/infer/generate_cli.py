@@ -2,12 +2,15 @@
 
 Example::
 
-    dlcm generate --config recipes/dlcm_tiny_r4_defaultcorpus_cpu.yaml --ckpt_path runs/…/last.ckpt \\
+    dlcm generate --ckpt_path runs/…/last.ckpt \\
         --prompt "In the beginning" --prompts-file prompts.jsonl --max-new-tokens 64 --top-p 0.9 \\
         --temperature 0.8 --stop '\\n\\n' --batch-size 16 --seed 0 --out completions.jsonl
 
-The recipe (and its data section, which names the tokenizer) must be the one the checkpoint was trained with, as
-for ``dlcm eval``. Prompts come from ``--prompt`` (repeatable) and ``--prompts-file``: one prompt per line, or for
+``--ckpt_path`` is a checkpoint or an exported folder; the model, its tokenizer and its context length come from
+it (:func:`dlcm.load`). ``--config`` is needed only for a checkpoint of format version 0: then the recipe (and its
+data section, which names the tokenizer) must be the one the checkpoint was trained with.
+
+Prompts come from ``--prompt`` (repeatable) and ``--prompts-file``: one prompt per line, or for
 ``.jsonl`` one object per line with a ``"prompt"`` field (so prompts may hold newlines). A prompt plus
 ``--max-new-tokens`` must fit in the recipe's ``context_length`` (the longest document the model was trained on);
 ``--truncate`` keeps the last tokens of a longer prompt instead of stopping with an error. Every prompt gives one
@@ -42,8 +45,8 @@ def dtype_of(name: str) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlcm generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", action="append", required=True, help="recipe YAML (repeatable, composes in order)")
-    p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True, help="Lightning checkpoint")
+    p.add_argument("--config", action="append", help="the recipe it was trained with (format version 0 checkpoints)")
+    p.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True, help="checkpoint or exported folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="one prompt per line, or .jsonl with a 'prompt' field")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt at most")
@@ -88,7 +91,7 @@ def main(argv: list[str]) -> int:
 
     from dlcm.data.tokenizer import encode_documents
     from dlcm.infer.generation import check_sampling, first_stop, fit_to_context, generate_batch
-    from dlcm.train.restore import build_from_recipe, load_weights
+    from dlcm.infer.load import load_for_command
 
     args.device = torch_device(args.device)
     check_sampling(args.temperature, args.top_k, args.top_p)
@@ -98,12 +101,9 @@ def main(argv: list[str]) -> int:
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT (repeatable) and/or --prompts-file FILE")
     stops = [unescape(s) for s in args.stop]
-    module, tokenizer = build_from_recipe(args.config)
-    load_weights(module, args.ckpt_path)
-    network = module.network.to(device=args.device, dtype=dtype_of(args.dtype)).eval()
-    ids = fit_to_context(
-        encode_documents(tokenizer, prompts), args.max_new_tokens, module.context_length, args.truncate
-    )
+    model = load_for_command(args.config, args.ckpt_path, args.device, dtype_of(args.dtype))
+    network, tokenizer = model.network, model.tokenizer
+    ids = fit_to_context(encode_documents(tokenizer, prompts), args.max_new_tokens, model.context_length, args.truncate)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     stop = (lambda _, new: first_stop(tokenizer.decode(new), stops) >= 0) if stops else None
     # --out is written under a temporary name and renamed when every prompt is done: a failure leaves no half file.

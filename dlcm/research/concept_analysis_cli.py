@@ -1,11 +1,12 @@
 """``dlcm analyze``: loss by position inside a concept and by concept length of a trained DLCM, against a baseline.
 
-    dlcm analyze --config <dlcm recipe> --ckpt_path <dlcm ckpt> \\
-        --baseline-config <baseline recipe> --baseline-ckpt <baseline ckpt> --out analysis.json
+    dlcm analyze --ckpt_path <dlcm ckpt> --baseline-ckpt <baseline ckpt> --out analysis.json
     dlcm analyze --run runs/sweeps/x/dlcm --baseline-run runs/sweeps/x/baseline --out analysis.json
 
 ``--run`` takes a run directory of ``dlcm fit`` (or ``dlcm sweep``): the resolved recipe LightningCLI saved there
-(``config.yaml``, which holds every command-line override) and its ``last.ckpt``. The analysis and its convention
+(``config.yaml``, which holds every command-line override) and its ``last.ckpt``. A checkpoint alone brings the
+recipe its run recorded (whose validation split is analysed); ``--config`` / ``--baseline-config`` name another
+recipe for the data. The weights are read with :func:`dlcm.load`. The analysis and its convention
 are :mod:`dlcm.research.concept_analysis`'s.
 """
 
@@ -25,18 +26,23 @@ from typing import Any
 
 
 def run_files(run_dir: str | Path, scratch: Path) -> tuple[str, str]:
-    """(recipe, checkpoint) of a ``dlcm fit`` run directory: its saved ``config.yaml`` (minus the arguments only
-    ``fit`` takes, written to ``scratch``) and its newest ``last.ckpt``."""
-    import yaml
-    from lightning import Trainer
-    from lightning.pytorch.cli import LightningCLI
-
+    """(recipe, checkpoint) of a ``dlcm fit`` run directory: its saved ``config.yaml`` (see :func:`recipe_file`) and
+    its newest ``last.ckpt``."""
     run_dir = Path(run_dir)
     configs = sorted(run_dir.rglob("config.yaml"), key=lambda p: p.stat().st_mtime)
     ckpts = sorted(run_dir.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not configs or not ckpts:
         raise FileNotFoundError(f"{run_dir}: need a config.yaml and a last.ckpt below it (a dlcm fit run directory)")
-    recipe = yaml.safe_load(configs[-1].read_text())
+    return recipe_file(configs[-1].read_text(), scratch), str(ckpts[-1])
+
+
+def recipe_file(saved_config: str, scratch: Path) -> str:
+    """A run's saved ``config.yaml`` text as a recipe file in ``scratch``, minus the arguments only ``fit`` takes."""
+    import yaml
+    from lightning import Trainer
+    from lightning.pytorch.cli import LightningCLI
+
+    recipe = yaml.safe_load(saved_config)
     # The saved file also holds the arguments of Trainer.fit that `fit` takes from the command line (ckpt_path,
     # weights_only); the CLI without a subcommand refuses them. Model and data are the CLI's own groups.
     fit_only = set(inspect.signature(Trainer.fit).parameters) - LightningCLI.subcommands()["fit"] - {"self"}
@@ -45,7 +51,13 @@ def run_files(run_dir: str | Path, scratch: Path) -> tuple[str, str]:
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / f"{len(list(scratch.iterdir()))}-config.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return str(path), str(ckpts[-1])
+    return str(path)
+
+
+def recorded_recipe(record: dict[str, Any], ckpt_path: str) -> str:
+    if not record.get("recipe"):
+        raise ValueError(f"{ckpt_path} records no recipe: pass the one it was trained with (--config)")
+    return record["recipe"]
 
 
 def _build(configs: list[str]) -> Any:
@@ -79,13 +91,12 @@ def main(argv: list[str]) -> int:
 
     parser = _parser()
     args = parser.parse_args(argv)
-    by_files = bool(args.config) and bool(args.ckpt_path)
-    if (args.run and (args.config or args.ckpt_path)) or not (args.run or by_files):
-        parser.error("give the DLCM as --run DIR, or as --config RECIPE with --ckpt_path CKPT")
+    if (args.run and (args.config or args.ckpt_path)) or not (args.run or args.ckpt_path):
+        parser.error("give the DLCM as --run DIR, or as --ckpt_path CKPT (with --config RECIPE to use its data)")
     if args.baseline_run and (args.baseline_config or args.baseline_ckpt):
-        parser.error("give the baseline as --baseline-run DIR, or as --baseline-config with --baseline-ckpt")
-    if bool(args.baseline_config) != bool(args.baseline_ckpt):
-        parser.error("give --baseline-config and --baseline-ckpt together")
+        parser.error("give the baseline as --baseline-run DIR, or as --baseline-ckpt (and --baseline-config)")
+    if args.baseline_config and not args.baseline_ckpt:
+        parser.error("--baseline-config needs --baseline-ckpt")
     with tempfile.TemporaryDirectory(prefix="dlcm-analyze-") as scratch:
         try:
             result, _ = _run(args, Path(scratch))
@@ -106,8 +117,8 @@ def main(argv: list[str]) -> int:
 def _run(args: argparse.Namespace, scratch: Path) -> tuple[dict[str, Any], Any]:
     import torch
 
+    from dlcm.infer.load import load, load_network_weights
     from dlcm.research.concept_analysis import analyze
-    from dlcm.train.restore import load_weights
 
     if args.run:
         config, args.ckpt_path = run_files(args.run, scratch)
@@ -115,16 +126,22 @@ def _run(args: argparse.Namespace, scratch: Path) -> tuple[dict[str, Any], Any]:
     if args.baseline_run:
         config, args.baseline_ckpt = run_files(args.baseline_run, scratch)
         args.baseline_config = [config]
+    dlcm = load(args.ckpt_path)
+    if not args.config:  # the validation data of the run the checkpoint recorded
+        args.config = [recipe_file(recorded_recipe(dlcm.record, args.ckpt_path), scratch)]
     cli = _build(args.config)
     if not hasattr(cli.model.network, "parser"):
         raise ValueError(f"{args.run or args.config}: not a DLCM (its model has no parser)")
-    load_weights(cli.model, args.ckpt_path)
+    load_network_weights(cli.model.network, dlcm.network.state_dict(), Path(args.ckpt_path))
     baseline = None
-    if args.baseline_config:
+    if args.baseline_ckpt:
+        base = load(args.baseline_ckpt)
+        if not args.baseline_config:
+            args.baseline_config = [recipe_file(recorded_recipe(base.record, args.baseline_ckpt), scratch)]
         base_cli = _build(args.baseline_config)
         if base_cli.datamodule.manifest.tokenizer_sha256 != cli.datamodule.manifest.tokenizer_sha256:
             raise ValueError("the baseline's data has another tokenizer than the DLCM's: its losses would not align")
-        load_weights(base_cli.model, args.baseline_ckpt)
+        load_network_weights(base_cli.model.network, base.network.state_dict(), Path(args.baseline_ckpt))
         baseline = base_cli.model
     result = analyze(
         cli.model,

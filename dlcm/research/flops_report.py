@@ -9,128 +9,33 @@ Counts follow :mod:`dlcm.model.flops`: forward FLOPs per token for documents of 
 ``--causal-discount``. The table gives each stage's matmul and attention parts, the backbone's share and the
 DLCM/baseline ratio; ``--json`` prints the same numbers as a list with one object per context.
 
-Recipes are read without building data or a trainer: only the ``model`` section (its ``class_path`` picks the
-config type). A recipe's ``config.vocab_size`` is normally linked from the data, so the vocabulary comes from, in
-order: ``--vocab-size``; ``config.vocab_size`` in the YAML; the manifest of ``data.data_dir``; else the embedded
-default corpus's tokenizer (4,096 ids), which is what ``data_dir: null`` trains on. The report says which.
+Recipes are read by :mod:`dlcm.infer.recipe` without building data or a trainer: only the ``model`` section (its
+``class_path`` picks the config type) and, for the vocabulary size, the ``data`` section. The report says where the
+vocabulary size came from.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import inspect
 import json
 import sys
-import typing
-from pathlib import Path
 from typing import Any
 
-from dlcm.model.config import BaselineConfig, DLCMConfig
+from dlcm.infer.recipe import RecipeModel, load_recipe
+from dlcm.model.config import DLCMConfig
+from dlcm.model.config_io import ModelConfig
 from dlcm.model.flops import FlopsBreakdown, cross_kernel, inference_flops_per_token, stage_costs
 from dlcm.model.presets import PRESETS, preset_config
 
-ModelConfig = DLCMConfig | BaselineConfig
 
-
-@dataclasses.dataclass
-class Model:
-    """A config to report on, with where it and its vocabulary size came from."""
-
-    name: str
-    config: ModelConfig
-    context_length: int | None  # the recipe's context_length; None for presets
-    vocab_note: str
-
-
-def dataclass_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Build a (nested) config dataclass from YAML values; an unknown key is an error naming the allowed ones."""
-    hints = typing.get_type_hints(cls)
-    allowed = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in allowed:
-            raise ValueError(f"{where}.{key} is not a field of {cls.__name__}: allowed {', '.join(allowed)}")
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
-            value = dataclass_from_dict(kind, value, f"{where}.{key}")
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _load_yaml(path: Path) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if not isinstance(data, dict):
-        raise ValueError(f"recipe {path} is not a YAML mapping")
-    return data
-
-
-def _section(recipe: dict[str, Any], key: str, base: Path) -> dict[str, Any]:
-    """A recipe group, which may be given inline or as a path to a fragment relative to the recipe's folder."""
-    value = recipe.get(key) or {}
-    return _load_yaml(base / value) if isinstance(value, str) else value
-
-
-def _vocab_from_data(data: dict[str, Any]) -> tuple[int, str]:
-    args = data.get("init_args") or data
-    data_dir, mixture = args.get("data_dir"), args.get("mixture")
-    if data_dir is not None:
-        from dlcm.data.mixture import Mixture
-        from dlcm.data.shards import Manifest
-
-        try:
-            if mixture:
-                return Mixture.load(data_dir, mixture).vocab_size, f"from the mixture's sources in {data_dir}"
-            return Manifest.load(Path(data_dir)).vocab_size, f"from {data_dir}/manifest.json"
-        except (FileNotFoundError, ValueError) as err:
-            raise ValueError(
-                f"cannot read the vocabulary size of data.data_dir={data_dir} ({err}); pass --vocab-size"
-            ) from err
-    from dlcm.data.corpus import ensure_default_corpus
-
-    default = inspect.signature(ensure_default_corpus).parameters["vocab_size"].default
-    return default, "from the embedded default corpus's tokenizer (data.data_dir is null)"
-
-
-def load_recipe(path: str | Path, vocab_size: int | None = None) -> Model:
-    """The model config of a training recipe, without instantiating data or a trainer."""
-    path = Path(path)
-    recipe = _load_yaml(path)
-    model = _section(recipe, "model", path.parent)
-    class_path = model.get("class_path")
-    if not class_path:
-        raise ValueError(f"{path}: model.class_path is missing (expected e.g. dlcm.train.lightning_modules.DLCMModule)")
-    module_name, _, class_name = class_path.rpartition(".")
-    module_cls = getattr(importlib.import_module(module_name), class_name)
-    config_cls = typing.get_type_hints(module_cls.__init__).get("config")
-    if config_cls not in (DLCMConfig, BaselineConfig):
-        raise ValueError(f"{path}: {class_path} does not take a DLCMConfig or BaselineConfig as `config`")
-    init_args = model.get("init_args") or {}
-    given = init_args.get("config") or {}
-    values = _load_yaml(path.parent / given) if isinstance(given, str) else dict(given)
-    if vocab_size is not None:
-        values["vocab_size"], note = vocab_size, "from --vocab-size"
-    elif values.get("vocab_size") is not None:
-        note = "from the recipe"
-    else:
-        values["vocab_size"], note = _vocab_from_data(_section(recipe, "data", path.parent))
-    config = dataclass_from_dict(config_cls, values, "model.init_args.config")
-    context = init_args.get("context_length")
-    if context is None:
-        context = inspect.signature(module_cls.__init__).parameters["context_length"].default
-    return Model(path.stem, config, int(context), f"vocab {config.vocab_size:,} {note}")
-
-
-def load_preset(name: str, vocab_size: int | None = None) -> Model:
+def load_preset(name: str, vocab_size: int | None = None) -> RecipeModel:
     config = preset_config(name)
     if vocab_size is not None:
-        return Model(name, dataclasses.replace(config, vocab_size=vocab_size), None, f"vocab {vocab_size:,} (set)")
-    return Model(name, config, None, f"vocab {config.vocab_size:,} (preset)")
+        return RecipeModel(
+            name, dataclasses.replace(config, vocab_size=vocab_size), None, f"vocab {vocab_size:,} (set)"
+        )
+    return RecipeModel(name, config, None, f"vocab {config.vocab_size:,} (preset)")
 
 
 def matmul_params(config: ModelConfig) -> tuple[int, int]:
@@ -140,11 +45,11 @@ def matmul_params(config: ModelConfig) -> tuple[int, int]:
 
 
 def report(
-    model: Model, baseline: Model | None, context: int, ratio: float | None, causal_discount: bool
+    model: RecipeModel, baseline: RecipeModel | None, context: int, ratio: float | None, causal_discount: bool
 ) -> dict[str, Any]:
     """Inference FLOPs per token of ``model`` (and ``baseline``) at one context length, as plain numbers."""
 
-    def entry(m: Model) -> tuple[dict[str, Any], FlopsBreakdown]:
+    def entry(m: RecipeModel) -> tuple[dict[str, Any], FlopsBreakdown]:
         # Hardware count: Ψ on the kernel a CUDA device runs for documents of this length (impl='auto' picks it).
         dlcm = isinstance(m.config, DLCMConfig)
         kernel = cross_kernel(m.config, "cuda", context) if dlcm else None
@@ -235,7 +140,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 def _model_args(
     parser: argparse.ArgumentParser, preset: str | None, config: str | None, vocab: int | None, role: str
-) -> Model | None:
+) -> RecipeModel | None:
     if preset is not None and config is not None:
         parser.error(f"give either --{role}preset or --{role}config, not both")
     if preset is not None:

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dlcm.infer.recipe import load_recipe, load_yaml, section
 from dlcm.model.config import BaselineConfig, DLCMConfig, StackConfig
 from dlcm.model.flops import inference_flops_per_token
 from dlcm.model.presets import DEEPSEEK_V3_VOCAB
-from dlcm.research.flops_report import _load_yaml, _section, load_recipe
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 GIB = 2**30
@@ -89,11 +89,11 @@ def read_recipe(path: Path, vocab_size: int | None, step_tokens: int | None) -> 
             raise
         model = load_recipe(path, DEEPSEEK_V3_VOCAB)  # the paper recipes' tokenizer, when their data is elsewhere
         model.vocab_note = f"vocab {DEEPSEEK_V3_VOCAB:,} (DeepSeek-V3; the recipe's data is not readable here)"
-    recipe = _load_yaml(path)
-    trainer = _section(recipe, "trainer", path.parent)
-    data = _section(recipe, "data", path.parent)
+    recipe = load_yaml(path)
+    trainer = section(recipe, "trainer", path.parent)
+    data = section(recipe, "data", path.parent)
     data = data.get("init_args") or data
-    execution = (_section(recipe, "model", path.parent).get("init_args") or {}).get("execution") or {}
+    execution = (section(recipe, "model", path.parent).get("init_args") or {}).get("execution") or {}
     micro = int(data.get("tokens_per_batch", 4096))
     tokens = step_tokens or (recipe.get("global_batch") or {}).get("tokens")
     if tokens is None:

@@ -347,7 +347,8 @@ def grid_runs(spec: SweepSpec) -> list[Run]:
 def base_model(spec: SweepSpec) -> tuple[DLCMConfig | BaselineConfig, int]:
     """The model config and context length the spec's runs start from: the first config's model section with the
     spec's ``set`` overrides under ``model.init_args.config.`` applied (shapes come from there, not later configs)."""
-    from dlcm.research.flops_report import dataclass_from_dict, load_recipe
+    from dlcm.infer.recipe import load_recipe
+    from dlcm.model.config_io import dataclass_from_dict
 
     recipe = load_recipe(spec.configs[0], spec.vocab_size)
     values = dataclasses.asdict(recipe.config)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,6 +24,7 @@ from torch import nn
 
 from dlcm.model.baseline import DenseBaseline
 from dlcm.model.config import BaselineConfig, DLCMConfig
+from dlcm.model.config_io import DEFAULT_CONTEXT_LENGTH, FORMAT_VERSION, MODEL_RECORD, config_to_dict, plain
 from dlcm.model.dlcm import DLCM, DLCMOutput
 from dlcm.model.linear_cross_entropy import TokenLoss
 from dlcm.model.loss import IGNORE_INDEX, next_token_targets
@@ -75,6 +77,8 @@ class LanguageModelModule(L.LightningModule):
         # Kept in checkpoints; not sent to the logger: `dlcm fit` writes its own HPARAMS summary (the recipe's key
         # values against val/bpb) instead of every nested config object.
         self.save_hyperparameters(logger=False)
+        # Plain data only (no pickled config classes): checkpoints stay loadable when a module is renamed.
+        self.hparams.update(plain(dict(self.hparams)))
         self.config = config
         self.optimizer_cfg = optimizer or OptimizerConfig()
         self.schedule_cfg = schedule or ScheduleConfig()
@@ -90,6 +94,7 @@ class LanguageModelModule(L.LightningModule):
         self.val_nats = torchmetrics.SumMetric()
         self.val_tokens = torchmetrics.SumMetric()
         self.val_bytes = torchmetrics.SumMetric()
+        self.last_validation: dict[str, float] | None = None  # the model card's numbers (see model_record)
 
     def configure_model(self) -> None:
         # Only ModelParallelStrategy provides a mesh: the network is then FSDP2-sharded (over a 2-D replicate ×
@@ -162,16 +167,14 @@ class LanguageModelModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         nats, tokens, n_bytes = self.val_nats.compute(), self.val_tokens.compute(), self.val_bytes.compute()
-        loss = nats / tokens.clamp(min=1)
+        loss, bpb = nats / tokens.clamp(min=1), nats / LN2 / n_bytes.clamp(min=1)
         self.log_dict(
-            {
-                "val/loss": loss,
-                "val/ppl": torch.exp(loss),
-                "val/bpb": nats / LN2 / n_bytes.clamp(min=1),
-            },
+            {"val/loss": loss, "val/ppl": torch.exp(loss), "val/bpb": bpb},
             prog_bar=True,
             sync_dist=False,  # SumMetric already reduced across ranks
         )
+        if not self.trainer.sanity_checking:
+            self.last_validation = {"step": self.global_step, "loss": float(loss), "bpb": float(bpb)}
         for metric in (self.val_nats, self.val_tokens, self.val_bytes):
             metric.reset()
 
@@ -185,6 +188,28 @@ class LanguageModelModule(L.LightningModule):
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, states)
         checkpoint["rng_states"] = gathered
+        checkpoint[MODEL_RECORD] = self.model_record()
+
+    def model_record(self) -> dict[str, Any]:
+        """What :func:`dlcm.load` and ``dlcm export`` need beside the weights: the network's config, the context
+        length and the tokenizer, plus the run's summary for the model card (recipe, tokens seen, the last
+        validation). Plain data, so ``torch.load(weights_only=True)`` reads it."""
+        trainer = self._trainer  # None when a checkpoint is saved from a trainer this module was never fitted by
+        datamodule = getattr(trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        micro_tokens = getattr(datamodule, "tokens_per_batch", None)
+        step_tokens = micro_tokens * trainer.accumulate_grad_batches * trainer.world_size if micro_tokens else None
+        recipe = Path(trainer.log_dir) / "config.yaml" if trainer is not None and trainer.log_dir else None
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": config_to_dict(self.config),
+            "context_length": self.context_length,
+            "tokenizer": tokenizer.to_str() if tokenizer is not None else None,
+            "global_step": self.global_step,
+            "tokens_seen": self.global_step * step_tokens if step_tokens else None,
+            "validation": self.last_validation,
+            "recipe": recipe.read_text(encoding="utf-8") if recipe is not None and recipe.is_file() else None,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")
@@ -242,7 +267,7 @@ class DLCMModule(LanguageModelModule):
         config: DLCMConfig,
         optimizer: OptimizerConfig | None = None,
         schedule: ScheduleConfig | None = None,
-        context_length: int = 2048,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
         seed: int = 0,
         execution: ExecutionConfig | None = None,
     ) -> None:
@@ -306,7 +331,10 @@ class DLCMModule(LanguageModelModule):
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         rate = self.val_boundaries.compute() / self.val_all_tokens.compute().clamp(min=1)
-        self.log("val/ratio", 1.0 / rate.clamp(min=1e-6), prog_bar=True)
+        ratio = 1.0 / rate.clamp(min=1e-6)
+        self.log("val/ratio", ratio, prog_bar=True)
+        if self.last_validation is not None and not self.trainer.sanity_checking:
+            self.last_validation["ratio"] = float(ratio)
         self.val_boundaries.reset()
         self.val_all_tokens.reset()
 
@@ -321,7 +349,7 @@ class BaselineModule(LanguageModelModule):
         config: BaselineConfig,
         optimizer: OptimizerConfig | None = None,
         schedule: ScheduleConfig | None = None,
-        context_length: int = 2048,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
         seed: int = 0,
         execution: ExecutionConfig | None = None,
     ) -> None:

@@ -58,8 +58,8 @@ def test_scale_two_doubles_the_dlcm_and_matches_the_baseline_in_flops(
 ) -> None:
     import dataclasses
 
+    from dlcm.infer.recipe import load_recipe
     from dlcm.model.flops import inference_flops_per_token
-    from dlcm.research.flops_report import load_recipe
 
     mode = bf.MODES[mode_name]
     jobs = bf.study_jobs(mode, 2)

@@ -25,8 +25,6 @@ from dlcm.eval.scoring import (
 )
 from dlcm.eval.tasks import TASKS, Example, load_task
 from dlcm.model.presets import build_model, tiny_baseline, tiny_dlcm
-from dlcm.train.lightning_modules import BaselineModule
-from dlcm.train.restore import load_weights
 
 VOCABULARY = "the cat dog sat on a mat sun rain water fire tree house ran jumped quickly red blue green big small"
 WORDS = VOCABULARY.split()
@@ -391,22 +389,25 @@ def test_tensorboard_results_table_and_scalars(tmp_path: Path) -> None:
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 
-def test_load_weights_roundtrip_and_mismatch(tmp_path: Path) -> None:
+def test_network_weights_load_strictly_and_name_every_mismatch() -> None:
+    from dlcm.infer.load import load_network_weights
+
     torch.manual_seed(0)
-    trained = BaselineModule(tiny_baseline(300), context_length=32)
-    torch.save({"state_dict": trained.state_dict()}, tmp_path / "ok.ckpt")
-    fresh = BaselineModule(tiny_baseline(300), context_length=32)
-    load_weights(fresh, str(tmp_path / "ok.ckpt"))
+    trained = build_model(tiny_baseline(300))
+    fresh = build_model(tiny_baseline(300))
+    load_network_weights(fresh, trained.state_dict(), Path("ok.ckpt"))
     assert all(
         torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values(), strict=True)
     )
-    with pytest.raises(ValueError, match="does not fit this model"):
-        load_weights(BaselineModule(tiny_baseline(400), context_length=32), str(tmp_path / "ok.ckpt"))
+    with pytest.raises(
+        ValueError, match=r"ok.ckpt does not match the model \(embed.weight: \(300, 32\) vs the model's \(400, 32\)"
+    ):
+        load_network_weights(build_model(tiny_baseline(400)), trained.state_dict(), Path("ok.ckpt"))
     state = dict(trained.state_dict())
-    state.pop(next(iter(state)))
-    torch.save({"state_dict": state}, tmp_path / "partial.ckpt")
-    with pytest.raises(ValueError, match="does not match the model of this recipe"):
-        load_weights(fresh, str(tmp_path / "partial.ckpt"))
+    first = next(iter(state))
+    state.pop(first)
+    with pytest.raises(ValueError, match=f"missing {first}"):
+        load_network_weights(fresh, state, Path("partial.ckpt"))
 
 
 def test_dlcm_eval_end_to_end_on_a_tiny_fit(tmp_path: Path, capsys) -> None:
@@ -437,7 +438,8 @@ def test_dlcm_eval_end_to_end_on_a_tiny_fit(tmp_path: Path, capsys) -> None:
     write_jsonl(data / "copa.jsonl", [{"query": "In the beginning", "choices": ["God", "def"], "gold": 0}] * 3)
     write_jsonl(data / "lambada_openai.jsonl", [{"context": "And God said, Let there be", "continuation": "light"}])
     out = tmp_path / "results.json"
-    argv = ["--config", recipe, "--ckpt_path", ckpt, "--tasks", "copa,lambada_openai", "--data-dir", str(data)]
+    # The checkpoint alone: its model, tokenizer and context length come from its own record.
+    argv = ["--ckpt_path", ckpt, "--tasks", "copa,lambada_openai", "--data-dir", str(data)]
     tb = tmp_path / "tb"
     assert main([*argv, "--limit", "2", "--out", str(out), "--tensorboard", str(tb), "--no-progress"]) == 0
     record = json.loads(out.read_text())
@@ -455,7 +457,7 @@ def test_dlcm_eval_end_to_end_on_a_tiny_fit(tmp_path: Path, capsys) -> None:
     assert {"acc_norm_bytes", "acc_norm_chars"} <= record["metric_definitions"].keys()
     source = record["provenance"]
     assert source["checkpoint"]["path"] == ckpt and source["checkpoint"]["sha256"] == sha256_of(ckpt)
-    assert source["recipes"][0]["sha256"] == sha256_of(recipe)
+    assert source["recipes"] == []
     assert source["tasks"]["copa"]["sha256"] == sha256_of(data / "copa.jsonl")
     assert source["versions"]["torch"] and source["versions"]["lightning"]
     assert "commit" in source and source["limit"] == 2

@@ -169,18 +169,25 @@ def test_generate_until_matches_dlcm_generation(tokenizer) -> None:
         lm.loglikelihood([instance("loglikelihood", ("", " cat"))])
 
 
-def test_registered_model_loads_a_recipe_and_checkpoint(tmp_path: Path) -> None:
-    from dlcm.train.restore import build_from_recipe
+def test_registered_model_loads_a_checkpoint_alone_or_with_its_recipe(tmp_path: Path) -> None:
+    from dlcm.infer.export import export
+    from dlcm.infer.load import load_with_recipe
 
     recipe = str(Path(__file__).parents[2] / "recipes" / "baseline_tiny_defaultcorpus_cpu.yaml")
-    module, tokenizer = build_from_recipe([recipe])
-    torch.save({"state_dict": module.state_dict(), "global_step": 0}, tmp_path / "w.ckpt")
-    lm = get_model("dlcm").create_from_arg_string(
+    model = load_with_recipe(recipe, None)
+    # A checkpoint without a model record (format version 0) loads with its recipe ...
+    torch.save({"state_dict": {f"network.{k}": v for k, v in model.network.state_dict().items()}}, tmp_path / "w.ckpt")
+    with_recipe = get_model("dlcm").create_from_arg_string(
         f"config={recipe},checkpoint={tmp_path / 'w.ckpt'}", {"batch_size": 4, "device": "cpu"}
     )
-    assert lm.context_length == module.context_length and lm.gen_batch_size == 4
-    (got,) = lm.loglikelihood([instance("loglikelihood", ("In the beginning", " God"))])
-    (expected,) = score_requests(module.network, [encode_request(tokenizer, "In the beginning", " God", 256)])
-    assert got[0] == pytest.approx(expected.loglik, abs=1e-5) and math.isfinite(got[0])
-    with pytest.raises(ValueError, match="config="):
-        get_model("dlcm").create_from_arg_string("checkpoint=x.ckpt", {})
+    # ... an exported folder alone.
+    export(model, "w.ckpt", tmp_path / "exported")
+    alone = get_model("dlcm").create_from_arg_string(f"checkpoint={tmp_path / 'exported'}", {"device": "cpu"})
+    (expected,) = score_requests(model.network, [encode_request(model.tokenizer, "In the beginning", " God", 256)])
+    for lm in (with_recipe, alone):
+        assert lm.context_length == model.context_length
+        (got,) = lm.loglikelihood([instance("loglikelihood", ("In the beginning", " God"))])
+        assert got[0] == pytest.approx(expected.loglik, abs=1e-5) and math.isfinite(got[0])
+    assert with_recipe.gen_batch_size == 4
+    with pytest.raises(ValueError, match="checkpoint="):
+        get_model("dlcm").create_from_arg_string("", {})

@@ -68,6 +68,21 @@ def test_greedy_output_equals_the_python_api_on_the_trained_weights(trained, tmp
     assert not all(torch.equal(a, b) for a, b in zip(fresh.parameters(), network.parameters(), strict=True))
 
 
+def test_generate_from_an_exported_folder_alone_equals_the_trained_weights(trained, tmp_path: Path) -> None:
+    from dlcm.infer.export import export
+    from dlcm.infer.load import load
+
+    ckpt, module, tokenizer = trained
+    loaded = load(ckpt)
+    assert loaded.record["global_step"] == 2 and loaded.record["tokens_seen"] == 2 * 512
+    assert "class_path: dlcm.train.lightning_modules.DLCMModule" in loaded.record["recipe"]  # the run's config
+    export(loaded, ckpt, tmp_path / "exported")
+    out = tmp_path / "out.jsonl"
+    args = ["--prompt", "And God said", "--max-new-tokens", "6", "--device", "cpu", "--out", str(out)]
+    assert main(["--ckpt_path", str(tmp_path / "exported"), *args]) == 0
+    assert read_jsonl(out)[0]["completion"] == generate_texts(module.network.eval(), tokenizer, ["And God said"], 6)[0]
+
+
 def test_sampling_stops_and_stdout(trained, tmp_path: Path, capsys) -> None:
     ckpt = trained[0]
     rows = [{"prompt": "And the earth\nwas"}, {"prompt": "Let there be"}]
@@ -103,7 +118,7 @@ def test_errors_name_the_bad_input(trained, tmp_path: Path) -> None:
     ckpt = trained[0]
     with pytest.raises(FileNotFoundError, match=r"checkpoint .*nowhere\.ckpt does not exist"):
         run(str(tmp_path / "nowhere.ckpt"), "--prompt", "a")
-    with pytest.raises(ValueError, match="does not match the model of this recipe"):
+    with pytest.raises(ValueError, match=r"last\.ckpt does not match the model \(missing stack"):
         run(ckpt, "--prompt", "a", recipe=str(RECIPES / "baseline_tiny_defaultcorpus_cpu.yaml"))
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: .*missing the 'prompt' field"):

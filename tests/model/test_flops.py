@@ -19,6 +19,7 @@ from dlcm.callbacks.throughput import FlopsThroughput
 from dlcm.data.shards import Manifest, build_shards
 from dlcm.data.sources import Document
 from dlcm.data.tokenizer import train_bpe
+from dlcm.infer.recipe import load_recipe
 from dlcm.model.config import EXACT_MIN_TOKENS, DLCMConfig
 from dlcm.model.flops import (
     LengthStats,
@@ -31,7 +32,7 @@ from dlcm.model.flops import (
 )
 from dlcm.model.linear import Linear
 from dlcm.model.presets import baseline_1_3b, build_model, dlcm_2_3b, tiny_baseline, tiny_dlcm
-from dlcm.research.flops_report import format_report, load_preset, load_recipe, main, report
+from dlcm.research.flops_report import format_report, load_preset, main, report
 from dlcm.train.cli import run_cli
 from tests.conftest import random_cu_seqlens
 

@@ -120,7 +120,7 @@ def test_cli_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         ([], "give the DLCM as --run DIR"),
         (["--run", "r", "--config", "c.yaml"], "give the DLCM as --run DIR"),
         (["--config", "c.yaml"], "give the DLCM as --run DIR"),
-        (["--run", "r", "--baseline-config", "b.yaml"], "--baseline-config and --baseline-ckpt together"),
+        (["--run", "r", "--baseline-config", "b.yaml"], "--baseline-config needs --baseline-ckpt"),
         (["--run", "r", "--baseline-run", "b", "--baseline-ckpt", "x"], "as --baseline-run DIR"),
     ):
         with pytest.raises(SystemExit) as done:

@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from dlcm.callbacks.mup import DecoupledMuP
+from dlcm.infer.recipe import load_recipe
 from dlcm.model.config import DLCMConfig
+from dlcm.model.config_io import dataclass_from_dict
 from dlcm.model.flops import inference_flops_per_token
-from dlcm.research.flops_report import dataclass_from_dict, load_recipe
 from dlcm.research.run_metrics import cumulative_train_flops, read_scalars, summarize_run, tokens_per_step
 from dlcm.research.shape_search import budget_shape, matched_baseline, width_scaled
 from dlcm.research.sweep import (

@@ -332,6 +332,19 @@ def test_consolidated_checkpoint_has_the_sharded_weights_and_validates_on_one_de
     assert resumed.trainer.global_step == STEPS + 1
 
 
+def test_sharded_checkpoint_loads_in_one_process_with_dlcm_load(runs: Path) -> None:
+    from dlcm.infer.load import load, network_state
+
+    sharded = step_checkpoint(runs / "global", 2)
+    model = load(sharded)
+    reference = build_model(model.config).eval()
+    reference.load_state_dict(network_state(consolidate(sharded), sharded))
+    ids_T, cu = rank_batch(0)
+    with torch.no_grad():
+        assert torch.equal(model.network(ids_T, cu).logits_TV, reference(ids_T, cu).logits_TV)
+    assert model.record["global_step"] == 2
+
+
 def test_missing_and_incomplete_checkpoint_directories_are_explained(runs: Path, capsys) -> None:
     with pytest.raises(FileNotFoundError, match=r"nowhere\.ckpt does not exist"):
         require_sharded_checkpoint(runs / "nowhere.ckpt")
