@@ -23,7 +23,7 @@ from torch import nn
 
 from dlcm.model.baseline import DenseBaseline
 from dlcm.model.config import BaselineConfig, DLCMConfig
-from dlcm.model.dlcm import DLCM, DLCMOutput
+from dlcm.model.dlcm import DLCM, DLCMOutput, parser_loss
 from dlcm.model.loss import IGNORE_INDEX, next_token_targets, token_nats
 from dlcm.train.execution import (
     ExecutionConfig,
@@ -276,9 +276,7 @@ class DLCMModule(LanguageModelModule):
     def extra_loss(self, extras: DLCMOutput) -> torch.Tensor:
         self.log("train/aux", extras.aux_loss)
         self.log("train/ratio", 1.0 / extras.ratio.boundary_rate.clamp(min=1e-6), prog_bar=True)
-        parser = self.config.parser
-        loss = parser.aux_weight * extras.aux_loss
-        return loss + parser.midpoint_weight * extras.midpoint_loss if parser.midpoint_weight else loss
+        return parser_loss(self.config.parser, extras)
 
     def step_outputs(self, extras: DLCMOutput) -> dict[str, Any]:
         return {
