@@ -1,41 +1,46 @@
-"""Boundary fidelity on one GPU: does the inference-mode compression ratio hit the target R, at what cost in bits
-per byte, over seeds — and the DLCM vs FLOPs-matched baseline gap over seeds, at two scales.
+"""Boundary fidelity on one GPU: does the inference-mode compression ratio hit the target R, how decisive is the
+parser, at what cost in bits per byte — and the DLCM vs FLOPs-matched baseline gap over seeds, each model at its
+best learning rate, at two scales.
 
-    python bench/boundary_fidelity.py --runs-dir /tmp/bf --out bf_scale1.json                  # H200, ≈ 9 min
+    python bench/boundary_fidelity.py --runs-dir /tmp/bf1 --out bf_scale1.json                  # one H100, < 10 min
     python bench/boundary_fidelity.py --scale 2 --runs-dir /tmp/bf2 --out bf_scale2.json \\
-        --match-steps bf_scale1.json                                                          # H200, ≈ 9 min
-    python bench/boundary_fidelity.py --mode cpu --runs-dir /tmp/bfc1 --out bf_cpu_scale1.json   # 2 cores, ≈ 13 min
-    python bench/boundary_fidelity.py --mode cpu --scale 2 --runs-dir /tmp/bfc2 --out bf_cpu_scale2.json  # ≈ 35 min
+        --match-steps bf_scale1.json                                                           # one H100, < 10 min
+    python bench/boundary_fidelity.py --mode cpu --runs-dir /tmp/bfc1 --out bf_cpu_scale1.json   # 2 cores
     python bench/boundary_fidelity.py --mode smoke --runs-dir /tmp/bf-smoke                     # CPU, checks the driver
 
-``--lr`` sets every run's peak learning rate (a second scale may need a lower one than the recipes').
+Every run is a ``dlcm fit`` of the small-scale reproduction's recipes (``recipes/sweeps/repro_small_h200/``: the
+R = 4 DLCM and its FLOPs-matched dense baseline on the embedded default corpus). The runs of one scale (``Study``)
+come in two phases: first the learning-rate grid (``--lr`` × ``--lr-factors``, default the recipes' 1e-3 × 0.5, 1,
+2) on seed 0 for the default DLCM and the baseline, and at scale 1 the default at R = 2 and R = 8 on seeds 0–2 at
+the central rate; then seeds 1 and 2 of each model at its best rate (lowest seed-0 validation bits per byte), and at
+scale 1 the alternative mechanism (``ALTERNATIVE``) on seeds 0–2 and the paper's §8.1 rule-based predictor on
+seeds 0–2 with its τ calibrated to the learned seed-0 run's realised validation ratio (matched compression), both
+at the DLCM's best rate. A seed sets the initialisation, the boundary-sampling generator and the data order
+(``seed_everything``, ``model.init_args.seed``, ``data.seed``): runs of one seed see the same batches, so every
+gap is paired by seed.
 
-Every run is a ``dlcm fit`` of the small-scale reproduction's recipes (``recipes/sweeps/repro_small_h200/``:
-the R = 4 DLCM and its FLOPs-matched dense baseline on the embedded default corpus), all started at once on one
-GPU like ``bench/repro_small.py`` (one CPU thread each), with the step count set by a short probe of the same
-runs so that the whole driver fits ``--budget-s``. Scale 1 trains 14 runs:
-
-- the boundary mechanisms at R = 4, seed 0 (``MECHANISMS``: parser overrides; ``fixed`` is the old default,
-  τ = 0.5 and α = 0.1);
-- the default mechanism (``calibrated``) on seeds 1 and 2 (with seed 0 above: 3 seeds), and at R = 2 and R = 8;
-- the dense baseline on seeds 0, 1, 2.
-
-``--mode cpu`` runs the same study on the CPU demo's recipes (``recipes/*_tiny_defaultcorpus_cpu.yaml``, 300 steps,
-two runs at a time): only the seed groups (the default DLCM and the baseline on seeds 0, 1, 2), since the
-mechanisms were compared on the CPU before (docs/RESULTS.md).
+On a GPU the driver first measures each model's device memory alone (a short run of the most concept-heavy DLCM,
+then of the baseline), trains as many runs at a time as the free memory holds (15 % margin, 2 GiB kept free),
+times a short probe of that many runs together, and sets the step count so that every round of both phases fits
+``--budget-s``. The plan (steps, per-run memory) is written to ``--runs-dir/plan.json``; finished runs keep their
+``result.json``. Run again with the same ``--runs-dir``, the driver reuses the plan, skips finished runs and trains
+only what is missing (a run cut off mid-way starts again: runs write no checkpoints), with the runs-at-a-time
+recomputed from the memory free then. Runs that fail (out of memory) get one more try at half the concurrency.
+``--mode cpu`` runs the seed groups only (the default DLCM and the baseline, seeds 0–2, the recipes' rate) on the
+CPU demo's recipes, two at a time.
 
 Scale 2 (``--scale 2``) doubles every width and head count of the DLCM (167M instead of 47M inference FLOPs per
-token at 1,024 tokens, 3.5×), gives the baseline the shape ``shape_search.matched_baseline`` matches to it, and
-trains both on seeds 0, 1, 2; ``--match-steps`` caps the steps at those of a scale-1
-results file (the probe may allow fewer: the JSON's ``train_flops`` say what was reached; ≥ 3× scale 1's needs
-≥ 75% of its steps). A seed sets the initialisation, the boundary-sampling
-generator and the data order (``seed_everything``, ``model.init_args.seed``, ``data.seed``): DLCM and baseline
-runs of one seed see the same batches, so their bits-per-byte gap is paired.
+token at 1,024 tokens, 3.5×) and gives the baseline the shape ``shape_search.matched_baseline`` matches to it;
+``--match-steps`` caps its steps at scale 1's and adds ``scale_trend``: the scale-2 minus scale-1 gap with a 95 %
+interval (Welch) and the ratio of training FLOPs (≥ 3 needs ≥ 86 % of scale 1's steps).
 
-Reported per run (``runs``) and per group (``groups``: mean ± sample std over seeds): the realised tokens per
-concept with inference-mode boundaries on the validation split (``val_ratio``, all documents; ``ratio_prose``,
-``ratio_code``: per domain), its relative error to R, the parser's final τ, validation bits per byte and training
-FLOPs; ``gap``: DLCM − baseline bits per byte per seed, mean ± std. ``format_report`` prints the same as a table.
+Reported per run (``runs``) and per group (``groups``, one per learning rate of the grid: mean, sample std and 95 %
+interval over seeds): the inference-mode tokens per concept on the validation split (``val_ratio``; per domain
+``ratio_prose``, ``ratio_code``), its error to R, the largest error over the second half's validations, whether the
+final ratio is within ±5 % of R, every second-half validation within ±10 % and each domain within ±10 %; the
+parser's final τ; ``near_threshold``, the share of validation tokens with ``|p − τ| ≤ 0.05`` (decisiveness);
+validation bits per byte and training FLOPs. Gaps, paired by seed: DLCM − baseline, alternative − default, and
+matched rule − learned. ``format_report`` prints the same as a table.
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ MECHANISMS: dict[str, dict[str, Any]] = {
     # penalty mean 4p(1 − p) on p near 0.5; 0.1 collapsed the ratio on the CPU phrase language (docs/RESULTS.md)
     "midpoint": {"threshold_mode": "fixed", "midpoint_weight": 0.01},
     # penalty on the chance that sampled training and thresholded inference decide a token differently
-    "consistency": {"threshold_mode": "calibrated", "consistency_weight": 0.1},
+    "consistency": {"threshold_mode": "calibrated", "consistency_weight": 0.01},
     "ste": {"threshold_mode": "fixed", "router_grad": "ste"},  # H-Net straight-through, τ = 0.5
     "rule": {"predictor": "rule", "threshold_mode": "fixed"},  # §8.1: cosine of encoder states ≥ 0.5, no router
 }
