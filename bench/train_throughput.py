@@ -1,21 +1,26 @@
 """End-to-end training throughput on one GPU: tokens/s, MFU and peak memory of the dense
 baseline and DLCM at matched inference FLOPs, and where DLCM's extra time goes.
 
-Each configuration runs full training steps — forward, CE (+ λ·L_aux for DLCM), backward, fused AdamW — on packed
+Each configuration runs training micro-batches — forward, CE (+ λ·L_aux for DLCM), backward — on packed
 micro-batches of ``--tokens-per-step`` random tokens in documents of ``--context`` tokens (every context given is
-run, in one JSON: the paper recipes train at 2048), timed with CUDA events after warm-up (which includes
-compilation). Precision is Lightning's ``bf16-mixed`` (fp32 master weights, bf16 autocast) unless
-``--precision bf16-true``. The loss is the Lightning module's: per-token fp32 CE, compiled with the blocks
-(``--eager-loss`` keeps it eager, for an A/B). DLCM's parser runs as in training, but its sampled boundaries are
-replaced by Bernoulli(1/R) draws: a freshly initialised parser does not compress at R, and throughput depends on
-the concept count (the realised ratio is reported).
+run, in one JSON: the paper recipes train at 2048), and a fused AdamW step after each, timed separately with CUDA
+events after warm-up (which includes compilation). The reported step time is the micro-batch's plus the optimizer
+step's share at ``--accumulate`` micro-batches per optimizer step: 32 is the single-node paper recipes' (4M tokens
+per step = 16,384 × 32 × 8 GPUs), where the optimizer costs the 2.3B DLCM under 1 ms per micro-batch; the time
+with an optimizer step after every micro-batch is reported too. Precision is Lightning's ``bf16-mixed`` (fp32
+master weights, bf16 autocast) unless ``--precision bf16-true``. The loss is the Lightning module's: the head's
+chunked linear cross-entropy (``--loss logits`` materialises the ``[T, V]`` logits and takes an fp32 CE of them,
+compiled with the blocks, for an A/B). DLCM's parser runs as in training, but its sampled boundaries are replaced
+by Bernoulli(1/R) draws: a freshly initialised parser does not compress at R, and throughput depends on the
+concept count (the realised ratio is reported). ``--fp32-matmul`` is ``execution.fp32_matmul_precision`` (the
+paper recipes' ``high`` by default).
 
 MFU = model FLOPs / time / peak, with :mod:`dlcm.model.flops`'s training count (3 × forward matmul and attention FLOPs,
 no causal discount: ``(6·N + 12·layers·width·seq)·tokens`` for the baseline, N counting every matmul weight
 including the head) against the dense bf16 peak (989 TFLOP/s on an H200) and against a bf16 GEMM measured in the
 same run. The DLCM breakdown (eager configurations only: a module compiled in place, such as Ψ's block, runs its
 hooks inside the compiled graph) times each top-level module's forward and backward with CUDA events from module
-hooks in one extra step; "other" is the remainder (concept layout and its host sync, ratio loss, CE, optimizer).
+hooks in one extra micro-batch; "other" is the remainder (concept layout and its host sync, ratio loss, CE).
 ``--profile`` adds one profiled step: GPU time per kernel family (GEMM, attention forward/backward, generated
 Triton kernels, optimizer, copies), the top kernels and the longest stretches where no kernel ran.
 
@@ -43,6 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import PAIRS, Timer, model_config  # the same model pairs as the decode benchmark
@@ -51,7 +57,7 @@ from report import run_meta, write_json
 from dlcm.model.attention_backends import BACKENDS
 from dlcm.model.dlcm import DLCM
 from dlcm.model.flops import model_flops
-from dlcm.model.loss import IGNORE_INDEX, next_token_targets, token_nats
+from dlcm.model.loss import IGNORE_INDEX, next_token_targets
 from dlcm.model.presets import DEEPSEEK_V3_VOCAB, build_model
 from dlcm.train.execution import ExecutionConfig, apply_execution, compiled_graphs
 
@@ -94,20 +100,44 @@ class Batch:
         return ids_T, next_token_targets(ids_T, self.cu)
 
 
-def train_step(model, optimizer, batch: Batch, autocast: bool, compiled_loss: bool) -> int:
-    """One optimizer step (the loss as the Lightning module computes it); returns the concept count (0 for the
-    baseline)."""
+def logits_nats(compiled: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The unfused CE of ``--loss logits``: fp32 CE of materialised ``[T, V]`` logits (compiled with the blocks)."""
+
+    def nats(logits_TV: torch.Tensor, targets_T: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits_TV.float(), targets_T, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    return torch.compile(nats) if compiled else nats
+
+
+def micro_batch(model, batch: Batch, autocast: bool, unfused_ce: Callable | None) -> int:
+    """Forward and backward of one micro-batch (the loss as the Lightning module computes it); returns the concept
+    count (0 for the baseline). ``unfused_ce``: the ``--loss logits`` CE, else the head's fused one."""
     ids_T, targets_T = batch.next()
     with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(ids_T, batch.cu, batch.context)
-        logits_TV = out.logits_TV if isinstance(model, DLCM) else out
-        loss = token_nats(logits_TV, targets_T, compiled_loss).sum() / (targets_T != IGNORE_INDEX).sum()
-        if isinstance(model, DLCM):
+        fused = None if unfused_ce is not None else targets_T
+        out = model(ids_T, batch.cu, batch.context, targets_T=fused)
+        dlcm = isinstance(model, DLCM)
+        if unfused_ce is not None:
+            total = unfused_ce(out.logits_TV if dlcm else out, targets_T)
+        else:
+            total = out.lm_loss.total if dlcm else out.total
+        loss = total / (targets_T != IGNORE_INDEX).sum()
+        if dlcm:
             loss = loss + model.cfg.parser.aux_weight * out.aux_loss
     loss.backward()
+    return out.layout.num_concepts if dlcm else 0
+
+
+def optimizer_step(optimizer) -> None:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return out.layout.num_concepts if isinstance(model, DLCM) else 0
+
+
+def train_step(model, optimizer, batch: Batch, autocast: bool, unfused_ce: Callable | None) -> int:
+    """A micro-batch and an optimizer step (warm-up, breakdown and profile); returns the concept count."""
+    concepts = micro_batch(model, batch, autocast, unfused_ce)
+    optimizer_step(optimizer)
+    return concepts
 
 
 def stage_breakdown(model: DLCM, step: Callable[[], int]) -> dict[str, float]:
@@ -217,23 +247,33 @@ def run_config(name: str, args, context: int, compile_blocks: bool, gemm: float)
         model.to(torch.bfloat16)
     if isinstance(model, DLCM):
         force_ratio(model)
-    apply_execution(model, ExecutionConfig(args.activation_checkpointing, compile_blocks))
+    execution = ExecutionConfig(args.activation_checkpointing, compile_blocks, fp32_matmul_precision=args.fp32_matmul)
+    apply_execution(model, execution)
+    if cuda:
+        torch.set_float32_matmul_precision(args.fp32_matmul)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = Batch(cfg.vocab_size, docs, context, device)
-    compiled_loss = compile_blocks and not args.eager_loss
-    step = functools.partial(train_step, model, optimizer, batch, not true_bf16, compiled_loss)
+    autocast = not true_bf16
+    unfused_ce = logits_nats(compile_blocks and cuda) if args.loss == "logits" else None
+    step = functools.partial(train_step, model, optimizer, batch, autocast, unfused_ce)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with Timer(device) as warm:
         for _ in range(args.warmup):
             step()
     graphs_after_warmup = compiled_graphs()
-    times, concepts = [], []
+    micro_times, optimizer_times, concepts = [], [], []
     for _ in range(args.steps):
         with Timer(device) as timer:
-            concepts.append(step())
-        times.append(timer.ms)
+            concepts.append(micro_batch(model, batch, autocast, unfused_ce))
+        micro_times.append(timer.ms)
+        with Timer(device) as timer:
+            optimizer_step(optimizer)
+        optimizer_times.append(timer.ms)
+    micro_ms, optimizer_ms = statistics.median(micro_times), statistics.median(optimizer_times)
+    times = [m + o / args.accumulate for m, o in zip(micro_times, optimizer_times, strict=True)]
     step_ms = statistics.median(times)
+    every_ms = statistics.median([m + o for m, o in zip(micro_times, optimizer_times, strict=True)])
     tokens = docs * context
     doc_lengths = [context] * docs
     mean_concepts = statistics.mean(concepts)
@@ -242,7 +282,9 @@ def run_config(name: str, args, context: int, compile_blocks: bool, gemm: float)
     rec = {
         "model": name,
         "attn_backend": cfg.attn_backend,
-        "compiled_loss": compiled_loss,
+        "loss": args.loss,
+        "fp32_matmul_precision": args.fp32_matmul,
+        "accumulate": args.accumulate,
         "kind": "dlcm" if isinstance(model, DLCM) else "baseline",
         "params": sum(p.numel() for p in model.parameters()),
         "precision": args.precision,
@@ -252,6 +294,10 @@ def run_config(name: str, args, context: int, compile_blocks: bool, gemm: float)
         "docs": docs,
         "tokens_per_step": tokens,
         "median_step_ms": step_ms,
+        "micro_batch_ms": micro_ms,
+        "optimizer_ms": optimizer_ms,
+        "step_ms_optimizer_every_micro_batch": every_ms,
+        "tokens_per_sec_optimizer_every_micro_batch": tokens / (every_ms / 1e3),
         "p10_step_ms": sorted(times)[len(times) // 10],
         "p90_step_ms": sorted(times)[(9 * len(times)) // 10],
         "tokens_per_sec": tokens / (step_ms / 1e3),
@@ -290,11 +336,15 @@ def main() -> int:
     parser.add_argument("--breakdown", action="store_true", help="time DLCM's stages in one extra eager step")
     parser.add_argument("--kinds", nargs="+", default=["baseline", "dlcm"], choices=["baseline", "dlcm"])
     parser.add_argument("--attn-backend", default=None, choices=["auto", *BACKENDS], help="override the models'")
-    parser.add_argument("--eager-loss", action="store_true", help="eager CE even with --compile on (A/B)")
+    parser.add_argument("--loss", default="fused", choices=["fused", "logits"], help="the head's chunked CE, or logits")
+    parser.add_argument("--accumulate", type=int, default=32, help="micro-batches per optimizer step (paper: 32)")
+    parser.add_argument("--fp32-matmul", default="high", choices=["highest", "high"], help="fp32 matmul precision")
     parser.add_argument("--profile", action="store_true", help="kernel time by family in one extra step")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.accumulate < 1:
+        parser.error(f"--accumulate {args.accumulate} is not allowed: a positive number of micro-batches")
     uneven = [c for c in args.context if c < 1 or args.tokens_per_step % c]
     if uneven:
         parser.error(f"--context {uneven[0]} is not allowed: a positive divisor of --tokens-per-step")

@@ -153,7 +153,10 @@ class DLCMDecoder:
         acc = torch.promote_types(dtype, torch.float32)
         self.model = model
         self.encoder = StackCache(model.encoder, batch, capacity, device, dtype)
-        self.backbone = StackCache(model.backbone, batch, capacity, device, dtype)  # concepts ≤ tokens
+        # Concepts: about capacity / R, grown on demand (a backbone cache at the token capacity held 4× the memory
+        # the concepts need, and a single-token step reads the whole capacity).
+        concept_capacity = max(1, int(capacity / model.cfg.parser.target_ratio))
+        self.backbone = StackCache(model.backbone, batch, concept_capacity, device, dtype)
         self.decoder = StackCache(model.decoder, batch, capacity, device, dtype)
         # Host view of each document's concepts: how many started, and the open (newest) one's first token.
         self.concept_count = [0] * batch
@@ -260,8 +263,9 @@ class DLCMDecoder:
         caches = [self.encoder, self.backbone, self.decoder]
         needed = max(self.lengths) + 1
         self._reserve(needed)
-        for cache in caches:
+        for cache in (self.encoder, self.decoder):
             cache.reserve(needed)
+        self.backbone.reserve(max(self.concept_count) + 1)  # the step may complete one more concept
         if self._capacities() != self.graph_capacity:  # reallocated since capture (by a step or an extend)
             for phase in self.phases:
                 phase.reset()
@@ -349,13 +353,8 @@ class DLCMDecoder:
         bias_BR = log_count_bias(cols_R, own_B1, position_B[:, None], self.start_BR, self.length_BR, readable_BR)
         h_B1D = self.h_BLD[all_B, position_B][:, None]
         q_B1NH = m.cross.queries(h_B1D)
-        out_BN1H = F.scaled_dot_product_attention(
-            q_B1NH.transpose(1, 2),
-            self.cross_k_BRKH.transpose(1, 2),
-            self.cross_v_BRKH.transpose(1, 2),
-            attn_mask=bias_BR[:, None, None].to(q_B1NH.dtype),
-            enable_gqa=True,
-        )
+        mask_B11R = bias_BR[:, None, None].to(q_B1NH.dtype)
+        out_BN1H = cached_attention(q_B1NH, self.cross_k_BRKH, self.cross_v_BRKH, mask_B11R)
         prob_B1 = self.prob_BL[all_B, position_B][:, None]
         confidence_B1 = m.parser.confidence(prob_B1, boundary_B[:, None]) if m.cfg.parser.router_grad == "ste" else None
         x_B1D = m.cross.finish(h_B1D, out_BN1H.transpose(1, 2), confidence_B1)

@@ -11,8 +11,10 @@ Every backend computes the same function: row ``i`` attends to rows ``j ≤ i`` 
 - ``flash_attn_cute``: FlashAttention-4, ``flash_attn.cute.flash_attn_varlen_func`` (``pip install flash-attn-4``:
   CuTe DSL kernels, SM90 and newer), likewise checked.
 - ``flex``: FlexAttention with a document-causal block mask (compiled on CUDA, eager on CPU).
-- ``auto``: ``flash_attn`` (only if its varlen entry is there: a FlashAttention-4-only install provides the
-  ``flash_attn`` namespace without it) > ``varlen`` for half-precision CUDA tensors, else ``sdpa``.
+- ``auto``: for half-precision CUDA tensors ``flash_attn_cute`` on Hopper and newer (SM90+) when importable (on an
+  H100 it ran the recipes' documents 1.4–1.8× faster than ``varlen``), else ``flash_attn`` (only if its varlen
+  entry is there: a FlashAttention-4-only install provides the ``flash_attn`` namespace without it), else
+  ``varlen``; ``sdpa`` otherwise.
 
 Layout: ``q_TNH`` is ``[T, heads, head_dim]``, ``k_TKH``/``v_TKH`` have ``K`` KV heads dividing ``N`` (GQA).
 """
@@ -58,10 +60,17 @@ def flash_attn_available(backend: str = "flash_attn") -> bool:
     return flash_varlen_entry(backend) is not None
 
 
+@functools.cache
+def _sm90_or_newer(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """Turn ``auto`` into a concrete backend for this tensor; reject names no backend answers to."""
     if backend == "auto":
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            if flash_attn_available("flash_attn_cute") and _sm90_or_newer(q.device.index or 0):
+                return "flash_attn_cute"
             return "flash_attn" if flash_attn_available() else "varlen"
         return "sdpa"
     if backend not in BACKENDS:

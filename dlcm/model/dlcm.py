@@ -11,6 +11,7 @@ from dlcm.model.block import TransformerStack
 from dlcm.model.config import DLCMConfig, ParserConfig
 from dlcm.model.cross_attention import CrossAttentionBlock
 from dlcm.model.linear import Embedding, mup_std
+from dlcm.model.linear_cross_entropy import TokenLoss
 from dlcm.model.lm_head import LMHead
 from dlcm.model.packing import PackedSeqs
 from dlcm.model.parser import GlobalParser, ParserOutput, decision_disagreement
@@ -21,9 +22,10 @@ from dlcm.model.smoothing import ConceptSmoothing
 
 @dataclass
 class DLCMOutput:
-    """Logits plus everything the losses and the logging callbacks need from the same forward pass."""
+    """Logits (or, given targets, the fused cross-entropy) plus everything the losses and the logging callbacks
+    need from the same forward pass."""
 
-    logits_TV: torch.Tensor
+    logits_TV: torch.Tensor | None  # None when the forward was given targets
     aux_loss: torch.Tensor  # L_aux (Eq. 10), unweighted; the total loss adds aux_weight · aux_loss
     midpoint_loss: torch.Tensor  # mean 4p(1 − p) over non-forced tokens, unweighted (parser.midpoint_weight)
     # mean P(sampled b ≠ thresholded b) over non-forced tokens, unweighted (parser.consistency_weight)
@@ -32,6 +34,7 @@ class DLCMOutput:
     parser: ParserOutput
     layout: ConceptLayout
     tokens: PackedSeqs
+    lm_loss: TokenLoss | None = None  # the head's fused CE, when the forward was given targets
 
 
 class DLCM(nn.Module):
@@ -41,7 +44,8 @@ class DLCM(nn.Module):
     ``parser.boundary_mode='sample'`` boundaries are sampled (pass a ``generator`` for reproducible draws);
     otherwise, and always in eval mode, they are thresholded at ``p ≥ τ``. With ``parser.threshold_mode=
     'calibrated'`` every training forward, once its boundaries are decided, moves τ towards the value that
-    realises R on its batch.
+    realises R on its batch. Given ``targets_T`` the head returns the cross-entropy fused with its GEMM
+    (``lm_loss``) instead of ``[T, V]`` logits.
     """
 
     def __init__(self, cfg: DLCMConfig) -> None:
@@ -68,6 +72,7 @@ class DLCM(nn.Module):
         cu_seqlens_tok: torch.Tensor,
         max_seqlen_tok: int | None = None,
         generator: torch.Generator | None = None,
+        targets_T: torch.Tensor | None = None,
     ) -> DLCMOutput:
         tok = PackedSeqs.from_cu_seqlens(cu_seqlens_tok, input_ids_T.shape[0], max_seqlen_tok)
         h_TD = self.encoder(self.embed(input_ids_T), tok)
@@ -79,11 +84,12 @@ class DLCM(nn.Module):
         z_CD = self.backbone(self.pooling(h_TD, layout), layout.seqs)
         z_CD = self.smoothing(z_CD, parsed.prob_T, layout)
         x_TD = self.cross(h_TD, z_CD, layout, tok, parsed.confidence_T)
-        logits_TV = self.head(self.decoder(x_TD, tok))
+        head_out = self.head(self.decoder(x_TD, tok), targets_T)
+        logits_TV, lm_loss = (None, head_out) if targets_T is not None else (head_out, None)
         ratio = self.ratio_loss(parsed.prob_T, parsed.boundary_T, tok)
         midpoint = midpoint_loss(parsed.prob_T, tok)
         consistency = interior_mean(decision_disagreement(parsed.prob_T, self.parser.alpha), tok)
-        return DLCMOutput(logits_TV, ratio.loss, midpoint, consistency, ratio, parsed, layout, tok)
+        return DLCMOutput(logits_TV, ratio.loss, midpoint, consistency, ratio, parsed, layout, tok, lm_loss)
 
 
 def parser_loss(cfg: ParserConfig, out: DLCMOutput) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcm.model.linear import Linear
+from dlcm.model.linear_cross_entropy import TokenLoss, linear_cross_entropy
 
 # GEMMs whose output rows are not a multiple of 8 elements miss cuBLAS's tensor-core kernels: with the DeepSeek-V3
 # vocabulary (128,815) the head ran 7× slower than its FLOPs allow on an H200 (bench/train_throughput.py).
@@ -17,14 +18,23 @@ ALIGN_MIN_ROWS = 1024
 
 
 class LMHead(nn.Module):
-    """Readout ``W_head x / s_token``; with ``d_base = d_token`` (standard parametrisation) the multiplier is 1."""
+    """Readout ``W_head x / s_token``; with ``d_base = d_token`` (standard parametrisation) the multiplier is 1.
+
+    ``forward(x)`` returns logits; ``forward(x, targets_T)`` returns the cross-entropy (:class:`TokenLoss`) through
+    :func:`~dlcm.model.linear_cross_entropy.linear_cross_entropy`, never holding the ``[T, V]`` logits. The loss
+    goes through ``forward`` so that FSDP2's hooks gather the weight for it. ``compile_loss`` (set by the
+    execution layer with ``compile_blocks``) fuses each chunk's softmax on a GPU.
+    """
 
     def __init__(self, d_token: int, vocab_size: int, std: float, d_base: int | None) -> None:
         super().__init__()
         self.proj = Linear(d_token, vocab_size, std)
         self.logit_scale = 1.0 if d_base is None else d_base / d_token
+        self.compile_loss = False
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, targets_T: torch.Tensor | None = None) -> torch.Tensor | TokenLoss:
+        if targets_T is not None:
+            return self._loss(x_TD, targets_T)
         vocab = self.proj.out_features
         # Multiply on a zero-padded copy of the weight, then view the real columns: the parameters (and
         # checkpoints) keep the true vocabulary size, the GEMMs (forward and both backward) run aligned.
@@ -34,3 +44,12 @@ class LMHead(nn.Module):
         if self.logit_scale != 1.0:  # skip a pass over T × V logits under standard parametrisation
             logits_TP = logits_TP * self.logit_scale
         return logits_TP[..., :vocab] if pad else logits_TP
+
+    def _loss(self, x_TD: torch.Tensor, targets_T: torch.Tensor) -> TokenLoss:
+        device = x_TD.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
+        vocab = self.proj.out_features
+        w_PD = F.pad(self.proj.weight.to(dtype), (0, 0, 0, -vocab % VOCAB_ALIGN))
+        return linear_cross_entropy(
+            x_TD.to(dtype), w_PD, targets_T, self.logit_scale, vocab, compiled=self.compile_loss
+        )

@@ -130,12 +130,12 @@ def analyze(
             break
         batch = _to_device(batch, device)
         with autocast:
-            nats_T, has_target_T, out = dlcm_module.lm_terms(batch)
+            lm_loss, has_target_T, out = dlcm_module.lm_terms(batch)
             boundary_T = out.parser.boundary_T
-            stats["dlcm"].update(nats_T, has_target_T, boundary_T, batch["cu_seqlens"])
+            stats["dlcm"].update(lm_loss.nats_T, has_target_T, boundary_T, batch["cu_seqlens"])
             if baseline_module is not None:
-                base_nats_T, base_has_target_T, _ = baseline_module.lm_terms(batch)
-                stats["baseline"].update(base_nats_T, base_has_target_T, boundary_T, batch["cu_seqlens"])
+                base_loss, base_has_target_T, _ = baseline_module.lm_terms(batch)
+                stats["baseline"].update(base_loss.nats_T, base_has_target_T, boundary_T, batch["cu_seqlens"])
         tokens += int(batch["input_ids"].shape[0])
         n_batches += 1
     if n_batches == 0:

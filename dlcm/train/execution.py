@@ -37,6 +37,7 @@ Checkpointing = Literal["none", "selective", "full"]
 ParamDtype = Literal["bfloat16", "float32"]
 Sharding = Literal["full", "hybrid"]
 GradientSync = Literal["micro_batch", "step", "replicas_at_step"]
+Fp32MatmulPrecision = Literal["highest", "high"]
 
 
 @dataclass
@@ -46,7 +47,7 @@ class ExecutionConfig:
     # none: keep all activations; selective: recompute every second block of each stack (about half the memory
     # of full for a third less recomputation); full: recompute every block and Ψ in the backward pass.
     activation_checkpointing: Checkpointing = "none"
-    # torch.compile each block in place (one compiled graph per block shape) and the token cross-entropy
+    # torch.compile each block in place (one compiled graph per block shape) and the head's chunked cross-entropy
     compile_blocks: bool = False
     # FSDP2 only: dtype the sharded fp32 parameters are all-gathered in for compute. Gradients are always reduced
     # in float32 and the parameters and optimizer state stay float32; the parser always computes in float32.
@@ -65,12 +66,17 @@ class ExecutionConfig:
     # full fp32 gradients meanwhile (+4 bytes per parameter). replicas_at_step (hybrid): reduce-scatter within the
     # shard group every micro-batch, all-reduce between replicas once per step; no extra memory.
     gradient_sync: GradientSync = "micro_batch"
+    # CUDA only: precision of fp32 matrix products, which under bf16-mixed are the parser's scan projections (the
+    # boundary scores) alone. highest: true fp32 (SIMT kernels: 10 ms of the 2.3B DLCM's step on an H100); high:
+    # TF32 tensor cores (inputs rounded to a 10-bit mantissa, fp32 accumulation). Process-wide, as PyTorch has it.
+    fp32_matmul_precision: Fp32MatmulPrecision = "highest"
 
     def __post_init__(self) -> None:
         require_choice("execution.activation_checkpointing", self.activation_checkpointing, Checkpointing)
         require_choice("execution.fsdp_param_dtype", self.fsdp_param_dtype, ParamDtype)
         require_choice("execution.sharding", self.sharding, Sharding)
         require_choice("execution.gradient_sync", self.gradient_sync, GradientSync)
+        require_choice("execution.fp32_matmul_precision", self.fp32_matmul_precision, Fp32MatmulPrecision)
         if self.hsdp_shard_size is not None:
             require(self.hsdp_shard_size >= 1, "execution.hsdp_shard_size", self.hsdp_shard_size, "null or >= 1")
         require(
@@ -155,6 +161,8 @@ def apply_execution(
     if cfg.compile_blocks:
         for block in blocks_of(network):
             block.compile()
+        for head in (m for m in network.modules() if isinstance(m, LMHead)):
+            head.compile_loss = True
     if mesh is not None:
         if cfg.sharding == "hybrid":
             mesh = hybrid_mesh(mesh, cfg.hsdp_shard_size or node_size)

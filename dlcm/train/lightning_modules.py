@@ -24,7 +24,8 @@ from torch import nn
 from dlcm.model.baseline import DenseBaseline
 from dlcm.model.config import BaselineConfig, DLCMConfig
 from dlcm.model.dlcm import DLCM, DLCMOutput, parser_loss
-from dlcm.model.loss import IGNORE_INDEX, next_token_targets, token_nats
+from dlcm.model.linear_cross_entropy import TokenLoss
+from dlcm.model.loss import IGNORE_INDEX, next_token_targets
 from dlcm.train.execution import (
     ExecutionConfig,
     apply_execution,
@@ -51,7 +52,9 @@ class LanguageModelModule(L.LightningModule):
     """Shared training logic: next-token CE on packed documents, validation metrics, AdamW + schedule.
 
     Subclasses name their ``network_class`` (built from ``config``; on the meta device with
-    ``execution.meta_init``, allocated by ``configure_model``) and implement ``run(batch) -> (logits_TV, extras)``.
+    ``execution.meta_init``, allocated by ``configure_model``) and implement ``run(batch, targets_T) -> (loss,
+    extras)``: the head's fused cross-entropy (:class:`~dlcm.model.linear_cross_entropy.TokenLoss`), so no
+    ``[T, V]`` logits are held in training or validation.
     ``param_groups_fn`` may be replaced (e.g. by the μP callback) before ``configure_optimizers`` runs.
     """
 
@@ -92,6 +95,8 @@ class LanguageModelModule(L.LightningModule):
         # Only ModelParallelStrategy provides a mesh: the network is then FSDP2-sharded (over a 2-D replicate ×
         # shard mesh when hybrid); DDP and single-device runs get checkpointing and compile only.
         mesh = None if self.device_mesh is None else data_parallel_mesh(self.device_mesh)
+        if self.trainer.strategy.root_device.type == "cuda":
+            torch.set_float32_matmul_precision(self.execution_cfg.fp32_matmul_precision)
         apply_execution(self.network, self.execution_cfg, mesh, node_size=self.trainer.num_devices)
         if any(p.is_meta for p in self.network.parameters()):
             # Here rather than in Lightning's setup, which would also `to_empty` the torchmetrics states and reset
@@ -107,26 +112,26 @@ class LanguageModelModule(L.LightningModule):
             # Growth of this count after the first steps means recompilation (e.g. new concept-stream lengths).
             self.log("train/compile_graphs", float(compiled_graphs()))
 
-    def run(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def run(self, batch: dict[str, Any], targets_T: torch.Tensor) -> tuple[TokenLoss, Any]:
         raise NotImplementedError
 
     def extra_loss(self, extras: Any) -> torch.Tensor | None:
         return None
 
-    def lm_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Per-token CE (0 where no target), the target mask, and the subclass extras of one forward."""
-        logits_TV, extras = self.run(batch)
+    def lm_terms(self, batch: dict[str, Any]) -> tuple[TokenLoss, torch.Tensor, Any]:
+        """The CE (summed, and per token: 0 where no target), the target mask, and the subclass extras of one
+        forward."""
         targets_T = next_token_targets(batch["input_ids"], batch["cu_seqlens"])
-        nats_T = token_nats(logits_TV, targets_T, compiled=self.execution_cfg.compile_blocks)
-        return nats_T, targets_T != IGNORE_INDEX, extras
+        lm_loss, extras = self.run(batch, targets_T)
+        return lm_loss, targets_T != IGNORE_INDEX, extras
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         self.before_micro_batch(batch_idx)
         # Lightning's own decision for this micro-batch (it steps the optimizer after it unless accumulating).
         last_micro_batch = not self.trainer.fit_loop._should_accumulate()
         set_gradient_sync(self.network, self.execution_cfg.gradient_sync, last_micro_batch)
-        nats_T, has_target_T, extras = self.lm_terms(batch)
-        ce = nats_T.sum() / has_target_T.sum().clamp(min=1)
+        lm_loss, has_target_T, extras = self.lm_terms(batch)
+        ce = lm_loss.total / has_target_T.sum().clamp(min=1)
         loss = ce
         extra = self.extra_loss(extras)
         if extra is not None:
@@ -142,7 +147,8 @@ class LanguageModelModule(L.LightningModule):
         return {}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        nats_T, has_target_T, extras = self.lm_terms(batch)
+        lm_loss, has_target_T, extras = self.lm_terms(batch)
+        nats_T = lm_loss.nats_T
         # Bytes of each *target* token: position t predicts token t+1.
         target_bytes_T = torch.roll(batch["token_bytes"], shifts=-1).to(nats_T.dtype)
         self.val_nats.update(nats_T[has_target_T].sum())
@@ -267,11 +273,11 @@ class DLCMModule(LanguageModelModule):
         seed = hash((self.seed, self.global_step, micro, self.global_rank)) & 0x7FFF_FFFF_FFFF_FFFF
         return torch.Generator(device=device).manual_seed(seed)
 
-    def run(self, batch: dict[str, Any]) -> tuple[torch.Tensor, DLCMOutput]:
+    def run(self, batch: dict[str, Any], targets_T: torch.Tensor) -> tuple[TokenLoss, DLCMOutput]:
         ids_T = batch["input_ids"]
         generator = self.sampling_generator(ids_T.device) if self.training else None
-        out = self.network(ids_T, batch["cu_seqlens"], batch["max_seqlen"], generator=generator)
-        return out.logits_TV, out
+        out = self.network(ids_T, batch["cu_seqlens"], batch["max_seqlen"], generator=generator, targets_T=targets_T)
+        return out.lm_loss, out
 
     def extra_loss(self, extras: DLCMOutput) -> torch.Tensor:
         self.log("train/aux", extras.aux_loss)
@@ -314,5 +320,5 @@ class BaselineModule(LanguageModelModule):
     ) -> None:
         super().__init__(config, optimizer, schedule, context_length, seed, execution)
 
-    def run(self, batch: dict[str, Any]) -> tuple[torch.Tensor, None]:
-        return self.network(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"]), None
+    def run(self, batch: dict[str, Any], targets_T: torch.Tensor) -> tuple[TokenLoss, None]:
+        return self.network(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"], targets_T), None

@@ -268,6 +268,7 @@ def model_lines(run: Run) -> list[str]:
         f"      compile_blocks: {str(COMPILE_BLOCKS).lower()} # true compiles each block; watch "
         "train/compile_graphs for recompiles",
         "      meta_init: true # build on the meta device; configure_model allocates only each rank's shards",
+        "      fp32_matmul_precision: high # the parser's fp32 scan projections on TF32 tensor cores (highest: fp32)",
     ]
     lines += sharding_lines(run)
     lines += [

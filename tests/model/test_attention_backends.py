@@ -72,7 +72,8 @@ def test_gpu_backends_refuse_cpu_fp32_with_a_clear_error() -> None:
         causal_attention(q, k, v, PackedSeqs.from_cu_seqlens(cu, 4), "varlen")
 
 
-HALF_CUDA = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # all that resolve_backend reads of q
+# All that resolve_backend reads of q.
+HALF_CUDA = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", 0))
 
 
 @pytest.fixture
@@ -104,6 +105,18 @@ def test_auto_skips_a_flash_attn_without_the_varlen_entry(fake_flash) -> None:
     assert not flash_attn_available() and resolve_backend("auto", HALF_CUDA) == "varlen"
     fake_flash("flash_attn", fa2_signature)
     assert flash_attn_available() and resolve_backend("auto", HALF_CUDA) == "flash_attn"
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((9, 0), "flash_attn_cute"), ((8, 0), "flash_attn")])
+def test_auto_prefers_flash_attention_4_on_hopper(fake_flash, monkeypatch, capability, expected) -> None:
+    fake_flash("flash_attn", fa2_signature)
+    fake_flash("flash_attn.cute", fa2_signature)
+    attention_backends._sm90_or_newer.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    try:
+        assert resolve_backend("auto", HALF_CUDA) == expected
+    finally:
+        attention_backends._sm90_or_newer.cache_clear()
 
 
 def test_flash_backends_without_their_entry_fail_with_a_clear_error(fake_flash) -> None:

@@ -80,8 +80,9 @@ def test_analyze_matches_a_per_token_loop() -> None:
     sums = {name: [[0.0] * 5, [0] * 5] for name in ("dlcm", "baseline")}
     with torch.no_grad():
         for batch in data:
-            nats_T, has_T, out = dlcm.eval().lm_terms(batch)
-            base_nats_T, _, _ = base.eval().lm_terms(batch)
+            lm_loss, has_T, out = dlcm.eval().lm_terms(batch)
+            base_loss, _, _ = base.eval().lm_terms(batch)
+            nats_T, base_nats_T = lm_loss.nats_T, base_loss.nats_T
             b = out.parser.boundary_T.tolist()
             for t in range(63):
                 if not has_T[t]:
