@@ -598,13 +598,9 @@ def format_report(result: dict[str, Any]) -> str:
 # ---- driver ----------------------------------------------------------------------------------------------------
 
 
-def probe_plan(
-    mode: Mode, study: Study, runs_dir: Path, budget: float, cap: int | None, executor_class: type
-) -> dict[str, Any]:
-    """On a GPU: each model's device memory alone (a short run of the most concept-heavy DLCM and of the
-    baseline, one after the other), the runs the free memory then holds, their speed together (a short probe of
-    that many runs at once), and the steps that fit the budget."""
-    start = time.perf_counter()
+def memory_plan(mode: Mode, study: Study, runs_dir: Path, executor_class: type) -> dict[str, Any]:
+    """Each model's device memory alone (a short run of the most concept-heavy DLCM, then of the baseline), with
+    the margin: what one run needs, and how many the free memory holds now."""
     first = study.first_phase()
     heavy = min((j for j in first if j.kind == "dlcm"), key=lambda j: j.target_ratio or math.inf)
     memory = {}
@@ -617,6 +613,16 @@ def probe_plan(
     free, total = device_memory_gib()
     parallel = runs_that_fit(per_run, free, os.cpu_count() or 1)
     _log(f"memory: {memory} GiB per run alone; {free:.1f} of {total:.1f} GiB free → {parallel} at a time")
+    return {"memory_gib_alone": memory, "per_run_gib": per_run, "parallel_planned": parallel}
+
+
+def timing_plan(
+    mode: Mode, study: Study, runs_dir: Path, parallel: int, seconds_left: float, cap: int | None, executor_class: type
+) -> dict[str, Any]:
+    """The speed of ``parallel`` runs together (a short probe) and the steps that let every round of both phases
+    fit ``seconds_left``."""
+    start = time.perf_counter()
+    first = study.first_phase()
     probe = as_runs(mode, first[:parallel], probe_overrides(mode.probe_steps))
     probed = executor_class(runs_dir / "probe", parallel, threads=1, log=_log)(probe)
     failed = [name for name, r in probed.items() if r.get("status") != "ok"]
@@ -627,21 +633,11 @@ def probe_plan(
     if not measured:
         raise RuntimeError("the probe measured no step time; see the probe's train.log files")
     slowest = max(measured)
-    counts = [len(first), study.second_phase_count()]
-    waves = waves_of(counts, parallel)
-    left = budget - (time.perf_counter() - start) - mode.reserve_s
+    waves = waves_of([len(first), study.second_phase_count()], parallel)
+    left = seconds_left - (time.perf_counter() - start) - mode.reserve_s
     steps = plan_steps(mode, slowest, left, waves, cap)
     _log(f"probe: slowest {slowest:.3f} s/step at {parallel} at once; {waves} rounds in {left:.0f} s → {steps} steps")
-    return {
-        "steps": steps,
-        "memory_gib_alone": memory,
-        "per_run_gib": per_run,
-        "parallel_planned": parallel,
-        "seconds_per_step": rates,
-        "slowest_seconds_per_step": slowest,
-        "rounds": waves,
-        "probe_s": time.perf_counter() - start,
-    }
+    return {"steps": steps, "seconds_per_step": rates, "slowest_seconds_per_step": slowest, "rounds": waves}
 
 
 def load_plan(runs_dir: Path, mode: Mode, scale: int, lrs: list[float]) -> dict[str, Any] | None:
@@ -699,8 +695,12 @@ def run_driver(args: argparse.Namespace, executor_class: type | None = None) -> 
         _log(f"continuing the study in {runs_dir}: {plan['steps']} steps per run ({PLAN})")
     else:
         plan = {"mode": mode.name, "scale": args.scale, "lrs": study.lrs}
-        if args.steps is None and mode.probe_steps:
-            plan.update(probe_plan(mode, study, runs_dir, budget, cap, executor_class))
+        if mode.parallel is None:  # on a GPU: as many at a time as the memory holds
+            plan.update(memory_plan(mode, study, runs_dir, executor_class))
+            if args.steps is None and mode.probe_steps:
+                left = budget - (time.perf_counter() - start)
+                parallel = plan["parallel_planned"]
+                plan.update(timing_plan(mode, study, runs_dir, parallel, left, cap, executor_class))
         plan.setdefault("steps", args.steps or cap or mode.max_steps)
         write_json(runs_dir / PLAN, plan)
     steps = plan["steps"]

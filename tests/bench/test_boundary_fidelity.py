@@ -239,6 +239,32 @@ def test_a_study_stopped_part_way_continues_with_only_the_missing_runs(tmp_path:
         bf.main([*args[:-1], "8"])
 
 
+def test_on_a_gpu_the_plan_comes_from_each_models_memory_and_a_timing_probe(tmp_path: Path, monkeypatch) -> None:
+    class Peak:  # each model alone: 6 GiB at its peak (the context included)
+        peak_gib = 6.0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr("dlcm.data.corpus.ensure_default_corpus", lambda: tmp_path / "corpus")
+    monkeypatch.setattr(bf, "environment", lambda: {"device": "test"})
+    monkeypatch.setattr(bf, "PeakMemory", Peak)
+    monkeypatch.setattr(bf, "device_memory_gib", lambda: (78.0, 80.0))
+    monkeypatch.setattr(bf, "seconds_per_step", lambda run_dir: 0.25)
+    monkeypatch.setattr(bf.os, "cpu_count", lambda: 16)
+    FakeExecutor.trained, FakeExecutor.stop_after = [], None
+    result = bf.run_driver(bf.parse_args(["--runs-dir", str(tmp_path / "runs"), "--budget-s", "500"]), FakeExecutor)
+    plan = result["calibration"]
+    # 6 GiB + 15 %: (78 − 2) // 6.9 = 11 at a time; 12 then 10 runs: 2 + 1 rounds of 0.25 s per step
+    assert plan["per_run_gib"] == pytest.approx(6.9) and plan["parallel_planned"] == plan["parallel"] == 11
+    assert plan["rounds"] == 3
+    assert plan["steps"] == bf.plan_steps(bf.MODES["gpu"], 0.25, 500 - bf.MODES["gpu"].reserve_s, 3)
+    assert len(result["runs"]) == 22 and result["failed"] == []
+
+
 def test_mean_std_of_one_or_no_values() -> None:
     assert bf.mean_std([1.0]) == {"mean": 1.0, "std": None, "ci95": None, "n": 1, "values": [1.0]}
     assert bf.mean_std([None, math.nan])["mean"] is None
