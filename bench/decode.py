@@ -218,14 +218,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_pairs(args: Any, meta: dict[str, Any], device: torch.device, bench: Any) -> dict[str, Any]:
-    """``bench(name, config, args, device)`` over every model of ``args.pairs``; the JSON is rewritten after each
-    model, so a run stopped early keeps what it measured."""
+    """``bench(name, config, args, device)`` over every model of ``args.pairs``, with the peak GPU memory of each
+    model's sweep; the JSON is rewritten after each model, so a run stopped early keeps what it measured."""
     records = []
     for pair in args.pairs:
         for name in PAIRS[pair]:
-            records += [
-                {"pair": pair, **record} for record in bench(name, model_config(name, args.vocab_size), args, device)
-            ]
+            cuda = device.type == "cuda"
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            measured = bench(name, model_config(name, args.vocab_size), args, device)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None  # the model's whole sweep
+            records += [{"pair": pair, **record, "peak_memory_gib": peak} for record in measured]
             if args.out:
                 write_json(args.out, {"meta": meta, "records": records})
     return {"meta": meta, "records": records}

@@ -156,9 +156,32 @@ def main() -> int:
             torch.cuda.empty_cache()
         print(rec, flush=True)
         records.append(rec)
+    meta = {"benchmark": "linear_cross_entropy", **run_meta(device), "warmup": args.warmup, "iters": args.iters}
+    data = {"meta": meta, "records": records}
     if args.out:
-        write_json(args.out, {**run_meta(device), "records": records})
+        write_json(args.out, data)
+    print(markdown_table(data))
     return 0
+
+
+def markdown_table(data: dict) -> str:
+    meta = data["meta"]
+    lines = [
+        f"`{meta['command']}` — {meta['device']}, torch {meta['torch']}, bf16 inputs, forward + backward, median of "
+        f"{meta['iters']} after {meta['warmup']} warm-up\n",
+        "| implementation | rows × width × vocab | ms | memory beyond inputs (GiB) | loss rel. err | dx err | dW err |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["records"]:
+        shape = f"{r['tokens']} × {r['width']} × {r['vocab']}"
+        if "ms" not in r:
+            lines.append(f"| {r['impl']} | {shape} | {r.get('skipped') or r.get('error', '')[:60]} | | | | |")
+            continue
+        lines.append(
+            f"| {r['impl']} | {shape} | {r['ms']:.1f} | {r['peak_extra_gib']:.2f} | {r['loss_rel_err']:.1e} "
+            f"| {r['dx_err']:.1e} | {r['dw_err']:.1e} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Markdown table of a cross-attention, self-attention, decode, prefill, eval or training-throughput benchmark JSON:
+"""Markdown table of a cross-attention, self-attention, decode, prefill, eval, LM-head cross-entropy or
+training-throughput benchmark JSON:
 ``python bench/table.py bench/results/<file>.json``. Several training-throughput JSONs (e.g. one per context, from
 separate runs) render as one table: ``python bench/table.py a.json b.json``."""
 
@@ -23,7 +24,7 @@ def main(path: str, *more: str) -> int:
         return 0
     benchmark = data.get("meta", {}).get("benchmark")
     # bench/<name>.py renders its own JSON (this script's folder is on sys.path).
-    if benchmark in ("decode", "prefill", "self_attention", "eval_throughput"):
+    if benchmark in ("decode", "prefill", "self_attention", "eval_throughput", "linear_cross_entropy"):
         print(importlib.import_module(benchmark).markdown_table(data))
         return 0
     if "meta" not in data:  # bench/train_throughput.py

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 from tqdm.auto import tqdm
@@ -88,10 +89,19 @@ def _batches(requests: Sequence[Request], batch_tokens: int) -> list[list[int]]:
 
 @torch.no_grad()
 def score_requests(
-    network: nn.Module, requests: Sequence[Request], batch_tokens: int = 8192, progress: bool = False
+    network: nn.Module,
+    requests: Sequence[Request],
+    batch_tokens: int = 8192,
+    progress: bool = False,
+    pad_batches: bool | None = None,
 ) -> list[RequestScore]:
-    """Score every request, packing many per forward; the network is put in eval mode and restored afterwards."""
+    """Score every request, packing many per forward; the network is put in eval mode and restored afterwards.
+
+    ``pad_batches`` (default: on a GPU) fills each forward up to ``batch_tokens`` with one padding document, which
+    no other document attends to: every forward then has the same token count, so compiled kernels (DLCM's
+    concept attention) are built once instead of once per packed length."""
     device = next(network.parameters()).device
+    pad_batches = device.type == "cuda" if pad_batches is None else pad_batches
     was_training = network.training
     network.eval()
     scores: list[RequestScore | None] = [None] * len(requests)
@@ -102,13 +112,18 @@ def score_requests(
             lengths = torch.tensor([len(x) for x in inputs])
             cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
             ids_T = torch.tensor([t for x in inputs for t in x], dtype=torch.int64)
+            padding = batch_tokens - len(ids_T) if pad_batches else 0
+            if padding > 0:
+                ids_T = F.pad(ids_T, (0, padding))
+                cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([len(ids_T)])])
             # Row of the logits that predicts each continuation token: the last n inputs of each document.
             rows, targets = [], []
-            for i, end in zip(group, cu_seqlens[1:].tolist(), strict=True):
+            for i, end in zip(group, cu_seqlens[1:].tolist(), strict=False):  # the padding document: no request
                 n = requests[i].n_continuation
                 rows.extend(range(end - n, end))
                 targets.extend(requests[i].ids[-n:])
-            logits_TV = _logits(network, ids_T.to(device), cu_seqlens.to(device), int(lengths.max()))
+            max_seqlen = max(int(lengths.max()), padding)
+            logits_TV = _logits(network, ids_T.to(device), cu_seqlens.to(device), max_seqlen)
             logp_NV = torch.log_softmax(logits_TV[torch.tensor(rows, device=device)].float(), dim=-1)
             target_N = torch.tensor(targets, device=device)
             token_lp_N = logp_NV.gather(1, target_N[:, None])[:, 0].cpu()

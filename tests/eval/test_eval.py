@@ -257,6 +257,7 @@ def test_score_is_packing_invariant(tokenizer, kind: str) -> None:
     requests = [encode_request(tokenizer, c, x, context_length=64) for c, x in random_pairs(24, seed=1)]
     packed = score_requests(network, requests, batch_tokens=4096)  # one forward for all
     small = score_requests(network, requests, batch_tokens=40)  # many forwards, different neighbours
+    padded = score_requests(network, requests, batch_tokens=64, pad_batches=True)  # as on a GPU: fixed length
     shuffled_order = list(range(len(requests)))
     random.Random(2).shuffle(shuffled_order)
     shuffled = score_requests(network, [requests[i] for i in shuffled_order], batch_tokens=4096)
@@ -264,6 +265,7 @@ def test_score_is_packing_invariant(tokenizer, kind: str) -> None:
         loglik, greedy = direct_score(network, request)
         assert packed[k].loglik == pytest.approx(loglik, abs=1e-4)
         assert small[k].loglik == pytest.approx(loglik, abs=1e-4)
+        assert padded[k].loglik == pytest.approx(loglik, abs=1e-4) and padded[k].is_greedy == greedy
         assert packed[k].is_greedy == greedy and packed[k].n_tokens == request.n_continuation
     for pos, k in enumerate(shuffled_order):
         assert shuffled[pos].loglik == pytest.approx(packed[k].loglik, abs=1e-4)

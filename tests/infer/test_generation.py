@@ -188,7 +188,10 @@ def test_steps_capture_again_after_the_buffers_grow(family: str) -> None:
     model = make_dlcm() if family == "dlcm" else make_baseline()
     decoder = incremental_decoder(model, batch=2, capacity=8)
     graphs = decoder.phases if family == "dlcm" else [decoder.graph]
-    decoder.extend(torch.randint(0, VOCAB, (2, 4)))
+    if family == "dlcm":
+        decoder.backbone.reserve(16)  # concepts ≤ tokens ≤ 16: only the token buffers decide below
+    decoder.extend(torch.randint(0, VOCAB, (2, 3)))
+    decoder.step(torch.zeros(2, dtype=torch.int64))  # records the buffers' sizes
     captured = object()
     for graph in graphs:
         graph.graph = captured  # as if captured
