@@ -34,8 +34,11 @@ def seeds_figure(results: list[dict[str, Any]]) -> Any:
     target = None
     for colour, result in zip(COLOURS, results, strict=False):
         default_group = f"r4-{result['default_mechanism']}"  # the study's group name of its default DLCM
+        best = {kind: b["lr"] for kind, b in result.get("best_lr", {}).items()}  # a grid: each model's best rate
         for run in result["run_summaries"].values():
             if run.get("group") not in (default_group, "baseline") or run.get("status") != "ok":
+                continue
+            if run.get("kind") in best and run.get("lr") != best[run["kind"]]:
                 continue
             is_dlcm = run["group"] == default_group
             first = run.get("seed") == 0  # one legend entry per file and kind

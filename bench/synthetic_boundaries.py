@@ -31,6 +31,7 @@ import torch
 from dlcm.data.synthetic import PhraseLanguage
 from dlcm.eval.boundary_metrics import boundary_scores, chance_boundaries
 from dlcm.model.config import ParserConfig
+from dlcm.model.dlcm import parser_loss
 from dlcm.model.loss import cross_entropy, next_token_targets
 from dlcm.model.presets import build_model, tiny_dlcm
 from dlcm.research.shape_search import width_scaled
@@ -79,7 +80,7 @@ def train_and_score(
         out = model(ids, cu, max_seqlen_tok=doc_len, generator=sample_rng)
         ce = cross_entropy(out.logits_TV, next_token_targets(ids, cu))
         optimizer.zero_grad(set_to_none=True)
-        loss = ce + config.parser.aux_weight * out.aux_loss + config.parser.midpoint_weight * out.midpoint_loss
+        loss = ce + parser_loss(config.parser, out)
         loss.backward()
         optimizer.step()
         out_of_time = max_seconds is not None and time.perf_counter() - start > max_seconds

@@ -13,6 +13,9 @@ validation epoch, all summed over ranks):
   ``train/segmentation/target_R``;
 - ``G``: mean boundary probability; ``midpoint``: mean ``4p(1 − p)`` over non-forced tokens (1: every ``p`` at 0.5,
   undecided; 0: all at 0 or 1);
+- ``near_threshold``: share of non-forced tokens whose ``p`` lies within ±0.05 of the parser's τ — the decisions a
+  small move of τ (or of the probabilities) flips; with a decisive parser it is near 0, and the inference-mode
+  ratio no longer hangs on the third decimal of τ;
 - ``concepts_per_seq``: concepts per packed document; ``length_cv``: coefficient of variation of concept lengths;
 - ``train/segmentation/aux_share``: λ·L_aux as a share of the total loss;
 - ``tokens_per_concept/<domain>``: the paper's Table 5 statistic per document domain (prose, code, …); at
@@ -41,7 +44,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 BAND = (0.8, 1.25)
-HEAD = 8  # additive statistics before the per-domain ones (see BoundaryStats._sums)
+HEAD = 9  # additive statistics before the per-domain ones (see BoundaryStats._sums)
+NEAR = 0.05  # half-width of the band around τ that near_threshold counts
 # Per-domain, per-step sums gathered in one all-reduce: [tokens, concepts] for each domain slot.
 MAX_DOMAINS = 16
 LENGTH_CAP = 8  # concept-length histograms count lengths above LENGTH_CAP·R in their last bin
@@ -85,9 +89,9 @@ class BoundaryStats(L.Callback):
     def _is_dlcm(outputs: Any) -> bool:
         return isinstance(outputs, dict) and "layout" in outputs and "parser" in outputs
 
-    def _sums(self, outputs: dict, batch: dict) -> torch.Tensor:
+    def _sums(self, outputs: dict, batch: dict, tau: torch.Tensor) -> torch.Tensor:
         """Additive per-batch statistics: [tokens, sampled, thresholded, Σp, concepts, docs, Σlen², Σ4p(1 − p) over
-        non-forced tokens, then per domain (tokens, concepts)]."""
+        non-forced tokens, non-forced tokens with p within ±NEAR of τ, then per domain (tokens, concepts)]."""
         parser, layout = outputs["parser"], outputs["layout"]
         tokens = torch.tensor(float(parser.boundary_T.numel()), device=parser.prob_T.device)
         length_C = layout.length_C.to(torch.float64)
@@ -101,6 +105,7 @@ class BoundaryStats(L.Callback):
                 torch.tensor(float(layout.seqs.num_docs), device=tokens.device, dtype=torch.float64),
                 length_C.square().sum(),
                 midpoint_sum(parser.prob_T),
+                near_threshold_count(parser.prob_T, tau, batch["cu_seqlens"]),
             ]
         )
         per_domain = torch.zeros(MAX_DOMAINS, 2, dtype=torch.float64, device=tokens.device)
@@ -120,13 +125,14 @@ class BoundaryStats(L.Callback):
     def _scalars(self, sums: torch.Tensor, domains: list[str]) -> dict[str, float]:
         """Scalars shared by training and validation, plus ``ratio_threshold`` (which validation logs as
         ``val/ratio`` through the module, so its caller drops it there)."""
-        tokens, _, thresholded, prob, concepts, docs, sq_len, midpoint = sums[:HEAD].tolist()
+        tokens, _, thresholded, prob, concepts, docs, sq_len, midpoint, near = sums[:HEAD].tolist()
         mean_len = tokens / max(concepts, 1.0)
         variance = max(sq_len / max(concepts, 1.0) - mean_len**2, 0.0)
         out = {
             "ratio_threshold": tokens / max(thresholded, 1.0),
             "G": prob / tokens,
             "midpoint": midpoint / max(tokens - docs, 1.0),
+            "near_threshold": near / max(tokens - docs, 1.0),
             "concepts_per_seq": concepts / max(docs, 1.0),
             "length_cv": variance**0.5 / mean_len,
         }
@@ -176,7 +182,7 @@ class BoundaryStats(L.Callback):
         # Only on logging steps: the statistics need one small all-reduce and a host copy.
         if not self._is_dlcm(outputs) or trainer.global_step % trainer.log_every_n_steps != 0:
             return
-        sums = self._reduce(trainer, self._sums(outputs, batch))
+        sums = self._reduce(trainer, self._sums(outputs, batch, pl_module.network.parser.threshold))
         scalars = self._scalars(sums, self._domains(trainer))
         parser_cfg = pl_module.config.parser
         parser = pl_module.network.parser
@@ -220,7 +226,7 @@ class BoundaryStats(L.Callback):
     ) -> None:
         if trainer.sanity_checking or not self._is_dlcm(outputs):
             return
-        sums = self._sums(outputs, batch)
+        sums = self._sums(outputs, batch, pl_module.network.parser.threshold)
         self._val_sums = sums if self._val_sums is None else self._val_sums + sums
         self._val_lengths.append(outputs["layout"].length_C)
         self._val_probs.append(outputs["parser"].prob_T)
@@ -270,6 +276,14 @@ def midpoint_sum(prob_T: torch.Tensor) -> torch.Tensor:
     """``Σ 4p(1 − p)``: over the tokens whose boundary is not forced, since forced starts (p = 1) add 0."""
     prob = prob_T.double()
     return (4.0 * prob * (1.0 - prob)).sum()
+
+
+def near_threshold_count(prob_T: torch.Tensor, tau: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """How many tokens whose boundary is not forced (every document's first, at ``cu_seqlens[:-1]``) have
+    ``|p − τ| ≤ NEAR``, as a float64 scalar (no host synchronisation)."""
+    near_T = (prob_T.double() - tau.double()).abs() <= NEAR
+    near_T[cu_seqlens[:-1].long()] = False
+    return near_T.sum().double()
 
 
 def wrap_pieces(pieces: list[str], width: int) -> list[str]:

@@ -93,6 +93,9 @@ class ParserConfig:
     sharpen_alpha: float = 0.1
     alpha_final: float | None = None  # anneal α linearly from sharpen_alpha to this over training; None: constant
     midpoint_weight: float = 0.0  # weight of the penalty mean(4p(1 − p)) on probabilities near 0.5
+    # weight of mean P(sampled b ≠ [p ≥ 0.5]): the chance that training and inference decide a token differently
+    # (parser.decision_disagreement); moves only probabilities within ≈ α/4 of 0.5, each away from it
+    consistency_weight: float = 0.0
     router_grad: RouterGrad = "aux"  # aux: W_q/W_k learn only from L_aux; ste: H-Net straight-through
     ratio_scope: RatioScope = "global"  # statistics over the optimizer step, the micro-batch or each document
     aux_weight: float = 0.03  # λ in L = L_CE + λ·L_aux
@@ -124,6 +127,7 @@ class ParserConfig:
             f"None or a number in [0, sharpen_alpha={self.sharpen_alpha}]",
         )
         require(self.midpoint_weight >= 0, "parser.midpoint_weight", self.midpoint_weight, "a number >= 0")
+        require(self.consistency_weight >= 0, "parser.consistency_weight", self.consistency_weight, "a number >= 0")
         require_choice("parser.router_grad", self.router_grad, RouterGrad)
         require_choice("parser.ratio_scope", self.ratio_scope, RatioScope)
         require(self.aux_weight >= 0, "parser.aux_weight", self.aux_weight, "a number >= 0")

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from dlcm.model.block import TransformerStack
-from dlcm.model.config import DLCMConfig
+from dlcm.model.config import DLCMConfig, ParserConfig
 from dlcm.model.cross_attention import CrossAttentionBlock
 from dlcm.model.linear import Embedding, mup_std
 from dlcm.model.linear_cross_entropy import TokenLoss
 from dlcm.model.lm_head import LMHead
 from dlcm.model.packing import PackedSeqs
-from dlcm.model.parser import GlobalParser, ParserOutput
+from dlcm.model.parser import GlobalParser, ParserOutput, decision_disagreement
 from dlcm.model.pooling import ConceptLayout, ConceptPooling, concept_layout
 from dlcm.model.ratio_loss import RatioLoss, RatioStats
 from dlcm.model.smoothing import ConceptSmoothing
@@ -28,6 +28,8 @@ class DLCMOutput:
     logits_TV: torch.Tensor | None  # None when the forward was given targets
     aux_loss: torch.Tensor  # L_aux (Eq. 10), unweighted; the total loss adds aux_weight · aux_loss
     midpoint_loss: torch.Tensor  # mean 4p(1 − p) over non-forced tokens, unweighted (parser.midpoint_weight)
+    # mean P(sampled b ≠ thresholded b) over non-forced tokens, unweighted (parser.consistency_weight)
+    consistency_loss: torch.Tensor
     ratio: RatioStats
     parser: ParserOutput
     layout: ConceptLayout
@@ -86,11 +88,27 @@ class DLCM(nn.Module):
         logits_TV, lm_loss = (None, head_out) if targets_T is not None else (head_out, None)
         ratio = self.ratio_loss(parsed.prob_T, parsed.boundary_T, tok)
         midpoint = midpoint_loss(parsed.prob_T, tok)
-        return DLCMOutput(logits_TV, ratio.loss, midpoint, ratio, parsed, layout, tok, lm_loss)
+        consistency = interior_mean(decision_disagreement(parsed.prob_T, self.parser.alpha), tok)
+        return DLCMOutput(logits_TV, ratio.loss, midpoint, consistency, ratio, parsed, layout, tok, lm_loss)
+
+
+def parser_loss(cfg: ParserConfig, out: DLCMOutput) -> torch.Tensor:
+    """The parser's terms of the total loss: ``λ·L_aux`` (Eq. 15) plus the optional boundary penalties."""
+    loss = cfg.aux_weight * out.aux_loss
+    if cfg.midpoint_weight:
+        loss = loss + cfg.midpoint_weight * out.midpoint_loss
+    if cfg.consistency_weight:
+        loss = loss + cfg.consistency_weight * out.consistency_loss
+    return loss
+
+
+def interior_mean(value_T: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
+    """Mean of a per-token value over the tokens whose boundary is not forced (document starts excluded)."""
+    interior_T = (seqs.position != 0).to(value_T.dtype)
+    return (value_T * interior_T).sum() / interior_T.sum().clamp(min=1.0)
 
 
 def midpoint_loss(prob_T: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
     """``mean 4p(1 − p)`` over the tokens whose boundary is not forced: 1 at p = 0.5, 0 at p ∈ {0, 1}. Weighted by
     ``parser.midpoint_weight`` it pushes probabilities away from the undecided middle."""
-    interior_T = (seqs.position != 0).to(prob_T.dtype)
-    return (4.0 * prob_T * (1.0 - prob_T) * interior_T).sum() / interior_T.sum().clamp(min=1.0)
+    return interior_mean(4.0 * prob_T * (1.0 - prob_T), seqs)

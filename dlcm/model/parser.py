@@ -13,8 +13,10 @@ calibrated on training batches so that thresholding realises the target ratio
 so it cannot feed back into the rate the ratio loss controls (a second controller on the same rate oscillates).
 The projections are identity-initialised and run in (at least) fp32 whatever the autocast or parameter dtype.
 ``predictor='rule'`` drops them: ``p`` is the cosine dissimilarity of the encoder states themselves, thresholded
-in training too (the paper's §8.1 rule-based ablation). Thresholded training (``boundary_mode='threshold'`` or the
-rule) decides at the configured ``parser.threshold``, so there too a calibrated τ changes only inference.
+in training too (the paper's §8.1 rule-based ablation). Thresholded training of the learned router
+(``boundary_mode='threshold'``) decides at the configured ``parser.threshold``, so there too a calibrated τ changes
+only inference; the rule with a calibrated τ decides at the running τ in training as well (nothing else holds its
+ratio), which is how it is compared at a learned parser's realised ratio.
 
 Gradient paths: with ``router_grad='aux'`` the discrete decision is decoupled from the LM loss, so W_q/W_k learn
 only from the ratio loss through ``p``. With ``'ste'`` the parser also returns an H-Net style confidence
@@ -53,6 +55,16 @@ def sharpen(prob_T: torch.Tensor, alpha: float) -> torch.Tensor:
     if alpha == 0:
         return (prob_T >= 0.5).to(prob_T.dtype)
     return torch.sigmoid(torch.logit(prob_T, eps=1e-6) / alpha)
+
+
+def decision_disagreement(prob_T: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per token, the chance that the sampled training decision differs from the thresholded one at 0.5:
+    ``P(b ≠ [p ≥ 0.5]) = σ(−|logit p| / α)`` (0.5 at p = 0.5, → 0 as p leaves a band of width ≈ α/4 around it;
+    0 for α = 0). Differentiable in ``p``: minimising it moves only the probabilities whose decision is fragile,
+    each away from the cut on its own side, so it leaves the thresholded rate unchanged to first order."""
+    if alpha == 0:
+        return torch.zeros_like(prob_T)
+    return torch.sigmoid(-torch.logit(prob_T, eps=1e-6).abs() / alpha)
 
 
 class GlobalParser(nn.Module):
@@ -104,6 +116,14 @@ class GlobalParser(nn.Module):
             cos_T = F.cosine_similarity(prev_q_TS, k_TS, dim=-1, eps=1e-8)
             return ((1.0 - cos_T) / 2.0).clamp(0.0, 1.0)
 
+    def training_threshold(self) -> float | torch.Tensor:
+        """τ of thresholded training: the configured one, so that a calibrated τ only observes a learned router —
+        except for the rule predictor with a calibrated τ, which has no router for the ratio loss to steer: there
+        the running τ (of earlier batches) is what holds the ratio, in training as at inference."""
+        if not self.learned and self.cfg.threshold_mode == "calibrated":
+            return self.threshold
+        return self.cfg.threshold
+
     def decide(self, prob: torch.Tensor) -> torch.Tensor:
         """Inference-mode decision ``p ≥ τ`` (document starts are the caller's to force)."""
         return prob >= self.threshold
@@ -149,8 +169,8 @@ class GlobalParser(nn.Module):
         if sample and self.learned:
             uniform_T = torch.rand(prob_T.shape, generator=generator, device=prob_T.device)
             boundary_T = (uniform_T < sharpen(prob_T.detach(), self.alpha)) | doc_start_T
-        elif self.training:  # thresholded training decides at the configured τ: a calibrated τ only observes
-            boundary_T = (prob_T.detach() >= self.cfg.threshold) | doc_start_T
+        elif self.training:
+            boundary_T = (prob_T.detach() >= self.training_threshold()) | doc_start_T
         else:
             boundary_T = threshold_T
         confidence_T = self.confidence(prob_T, boundary_T) if self.cfg.router_grad == "ste" else None

@@ -33,6 +33,8 @@ CURVE_TAGS = (
     "train/ratio",
     "train/segmentation/ratio_threshold",
     "train/segmentation/target_R",
+    "val/segmentation/near_threshold",
+    "val/segmentation/midpoint",
     "train/perf/model_flops_per_token",
 )
 CURVE_PREFIXES = ("val/segmentation/tokens_per_concept/", "train/segmentation/tokens_per_concept/")

@@ -25,7 +25,7 @@ from torch import nn
 from dlcm.model.baseline import DenseBaseline
 from dlcm.model.config import BaselineConfig, DLCMConfig
 from dlcm.model.config_io import DEFAULT_CONTEXT_LENGTH, FORMAT_VERSION, MODEL_RECORD, config_to_dict, plain
-from dlcm.model.dlcm import DLCM, DLCMOutput
+from dlcm.model.dlcm import DLCM, DLCMOutput, parser_loss
 from dlcm.model.linear_cross_entropy import TokenLoss
 from dlcm.model.loss import IGNORE_INDEX, next_token_targets
 from dlcm.train.execution import (
@@ -312,9 +312,7 @@ class DLCMModule(LanguageModelModule):
     def extra_loss(self, extras: DLCMOutput) -> torch.Tensor:
         self.log("train/aux", extras.aux_loss)
         self.log("train/ratio", 1.0 / extras.ratio.boundary_rate.clamp(min=1e-6), prog_bar=True)
-        parser = self.config.parser
-        loss = parser.aux_weight * extras.aux_loss
-        return loss + parser.midpoint_weight * extras.midpoint_loss if parser.midpoint_weight else loss
+        return parser_loss(self.config.parser, extras)
 
     def step_outputs(self, extras: DLCMOutput) -> dict[str, Any]:
         return {

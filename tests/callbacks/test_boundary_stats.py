@@ -1,4 +1,5 @@
-"""BoundaryStats on a tiny CPU fit: the scalars in TensorBoard equal the statistics of the logged batches."""
+"""BoundaryStats on a tiny CPU fit: the scalars in TensorBoard equal the statistics of the logged batches; the
+near-threshold share against a hand-computed case."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dlcm.callbacks.boundary_stats import LENGTH_CAP, BoundaryStats, wrap_pieces
+from dlcm.callbacks.boundary_stats import LENGTH_CAP, BoundaryStats, near_threshold_count, wrap_pieces
 from dlcm.train.cli import run_cli
 
 RECIPE = str(Path(__file__).parents[2] / "recipes" / "dlcm_tiny_r4_defaultcorpus_cpu.yaml")
@@ -77,6 +79,10 @@ def test_training_scalars_match_the_batches(fitted) -> None:
         midpoint.append((4 * p * (1 - p)).sum().item() / (p.numel() - (len(batch["cu_seqlens"]) - 1)))
     assert series(events, "train/segmentation/midpoint") == pytest.approx(midpoint, rel=1e-5)
     assert series(events, "train/segmentation/target_R") == [cfg.target_ratio] * len(keep.train)
+    # the share near τ is bounded and logged on every training logging step and validation
+    near = series(events, "train/segmentation/near_threshold")
+    assert len(near) == len(keep.train) and all(0.0 <= v <= 1.0 for v in near)
+    assert len(series(events, "val/segmentation/near_threshold")) >= 1
     # τ is calibrated on every training batch: it moved off its start and the last value logged is the model's.
     assert series(events, "train/segmentation/threshold")[-1] == pytest.approx(
         float(cli.model.network.parser.threshold)
@@ -172,3 +178,12 @@ def test_collapse_flag_and_warning_when_the_ratio_leaves_the_band(fitted) -> Non
         assert stats._check_band(cli.trainer, cli.model, "validation", 9.0) == 1.0
     assert stats._check_band(cli.trainer, cli.model, "validation", 9.5) == 1.0  # no second warning
     assert stats._check_band(cli.trainer, cli.model, "validation", target) == 0.0
+
+
+def test_near_threshold_share_by_hand() -> None:
+    # two documents [0, 4) and [4, 7); τ = 0.48, band [0.43, 0.53]. Document starts (0 and 4) are forced and never
+    # count, even at p = 0.5. Interior: 0.47 in, 0.70 out, 0.53 − 1e-4 in, 0.20 out, 0.43 + 1e-4 in → 3 of 5.
+    prob_T = torch.tensor([0.5, 0.47, 0.70, 0.5299, 0.5, 0.20, 0.4301])
+    count = near_threshold_count(prob_T, torch.tensor(0.48), torch.tensor([0, 4, 7]))
+    assert count.dtype == torch.float64 and float(count) == 3.0
+    assert float(near_threshold_count(prob_T, torch.tensor(0.9), torch.tensor([0, 4, 7]))) == 0.0

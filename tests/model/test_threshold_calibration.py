@@ -1,5 +1,5 @@
 """The calibrated inference threshold τ: exact ratio on a batch, the running average, checkpoints, and the parser
-options around it (α annealing, midpoint penalty, the rule-based predictor)."""
+options around it (α annealing, midpoint and consistency penalties, the rule-based predictor)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dlcm.model.config import ParserConfig
-from dlcm.model.dlcm import midpoint_loss
+from dlcm.model.dlcm import interior_mean, midpoint_loss, parser_loss
 from dlcm.model.packing import PackedSeqs
-from dlcm.model.parser import GlobalParser, sharpen
+from dlcm.model.parser import GlobalParser, decision_disagreement, sharpen
 from dlcm.model.presets import build_model, tiny_dlcm
 from dlcm.model.threshold_calibration import ABOVE_ALL, ratio_threshold
 from tests.conftest import random_cu_seqlens
@@ -159,3 +159,44 @@ def test_bad_parser_options_name_the_field(field: str, value: object) -> None:
 def test_rule_predictor_rejects_a_scan_width() -> None:
     with pytest.raises(ValueError, match=r"parser\.d_scan=16 is not allowed: None with predictor='rule'"):
         ParserConfig(predictor="rule", d_scan=16).validate()
+
+
+def test_decision_disagreement_is_the_chance_sampling_and_thresholding_differ() -> None:
+    prob_T = torch.tensor([0.5, 0.52, 0.45, 0.9, 0.02])
+    alpha = 0.1
+    q = sharpen(prob_T, alpha)  # what training samples from
+    expected = torch.where(prob_T >= 0.5, 1 - q, q)  # P(sample ≠ [p ≥ 0.5])
+    torch.testing.assert_close(decision_disagreement(prob_T, alpha), expected)
+    assert float(decision_disagreement(prob_T, alpha)[0]) == pytest.approx(0.5)
+    assert torch.equal(decision_disagreement(prob_T, 0.0), torch.zeros(5))
+
+
+def test_the_consistency_penalty_moves_probabilities_away_from_the_cut_on_their_own_side() -> None:
+    seqs = PackedSeqs.from_cu_seqlens(random_cu_seqlens([3, 3]), 6)
+    prob_T = torch.tensor([1.0, 0.53, 0.47, 1.0, 0.9, 0.1], requires_grad=True)
+    interior_mean(decision_disagreement(prob_T, 0.1), seqs).backward()
+    grad = prob_T.grad
+    assert grad[1] < 0 < grad[2]  # descent raises 0.53 and lowers 0.47: no decision flips
+    assert abs(float(grad[4])) < 0.05 * abs(float(grad[1]))  # decided tokens are left nearly alone
+    assert grad[0] == 0 and grad[3] == 0  # forced starts are not counted
+
+
+def test_parser_loss_adds_each_weighted_penalty() -> None:
+    cfg = tiny_dlcm(64)
+    model = build_model(cfg).train()
+    out = model(torch.randint(0, 64, (40,)), random_cu_seqlens([25, 15]), generator=torch.Generator().manual_seed(0))
+    weights = dataclasses.replace(cfg.parser, aux_weight=0.5, midpoint_weight=0.25, consistency_weight=2.0)
+    expected = 0.5 * out.aux_loss + 0.25 * out.midpoint_loss + 2.0 * out.consistency_loss
+    torch.testing.assert_close(parser_loss(weights, out), expected)
+    assert float(out.consistency_loss) > 0
+
+
+def test_rule_predictor_with_a_calibrated_tau_decides_at_it_in_training() -> None:
+    cfg = tiny_dlcm(64)
+    parser_cfg = dataclasses.replace(cfg.parser, predictor="rule", threshold_mode="calibrated", target_ratio=3.0)
+    model = build_model(dataclasses.replace(cfg, parser=parser_cfg)).train()
+    model.parser.threshold.fill_(0.37)  # as if earlier batches had calibrated it
+    out = model(torch.randint(0, 64, (48,)), random_cu_seqlens([30, 18]))
+    expected = (out.parser.prob_T >= 0.37) | (out.tokens.position == 0)
+    assert torch.equal(out.parser.boundary_T, expected)  # decided with the running τ of earlier batches
+    assert float(model.parser.threshold) != 0.37  # then calibrated on this batch
