@@ -79,6 +79,7 @@ class StreamSpec:
     # reader checks each shard's document count.
     shard_tokens: tuple[int, ...] = ()
     shard_docs: tuple[int, ...] = ()
+    shard_sha256: tuple[str, ...] = ()  # the reader hashes each shard it reads against these
 
 
 def resume_pieces(ids: np.ndarray, tokens: int, max_seq_len: int) -> tuple[list[np.ndarray], int]:
@@ -119,6 +120,7 @@ class PackedStream(IterableDataset):
         by_shard = not spec.by_document and len(spec.shards) >= slots
         passable = by_shard and len(spec.shard_tokens) == len(spec.shards)
         expected = spec.shard_docs if len(spec.shard_docs) == len(spec.shards) else (None,) * len(spec.shards)
+        sha256 = spec.shard_sha256 if len(spec.shard_sha256) == len(spec.shards) else (None,) * len(spec.shards)
         for cycle in itertools.count():
             order = list(range(len(spec.shards)))
             if spec.shuffle:
@@ -131,7 +133,7 @@ class PackedStream(IterableDataset):
                     skip_tokens -= spec.shard_tokens[shard_index]
                     yielded = True
                     continue
-                units = list(iter_shard_documents(spec.shards[shard_index], expected[shard_index]))
+                units = list(iter_shard_documents(spec.shards[shard_index], expected[shard_index], sha256[shard_index]))
                 if spec.shuffle:  # its own generator: passing over a shard needs no draw
                     msl = spec.max_seq_len
                     units = [(ids[i : i + msl], meta) for ids, meta in units for i in range(0, len(ids), msl)]
@@ -298,6 +300,7 @@ class PackedDataModule(L.LightningDataModule):
             shards=tuple(self.manifest.shard_urls(split)),
             shard_tokens=tuple(s.tokens for s in info.shards),
             shard_docs=tuple(s.docs for s in info.shards),
+            shard_sha256=tuple(s.sha256 for s in info.shards),
             domains={name: i for i, name in enumerate(self.manifest.domains)},
             token_bytes=self.token_bytes,
             vocab_size=self.vocab_size,
@@ -322,7 +325,7 @@ class PackedDataModule(L.LightningDataModule):
             index = 0
             shards = self.manifest.splits["val"].shards
             for url, shard in zip(self.manifest.shard_urls("val"), shards, strict=True):
-                for ids, _ in iter_shard_documents(url, shard.docs):
+                for ids, _ in iter_shard_documents(url, shard.docs, shard.sha256):
                     totals[index % world] += len(ids)
                     index += 1
             self._val_split_tokens[world] = totals

@@ -171,6 +171,7 @@ class Mixture:
                 tuple(s.manifest.shard_urls(split)),
                 tuple(x.tokens for x in s.manifest.splits[split].shards),
                 tuple(x.docs for x in s.manifest.splits[split].shards),
+                tuple(x.sha256 for x in s.manifest.splits[split].shards),
             )
             for s in self.sources
         )
@@ -178,13 +179,15 @@ class Mixture:
 
 @dataclass(frozen=True)
 class MixtureSourceShards:
-    """One source's shards of a split (paths or URLs) with their token and document counts (picklable)."""
+    """One source's shards of a split (paths or URLs) with their token and document counts and SHA-256s
+    (picklable)."""
 
     name: str
     weight: float
     shards: tuple[str, ...]
     tokens: tuple[int, ...]
     docs: tuple[int, ...]
+    sha256: tuple[str, ...]
 
 
 def source_seed(seed: int, name: str) -> int:
@@ -226,6 +229,7 @@ class MixtureStream(PackedStream):
                     shards=source.shards,
                     shard_tokens=source.tokens,
                     shard_docs=source.docs,
+                    shard_sha256=source.sha256,
                     domains={},
                     seed=source_seed(spec.seed, source.name),
                 )

@@ -23,7 +23,9 @@ document of lowest hash (and a build that cannot, e.g. of one document, stops wi
 
 Integrity: loading a manifest checks that every shard has the recorded size (one ``stat`` each, or one listing of
 a remote directory), so a truncated or foreign shard is named before training starts; :func:`verify_shards` (``dlcm
-data verify``) also compares SHA-256 checksums. The reader counts each shard's documents against the manifest.
+data verify``) also compares SHA-256 checksums. The reader counts each shard's documents against the manifest and,
+given the manifest's SHA-256, hashes the bytes it reads, so a shard damaged in place (same size) is named when it is
+first read, before a document of it is trained on.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import webdataset as wds
@@ -260,6 +263,14 @@ class Manifest:
         return problems
 
 
+def sha256_mismatch(url: str) -> str:
+    """The one line naming a shard whose bytes differ from the build's."""
+    return (
+        f"shard {url} does not match its SHA-256 in the manifest: it was damaged or replaced after the build; "
+        f"{_REBUILD}"
+    )
+
+
 def verify_shards(directory: str | os.PathLike, progress: bool = False) -> tuple[Manifest, list[str]]:
     """The manifest and every problem of a shard directory: missing shards, wrong sizes, SHA-256 mismatches (each
     shard read once), a replaced tokenizer. An empty list means every byte is as built."""
@@ -278,10 +289,7 @@ def verify_shards(directory: str | os.PathLike, progress: bool = False) -> tuple
                     digest.update(chunk)
                     bar.update(len(chunk))
             if digest.hexdigest() != shard.sha256:
-                problems.append(
-                    f"shard {url} does not match its SHA-256 in the manifest: it was damaged or replaced after the "
-                    f"build; {_REBUILD}"
-                )
+                problems.append(sha256_mismatch(url))
     tokenizer_url = storage.join(manifest.location, manifest.tokenizer_file)
     try:
         if hashlib.sha256(storage.read_bytes(tokenizer_url)).hexdigest() != manifest.tokenizer_sha256:
@@ -751,28 +759,52 @@ def _decode_sample(url: str, sample: dict) -> tuple[np.ndarray, dict]:
     return ids, meta
 
 
-def _open_shards(sources: Iterable[dict]) -> Iterator[dict]:
-    """webdataset stage: ``{"url"}`` → ``{"url", "stream"}`` (fsspec URLs, local paths and ``pipe:`` commands)."""
-    for source in sources:
-        yield {**source, "stream": storage.open_shard_stream(source["url"])}
+class Sha256Reader:
+    """A binary stream that hashes every byte read through it (the tar reader reads a shard front to back once)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        return data
+
+    def finish(self) -> str:
+        """The SHA-256 of the whole stream: what the tar reader left unread (end-of-archive padding) is read too."""
+        while self.read(1 << 20):
+            pass
+        self.raw.close()
+        return self.digest.hexdigest()
 
 
 def iter_shard_documents(
-    shard: str | os.PathLike, expected_docs: int | None = None
+    shard: str | os.PathLike, expected_docs: int | None = None, expected_sha256: str | None = None
 ) -> Iterator[tuple[np.ndarray, dict]]:
     """``(ids uint32 [n_tokens], meta)`` for each document of one shard, in order, read through webdataset's
     pipeline (local path, fsspec URL or ``pipe:`` command).
 
     Any damage (a cut or garbled tar, a sample without ``ids.npy``, fewer or more documents than
     ``expected_docs``, the manifest's count) raises ``ValueError`` naming the shard, rather than silently yielding
-    fewer documents.
+    fewer documents. With ``expected_sha256`` (the manifest's) the bytes read are hashed on the way, and a shard
+    changed in place (same size, so the manifest's size check passes) raises after its last document: readers that
+    train on a shard only once it is read whole (the data module's) never use a byte of it.
     """
     url = os.fspath(shard)
     if not storage.is_url(url) and not url.startswith("pipe:") and not os.path.isfile(url):
         raise FileNotFoundError(f"shard {url} does not exist; {_REBUILD}")
+    reader: list[Sha256Reader] = []
+
+    def open_stream(sources: Iterable[dict]) -> Iterator[dict]:
+        # webdataset stage: ``{"url"}`` → ``{"url", "stream"}`` (fsspec URLs, local paths and ``pipe:`` commands).
+        for source in sources:
+            reader.append(Sha256Reader(storage.open_shard_stream(source["url"])))
+            yield {**source, "stream": reader[-1]}
+
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([url]),
-        _open_shards,
+        open_stream,
         wds.tariterators.tar_file_expander,
         wds.tariterators.group_by_keys,
     )
@@ -791,3 +823,5 @@ def iter_shard_documents(
             f"shard {url} holds {count} documents but the manifest records {expected_docs}: it was truncated or "
             f"replaced after the build; {_REBUILD}"
         )
+    if expected_sha256 is not None and reader and reader[0].finish() != expected_sha256:
+        raise ValueError(sha256_mismatch(url))

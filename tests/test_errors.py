@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from dlcm.data.shards import build_shards
 from dlcm.data.sources import Document
 from dlcm.data.tokenizer import train_bpe
 from dlcm.train.cli import run_cli
+from tests.data.test_shards import garble_in_place
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 DLCM = str(RECIPES / "dlcm_tiny_r4_defaultcorpus_cpu.yaml")
@@ -85,6 +87,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         data = f.read_bytes()
         (broken / f.name).write_bytes(data[: len(data) // 2] if f.name.startswith("train-") else data)
     paths["broken_shards"] = broken
+    garbled = root / "garbled_shards"
+    shutil.copytree(root / "shards", garbled)
+    garble_in_place(garbled / "train-000000.tar")
+    paths["garbled_shards"] = garbled
     tasks = root / "tasks"
     tasks.mkdir()
     good = json.dumps({"query": "Q", "choices": ["a", "b"], "gold": 0}) + "\n"
@@ -144,6 +150,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         "corrupt shard at the first batch",
         [*FIT, "--data.data_dir", "{broken_shards}", "--trainer.enable_progress_bar=false"],
         ["train-000000.tar", "dlcm data build"],
+    ),
+    (
+        "shard garbled in place (same size)",
+        [*FIT, "--data.data_dir", "{garbled_shards}", "--trainer.enable_progress_bar=false"],
+        ["train-000000.tar", "SHA-256", "dlcm data build"],
     ),
     ("fit: checkpoint missing", [*FIT, "--ckpt_path", "gone.ckpt"], ["gone.ckpt", "does not exist"]),
     ("fit: truncated checkpoint", [*FIT, "--ckpt_path", "{truncated}"], ["truncated.ckpt", "read"]),

@@ -109,9 +109,18 @@ def default_param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def all_plain_cpu(param_groups: list[dict]) -> bool:
+    """Whether every parameter is an ordinary CPU tensor. PyTorch's AdamW then defaults to its per-parameter loop,
+    which costs a quarter of a step of the CPU demo; the fused kernel takes the same step (to rounding) in a tenth of
+    that time. Elsewhere PyTorch's default stays (``foreach`` on CUDA; sharded parameters are DTensors)."""
+    return all(type(p) is nn.Parameter and p.device.type == "cpu" for g in param_groups for p in g["params"])
+
+
 def build_optimizer(
     param_groups: list[dict], cfg: OptimizerConfig, schedule: ScheduleConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    optimizer = torch.optim.AdamW(
+        param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True if all_plain_cpu(param_groups) else None
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ScheduleMultiplier(schedule, total_steps))
     return optimizer, scheduler

@@ -210,6 +210,28 @@ def test_truncated_shard_is_reported(tok_path: Path, tmp_path: Path) -> None:
             list(iter_shard_documents(shard, docs))
 
 
+def garble_in_place(shard: Path) -> None:
+    """Overwrite 8 bytes of token ids in the middle member's ``ids.npy`` payload: same size, tar structure intact."""
+    with tarfile.open(shard) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(".ids.npy") and m.size >= 136]
+    member = members[len(members) // 2]
+    data = bytearray(shard.read_bytes())
+    at = member.offset_data + member.size - 8
+    data[at : at + 8] = bytes(255 - b for b in data[at : at + 8])
+    shard.write_bytes(bytes(data))
+
+
+def test_shard_garbled_in_place_is_named_by_its_checksum(tok_path: Path, tmp_path: Path) -> None:
+    manifest = build_shards(synthetic_docs(100), tok_path, tmp_path / "out", val_fraction=0.2, progress=False)
+    shard, info = manifest.shard_paths("train")[0], manifest.splits["train"].shards[0]
+    intact = [ids.tolist() for ids, _ in iter_shard_documents(shard, info.docs, info.sha256)]
+    garble_in_place(shard)
+    Manifest.load(tmp_path / "out")  # the size check cannot see it
+    assert [ids.tolist() for ids, _ in iter_shard_documents(shard, info.docs)] != intact  # nor can the tar reader
+    with pytest.raises(ValueError, match=rf"shard .*{shard.name} does not match its SHA-256.*dlcm data build"):
+        list(iter_shard_documents(shard, info.docs, info.sha256))
+
+
 def test_sample_without_ids_is_reported(tmp_path: Path) -> None:
     shard = tmp_path / "train-000000.tar"
     with tarfile.open(shard, "w") as tar:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from dlcm.model.presets import build_model, tiny_dlcm
 from dlcm.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, default_param_groups, lr_multiplier
@@ -68,3 +69,21 @@ def test_bad_optimizer_values_are_rejected() -> None:
         OptimizerConfig(lr=0)
     with pytest.raises(ValueError, match=r"optimizer\.betas"):
         OptimizerConfig(betas=(0.9, 1.5))
+
+
+def test_cpu_optimizer_is_fused_and_steps_as_the_reference_loop() -> None:
+    torch.manual_seed(0)
+    fast, slow = build_model(tiny_dlcm()), build_model(tiny_dlcm())
+    slow.load_state_dict(fast.state_dict())
+    cfg = OptimizerConfig(lr=1e-2, weight_decay=0.1)
+    optimizer, _ = build_optimizer(default_param_groups(fast, cfg), cfg, ScheduleConfig(warmup_steps=0), 10)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    reference = torch.optim.AdamW(default_param_groups(slow, cfg), betas=cfg.betas, eps=cfg.eps, foreach=False)
+    for _ in range(5):
+        for p, q in zip(fast.parameters(), slow.parameters(), strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+    for p, q in zip(fast.parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
