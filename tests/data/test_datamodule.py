@@ -229,9 +229,9 @@ def test_resume_passes_over_whole_shards_unread(many_shards: Path, monkeypatch: 
     reads: list[str] = []
     real = shards.iter_shard_documents
 
-    def counted(path, expected=None):
+    def counted(path, *expected):
         reads.append(Path(path).name)
-        return real(path, expected)
+        return real(path, *expected)
 
     monkeypatch.setattr(shards, "iter_shard_documents", counted)
     per_cycle = sum(spec.shard_tokens) // spec.tokens_per_batch  # batches one pass over the 16 shards fills

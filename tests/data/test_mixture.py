@@ -251,10 +251,10 @@ def count_shard_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     reads: dict[str, int] = {}
     real = shards.iter_shard_documents
 
-    def counted(url, expected=None):
+    def counted(url, *expected):
         source = Path(url).parent.name
         reads[source] = reads.get(source, 0) + 1
-        return real(url, expected)
+        return real(url, *expected)
 
     monkeypatch.setattr(shards, "iter_shard_documents", counted)
     return reads
