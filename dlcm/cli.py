@@ -133,12 +133,16 @@ def _union_summary(lines: list[str]) -> list[str]:
         line.strip()[2:] for line in lines if line.strip().startswith("- ") and not line.strip().endswith("NoneType'>")
     ]
     key = _PARSER_KEY.match(lines[0].strip())
+    name = key.group(1) if key else "the value"
     literals = [match.group(1) for match in map(_LITERAL.match, errors) if match]
     if errors and len(literals) == len(errors):
         allowed = dict.fromkeys(value.strip().strip("'") for group in literals for value in group.split(","))
-        name = key.group(1) if key else "the value"
         return [f"{name}={given} is not allowed: one of {', '.join(allowed)}"]
-    return [f"{key.group(1)}:" if key else "", *errors] if errors else lines
+    if not errors:
+        return lines
+    # A plain value (a number, a word) is named; a mapping's members name their own bad key in their errors.
+    head = f"{name}={given} is not allowed:" if given and len(given) <= 80 else f"{name}:"
+    return [head, "; ".join(errors)]
 
 
 def run_command(name: str, argv: list[str]) -> int:

@@ -315,8 +315,15 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     (
         "generate: max new tokens",
         [*GENERATE, "--ckpt_path", "{dlcm}", "--prompt", "a", "--max-new-tokens", "-3"],
-        ["max_new_tokens=-3", "non-negative"],
+        ["--max-new-tokens=-3", "positive"],
     ),
+    (
+        "generate: no new tokens",
+        [*GENERATE, "--ckpt_path", "{dlcm}", "--prompt", "a", "--max-new-tokens", "0"],
+        ["--max-new-tokens=0", "positive"],
+    ),
+    ("seed not a number", [*FIT, "--seed_everything", "abc"], ["seed_everything=abc", "int"]),
+    ("sweep: spec not YAML", ["sweep", "run", "{bad_yaml}", "--dry-run"], ["bad_recipe.yaml", "not valid YAML"]),
     ("generate: top-k", [*GENERATE, "--ckpt_path", "{dlcm}", "--prompt", "a", "--top-k", "-1"], ["top_k=-1"]),
     ("generate: foreign checkpoint", [*GENERATE, "--ckpt_path", "{foreign}", "--prompt", "a"], ["foreign.ckpt"]),
     ("plan: nodes", ["plan", DLCM, "--nodes", "0"], ["--nodes=0", "at least 1"]),

@@ -95,8 +95,9 @@ def main(argv: list[str]) -> int:
 
     args.device = torch_device(args.device)
     check_sampling(args.temperature, args.top_k, args.top_p)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size={args.batch_size} is not allowed: a positive integer")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise ValueError(f"{flag}={value} is not allowed: a positive integer")
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT (repeatable) and/or --prompts-file FILE")

@@ -243,7 +243,11 @@ def load_spec(path: str | Path, vocab_size: int | None = None) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep spec {path} does not exist")
-    raw = yaml.safe_load(path.read_text())
+    try:
+        with open(path, encoding="utf-8") as f:  # from the file, so that YAML's own message names it too
+            raw = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"sweep spec {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a sweep spec is a YAML mapping with keys {', '.join(SWEEP_KEYS)}")
     _check_keys(str(path), raw, SWEEP_KEYS, ("configs",))
