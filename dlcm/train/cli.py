@@ -21,7 +21,7 @@ import sys
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import torch
 import yaml
@@ -191,6 +191,7 @@ class DLCMCLI(LightningCLI):
         # val_check_interval counts training batches across epochs, so a small corpus (an epoch shorter than the
         # interval) validates on schedule instead of failing; a token stream has no meaningful epoch boundary.
         parser.set_defaults({"trainer.check_val_every_n_epoch": None})
+        count_before_fraction(parser)
         # After ModelCheckpoint: Lightning's `trainer.checkpoint_callback` (ckpt_path="best") is the first checkpoint
         # callback.
         parser.add_lightning_class_args(StepCheckpoint, "step_checkpoint")
@@ -362,6 +363,16 @@ def log_hparams_summary(trainer: Any, config: Any) -> None:
     for summary in hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0)):
         writer.add_summary(summary)
     writer.flush()
+
+
+def count_before_fraction(parser: Any) -> None:
+    """Make the Trainer's "int = batches, float = fraction" flags (``limit_val_batches``, ``val_check_interval``, …)
+    read an integer as a count. jsonargparse types them ``Union[float, int, None]`` and tries ``float`` first, so
+    ``--trainer.limit_val_batches=1`` became 1.0 — the whole split — instead of one batch."""
+    fraction_first = Union[float, int, None]  # noqa: UP007 (jsonargparse's own form, compared as such)
+    for action in parser._actions:
+        if action.dest.startswith("trainer.") and getattr(action, "_typehint", None) == fraction_first:
+            action._typehint = int | float | None
 
 
 def check_recipe_files(words: list[str]) -> None:

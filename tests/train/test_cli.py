@@ -86,6 +86,17 @@ def test_fit_writes_tensorboard_and_checkpoints_then_validate_reads_them(tmp_pat
     assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-4)
 
 
+@pytest.mark.parametrize(("limit", "batches"), [("1", 1), ("3", 3), ("0.5", None)])
+def test_an_integer_batch_limit_is_a_count(limit: str, batches: int | None, tmp_path: Path) -> None:
+    cli = run_cli(
+        [f"--config={RECIPE}", *FAST, *output_dirs(tmp_path), f"--trainer.limit_val_batches={limit}"], run=False
+    )
+    assert type(cli.trainer.limit_val_batches) is (float if batches is None else int)
+    cli.trainer.validate(cli.model, cli.datamodule, verbose=False)
+    whole = len(cli.datamodule.val_dataloader())
+    assert cli.trainer.num_val_batches == [batches or int(0.5 * whole)]
+
+
 def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path: Path) -> None:
     every = ["--checkpoint.every_n_train_steps=5", "--checkpoint.save_top_k=-1", "--checkpoint.monitor=null"]
     full, _ = run_fit(fit_args(tmp_path / "full", 10))
