@@ -25,7 +25,8 @@ validation epoch, all summed over ranks):
   concepts bracketed and line breaks / tabs shown as ``⏎`` / ``⇥``;
 - ``val/segmentation/collapse``: 1 when, after ``warmup_steps``, ``val/ratio`` — the inference-mode ratio on held-out
   documents, the one that decides inference FLOPs — leaves ``[0.8·R, 1.25·R]``; a warning is printed when it leaves
-  the band. Training batches are not judged: a batch of 2K tokens from one domain moves its own ratio by ±30 %
+  the band and, if it comes back, a line saying so (early in training the ratio loss is often still pulling the rate
+  in). Training batches are not judged: a batch of 2K tokens from one domain moves its own ratio by ±30 %
   with nothing wrong (see ``train/segmentation/ratio_threshold`` for them).
 
 Training statistics are computed on logging steps only (``trainer.log_every_n_steps``): each costs one small
@@ -41,7 +42,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 BAND = (0.8, 1.25)
 HEAD = 9  # additive statistics before the per-domain ones (see BoundaryStats._sums)
@@ -156,14 +157,21 @@ class BoundaryStats(L.Callback):
         target = pl_module.config.parser.target_ratio
         low, high = BAND[0] * target, BAND[1] * target
         if low <= ratio <= high:
-            self._warned.discard(name)
+            if name in self._warned:  # the reader saw the warning: say that it resolved
+                self._warned.discard(name)
+                rank_zero_info(
+                    f"boundary ratio back in band: {name} ratio {ratio:.2f} tokens/concept is within "
+                    f"[{low:.2f}, {high:.2f}] (R = {target}) at step {trainer.global_step}; the collapse flag is off"
+                )
             return 0.0
         if name in self._warned:  # warn when the ratio leaves the band, not at every step it stays out
             return 1.0
         self._warned.add(name)
         rank_zero_warn(
             f"boundary collapse: {name} ratio {ratio:.2f} tokens/concept left [{low:.2f}, {high:.2f}] (R = {target}) "
-            f"at step {trainer.global_step}; see the train/segmentation/* and val/segmentation/* scalars in TensorBoard"
+            f"at step {trainer.global_step}. Soon after warm-up this can be the ratio loss still pulling the rate in "
+            "(a line says so if it returns); if it stays out, see the train/segmentation/* and val/segmentation/* "
+            "scalars in TensorBoard"
         )
         return 1.0
 

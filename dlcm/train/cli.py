@@ -47,6 +47,8 @@ DEFAULT_RUN_NAME = "dlcm"
 # Lightning warns that a mid-epoch resume is inexact unless the DataLoader itself is stateful; PackedDataModule's
 # state_dict carries the position and its next iterator starts there (tests/train/test_cli.py checks exactness).
 NOT_RESUMABLE_WARNING = ".*dataloader is not resumable.*"
+# torch 2.13 deprecates LeafSpec, which Lightning's pytree helper still builds at every fit (nothing to act on here).
+LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
 def run_name_of(configs: list[Any] | None) -> str:
@@ -239,6 +241,7 @@ class DLCMCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         callbacks = [*callbacks, ResumeRules(extend_run=bool(self._get(self.config, "extend_run", False)))]
         warnings.filterwarnings("ignore", message=NOT_RESUMABLE_WARNING)
+        warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
         trainer = super()._instantiate_trainer(config, callbacks)
         apply_global_batch(trainer, self._get(self.config_init, "global_batch"), self.datamodule.tokens_per_batch)
         return trainer

@@ -3,6 +3,7 @@ near-threshold share against a hand-computed case."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def test_concept_length_histogram_keeps_outliers_in_the_last_bin(fitted) -> None
     assert histogram.max <= cap
 
 
-def test_collapse_flag_and_warning_when_the_ratio_leaves_the_band(fitted) -> None:
+def test_collapse_flag_and_warning_when_the_ratio_leaves_the_band(fitted, caplog) -> None:
     cli, _, events = fitted
     flags = series(events, "val/segmentation/collapse")
     ratio = series(events, "val/ratio")[0]
@@ -177,7 +178,10 @@ def test_collapse_flag_and_warning_when_the_ratio_leaves_the_band(fitted) -> Non
     with pytest.warns(UserWarning, match=r"boundary collapse: validation ratio 9\.00"):
         assert stats._check_band(cli.trainer, cli.model, "validation", 9.0) == 1.0
     assert stats._check_band(cli.trainer, cli.model, "validation", 9.5) == 1.0  # no second warning
-    assert stats._check_band(cli.trainer, cli.model, "validation", target) == 0.0
+    with caplog.at_level(logging.INFO):
+        assert stats._check_band(cli.trainer, cli.model, "validation", target) == 0.0
+        assert stats._check_band(cli.trainer, cli.model, "validation", target) == 0.0
+    assert [r.message.split(":")[0] for r in caplog.records] == ["boundary ratio back in band"]  # once
 
 
 def test_near_threshold_share_by_hand() -> None:
