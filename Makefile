@@ -10,13 +10,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test test-all lint wheels wheels-fa4 gpu-check clean
 
+# The package installs with -qq: setuptools' "Editable installation" banner (a caution about the top-level data/
+# folder, which installs as dlcm.data) is a warning, and errors still print.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-deps --no-index torch==$(TORCH_VERSION) 2>/dev/null \
 		|| $(BIN)/python -m pip install -q --no-deps torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX)
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)  # its dependencies; torch itself is satisfied now
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
