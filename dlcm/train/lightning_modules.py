@@ -280,6 +280,8 @@ class DLCMModule(LanguageModelModule):
         self.val_boundaries = torchmetrics.SumMetric()
         self.val_all_tokens = torchmetrics.SumMetric()
         self._total_steps: int | None = None  # optimizer steps of the fit, for the α schedule
+        # This optimizer step's micro-batch τ estimates (calibrated τ only), folded into τ before the step.
+        self._threshold_estimates: list[torch.Tensor] = []
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -295,6 +297,7 @@ class DLCMModule(LanguageModelModule):
     def before_micro_batch(self, batch_idx: int) -> None:
         if batch_idx % self.trainer.accumulate_grad_batches == 0:
             self.network.ratio_loss.start_step()
+            self._threshold_estimates.clear()
         if self._total_steps is not None:
             self.network.parser.set_progress(self.global_step / self._total_steps)
 
@@ -307,7 +310,15 @@ class DLCMModule(LanguageModelModule):
         ids_T = batch["input_ids"]
         generator = self.sampling_generator(ids_T.device) if self.training else None
         out = self.network(ids_T, batch["cu_seqlens"], batch["max_seqlen"], generator=generator, targets_T=targets_T)
+        if out.parser.threshold_estimate is not None:  # a training forward with a calibrated τ
+            self._threshold_estimates.append(out.parser.threshold_estimate)
         return out.lm_loss, out
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # τ moves once per optimizer step, after all its micro-batches were decided with the τ from before it (one
+        # all-reduce per step); a forward alone, even in train mode, leaves it where it is.
+        self.network.fold_threshold(self._threshold_estimates)
+        self._threshold_estimates.clear()
 
     def extra_loss(self, extras: DLCMOutput) -> torch.Tensor:
         self.log("train/aux", extras.aux_loss)
