@@ -109,9 +109,7 @@ def logits_nats(compiled: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.
     return torch.compile(nats) if compiled else nats
 
 
-def micro_batch(
-    model, batch: Batch, autocast: bool, unfused_ce: Callable | None
-) -> tuple[int, torch.Tensor | None]:
+def micro_batch(model, batch: Batch, autocast: bool, unfused_ce: Callable | None) -> tuple[int, torch.Tensor | None]:
     """Forward and backward of one micro-batch (the loss as the Lightning module computes it); returns the concept
     count (0 for the baseline) and the parser's τ estimate (None for the baseline or a fixed τ). ``unfused_ce``:
     the ``--loss logits`` CE, else the head's fused one."""

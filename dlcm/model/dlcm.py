@@ -46,8 +46,8 @@ class DLCM(nn.Module):
     otherwise, and always in eval mode, they are thresholded at ``p ≥ τ``. With ``parser.threshold_mode=
     'calibrated'`` every training forward reports the τ that realises R on its batch
     (``parser.threshold_estimate``); a forward never moves τ: the training loop passes an optimizer step's
-    estimates to :meth:`fold_threshold` once per step. Given ``targets_T`` the head returns the cross-entropy fused with its GEMM
-    (``lm_loss``) instead of ``[T, V]`` logits.
+    estimates to :meth:`fold_threshold` once per step. Given ``targets_T`` the head returns the cross-entropy
+    fused with its GEMM (``lm_loss``) instead of ``[T, V]`` logits.
     """
 
     def __init__(self, cfg: DLCMConfig) -> None:

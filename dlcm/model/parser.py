@@ -147,9 +147,7 @@ class GlobalParser(nn.Module):
         return torch.where(seqs.position == 0, torch.ones_like(prob_T), prob_T)
 
     @torch.no_grad()
-    def fold_threshold(
-        self, estimates: Sequence[torch.Tensor | None], group: dist.ProcessGroup | None = None
-    ) -> None:
+    def fold_threshold(self, estimates: Sequence[torch.Tensor | None], group: dist.ProcessGroup | None = None) -> None:
         """Fold one optimizer step's micro-batch estimates (``ParserOutput.threshold_estimate``) into the running τ:
         their mean, averaged over ``group``'s ranks in one all-reduce so every rank keeps the same τ, enters a plain
         mean for the first ``1/calibration_momentum`` steps, then an EMA. ``None`` entries (a fixed τ) are skipped;

@@ -36,6 +36,7 @@ from dlcm.train.execution import (
     set_gradient_sync,
 )
 from dlcm.train.materialize import materialize
+from dlcm.train.mup import MuPRules, MuPSettings, mup_rules
 from dlcm.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, default_param_groups
 
 LN2 = math.log(2.0)
@@ -57,7 +58,8 @@ class LanguageModelModule(L.LightningModule):
     ``execution.meta_init``, allocated by ``configure_model``) and implement ``run(batch, targets_T) -> (loss,
     extras)``: the head's fused cross-entropy (:class:`~dlcm.model.linear_cross_entropy.TokenLoss`), so no
     ``[T, V]`` logits are held in training or validation.
-    ``param_groups_fn`` may be replaced (e.g. by the μP callback) before ``configure_optimizers`` runs.
+    ``param_groups_fn`` may be replaced (``use_decoupled_mup``, which the μP callback calls) before
+    ``configure_optimizers`` runs.
     """
 
     network_class: Callable[[Any], nn.Module]
@@ -242,6 +244,14 @@ class LanguageModelModule(L.LightningModule):
                 "model.schedule.total_steps"
             )
         return int(steps)
+
+    def use_decoupled_mup(self, settings: dict[str, Any]) -> MuPRules:
+        """Train with decoupled μP groups (:func:`dlcm.train.mup.mup_rules` of this model's config and ``settings``,
+        the fields of :class:`~dlcm.train.mup.MuPSettings`) instead of the default ones; returns the rules, to check
+        the optimizer against. Called by the μP callback before ``configure_optimizers``."""
+        rules = mup_rules(self.config, MuPSettings(**settings))
+        self.param_groups_fn = rules.param_groups
+        return rules
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = self.param_groups_fn(self.network, self.optimizer_cfg)
