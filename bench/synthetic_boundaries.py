@@ -83,6 +83,7 @@ def train_and_score(
         loss = ce + parser_loss(config.parser, out)
         loss.backward()
         optimizer.step()
+        model.fold_threshold([out.parser.threshold_estimate])  # τ moves once per optimizer step
         out_of_time = max_seconds is not None and time.perf_counter() - start > max_seconds
         if step % 10 == 0 or step == steps - 1 or out_of_time:
             ce_curve.append([step, ce.item()])

@@ -68,8 +68,8 @@ def force_ratio(model: DLCM) -> None:
     """Replace the parser's sampled boundaries by Bernoulli(1/R) draws (document starts kept)."""
     forward, rate = model.parser.forward, 1.0 / model.cfg.parser.target_ratio
 
-    def at_ratio(h_TD, seqs, sample, generator=None, calibrate=False, group=None):
-        out = forward(h_TD, seqs, sample, generator, calibrate, group)
+    def at_ratio(h_TD, seqs, sample, generator=None, estimate_threshold=False):
+        out = forward(h_TD, seqs, sample, generator, estimate_threshold)
         draw_T = torch.rand(out.boundary_T.shape, device=h_TD.device) < rate
         return dataclasses.replace(out, boundary_T=draw_T | (seqs.position == 0))
 
@@ -109,9 +109,10 @@ def logits_nats(compiled: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.
     return torch.compile(nats) if compiled else nats
 
 
-def micro_batch(model, batch: Batch, autocast: bool, unfused_ce: Callable | None) -> int:
+def micro_batch(model, batch: Batch, autocast: bool, unfused_ce: Callable | None) -> tuple[int, torch.Tensor | None]:
     """Forward and backward of one micro-batch (the loss as the Lightning module computes it); returns the concept
-    count (0 for the baseline). ``unfused_ce``: the ``--loss logits`` CE, else the head's fused one."""
+    count (0 for the baseline) and the parser's τ estimate (None for the baseline or a fixed τ). ``unfused_ce``:
+    the ``--loss logits`` CE, else the head's fused one."""
     ids_T, targets_T = batch.next()
     with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast):
         fused = None if unfused_ce is not None else targets_T
@@ -125,18 +126,21 @@ def micro_batch(model, batch: Batch, autocast: bool, unfused_ce: Callable | None
         if dlcm:
             loss = loss + model.cfg.parser.aux_weight * out.aux_loss
     loss.backward()
-    return out.layout.num_concepts if dlcm else 0
+    return (out.layout.num_concepts, out.parser.threshold_estimate) if dlcm else (0, None)
 
 
-def optimizer_step(optimizer) -> None:
+def optimizer_step(model, optimizer, estimates: list[torch.Tensor | None]) -> None:
+    """The step, then (DLCM) the fold of its micro-batches' τ estimates, as the Lightning module does."""
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if isinstance(model, DLCM):
+        model.fold_threshold(estimates)
 
 
 def train_step(model, optimizer, batch: Batch, autocast: bool, unfused_ce: Callable | None) -> int:
     """A micro-batch and an optimizer step (warm-up, breakdown and profile); returns the concept count."""
-    concepts = micro_batch(model, batch, autocast, unfused_ce)
-    optimizer_step(optimizer)
+    concepts, estimate = micro_batch(model, batch, autocast, unfused_ce)
+    optimizer_step(model, optimizer, [estimate])
     return concepts
 
 
@@ -265,10 +269,11 @@ def run_config(name: str, args, context: int, compile_blocks: bool, gemm: float)
     micro_times, optimizer_times, concepts = [], [], []
     for _ in range(args.steps):
         with Timer(device) as timer:
-            concepts.append(micro_batch(model, batch, autocast, unfused_ce))
+            count, estimate = micro_batch(model, batch, autocast, unfused_ce)
+        concepts.append(count)
         micro_times.append(timer.ms)
         with Timer(device) as timer:
-            optimizer_step(optimizer)
+            optimizer_step(model, optimizer, [estimate])
         optimizer_times.append(timer.ms)
     micro_ms, optimizer_ms = statistics.median(micro_times), statistics.median(optimizer_times)
     times = [m + o / args.accumulate for m, o in zip(micro_times, optimizer_times, strict=True)]

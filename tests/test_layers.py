@@ -20,13 +20,14 @@ LAYER_DIRS = {
     "research": ROOT / "dlcm" / "research",
 }
 # Layers each layer may import from (besides itself), as docs/design.md §16 draws them. Inference and evaluation
-# stand on the model and data layers only: a trained model is used without the training stack. train and callbacks
-# still form one level (the CLI builds the callbacks; the μP callback builds the optimizer's groups).
+# stand on the model and data layers only: a trained model is used without the training stack. Callbacks sit below
+# the training layer that builds them (the CLI): they read the module they are given, and the μP callback hands its
+# settings to the module, whose training layer holds the group rules beside the optimizer.
 ALLOWED = {
     "model": set(),
     "data": set(),
     "train": {"model", "data", "callbacks"},
-    "callbacks": {"model", "train"},
+    "callbacks": {"model", "data"},
     "infer": {"model", "data"},
     "eval": {"model", "data", "infer"},
     "research": {"model", "data", "train", "callbacks", "infer", "eval"},
@@ -88,6 +89,15 @@ def test_an_inference_module_importing_the_training_layer_is_flagged(tmp_path: P
     (infer_dir / "loader.py").write_text("import dlcm.callbacks.mup\n")
     assert reverse_arrows("infer", infer_dir, tmp_path) == [
         "infer/loader.py:1 imports dlcm.callbacks.mup (infer → callbacks)"
+    ]
+
+
+def test_a_callback_importing_the_training_layer_is_flagged(tmp_path: Path) -> None:
+    callbacks_dir = tmp_path / "callbacks"
+    callbacks_dir.mkdir()
+    (callbacks_dir / "groups.py").write_text("from dlcm.model.config import require\nimport dlcm.train.mup\n")
+    assert reverse_arrows("callbacks", callbacks_dir, tmp_path) == [
+        "callbacks/groups.py:2 imports dlcm.train.mup (callbacks → train)"
     ]
 
 

@@ -72,8 +72,9 @@ class ParserConfig:
     """The global parser (paper §3.3): boundary scoring, discretisation and the Eq. 10 ratio loss.
 
     Training samples ``b ~ Bernoulli(σ(logit(p)/α))``; inference decides ``p_t ≥ τ``. With
-    ``threshold_mode='calibrated'`` (default) τ follows, as a running average over training micro-batches, the value
-    at which the thresholded ratio of the batch equals R; τ is a buffer of the parser, so checkpoints,
+    ``threshold_mode='calibrated'`` (default) τ follows, as a running average over optimizer steps, the value at
+    which the thresholded ratio of the step's batches equals R (the training loop folds it in once per step, no
+    forward moves it); τ is a buffer of the parser, so checkpoints,
     ``dlcm validate``, ``dlcm eval`` and ``dlcm generate`` use the same one. See docs/design.md §4.
     """
 
@@ -86,7 +87,7 @@ class ParserConfig:
     # fixed: τ = threshold; calibrated: τ starts at threshold and tracks the batch τ that realises R (see above)
     threshold_mode: ThresholdMode = "calibrated"
     threshold: float = 0.5  # τ (fixed), its starting value (calibrated); for the rule predictor the cosine cut
-    calibration_momentum: float = 0.1  # weight of each micro-batch's τ in the running τ (a mean for 1/m steps)
+    calibration_momentum: float = 0.1  # weight of each optimizer step's τ in the running τ (a mean for 1/m steps)
     # α in σ(logit(p)/α); → 0 recovers the threshold rule at 0.5. Nothing in L_aux makes p bimodal, so with a
     # fixed τ = 0.5 a loose α lets the sampled ratio meet R while thresholded inference drifts (tiny demo: 187 at
     # α = 0.5, R = 4); a calibrated τ follows the drift instead (docs/design.md §4).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +44,10 @@ class DLCM(nn.Module):
     ``forward(input_ids_T, cu_seqlens_tok)`` takes one packed stream of ``T`` tokens. In training mode with
     ``parser.boundary_mode='sample'`` boundaries are sampled (pass a ``generator`` for reproducible draws);
     otherwise, and always in eval mode, they are thresholded at ``p ≥ τ``. With ``parser.threshold_mode=
-    'calibrated'`` every training forward, once its boundaries are decided, moves τ towards the value that
-    realises R on its batch. Given ``targets_T`` the head returns the cross-entropy fused with its GEMM
-    (``lm_loss``) instead of ``[T, V]`` logits.
+    'calibrated'`` every training forward reports the τ that realises R on its batch
+    (``parser.threshold_estimate``); a forward never moves τ: the training loop passes an optimizer step's
+    estimates to :meth:`fold_threshold` once per step. Given ``targets_T`` the head returns the cross-entropy
+    fused with its GEMM (``lm_loss``) instead of ``[T, V]`` logits.
     """
 
     def __init__(self, cfg: DLCMConfig) -> None:
@@ -77,9 +79,8 @@ class DLCM(nn.Module):
         tok = PackedSeqs.from_cu_seqlens(cu_seqlens_tok, input_ids_T.shape[0], max_seqlen_tok)
         h_TD = self.encoder(self.embed(input_ids_T), tok)
         sample = self.training and self.cfg.parser.boundary_mode == "sample"
-        calibrate = self.training and self.cfg.parser.threshold_mode == "calibrated"
-        group = self.ratio_loss.process_group
-        parsed = self.parser(h_TD, tok, sample=sample, generator=generator, calibrate=calibrate, group=group)
+        estimate = self.training and self.cfg.parser.threshold_mode == "calibrated"
+        parsed = self.parser(h_TD, tok, sample=sample, generator=generator, estimate_threshold=estimate)
         layout = concept_layout(parsed.boundary_T, tok)
         z_CD = self.backbone(self.pooling(h_TD, layout), layout.seqs)
         z_CD = self.smoothing(z_CD, parsed.prob_T, layout)
@@ -90,6 +91,11 @@ class DLCM(nn.Module):
         midpoint = midpoint_loss(parsed.prob_T, tok)
         consistency = interior_mean(decision_disagreement(parsed.prob_T, self.parser.alpha), tok)
         return DLCMOutput(logits_TV, ratio.loss, midpoint, consistency, ratio, parsed, layout, tok, lm_loss)
+
+    def fold_threshold(self, estimates: Sequence[torch.Tensor | None]) -> None:
+        """After an optimizer step: fold its micro-batches' ``parser.threshold_estimate`` values into τ (averaged
+        over the data-parallel ranks the ratio loss reduces over). Training loops call it once per step."""
+        self.parser.fold_threshold(estimates, self.ratio_loss.process_group)
 
 
 def parser_loss(cfg: ParserConfig, out: DLCMOutput) -> torch.Tensor:

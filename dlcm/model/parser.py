@@ -9,7 +9,10 @@ forced boundary (``p = b = 1``), which keeps concepts inside documents. Training
 ``b_t ~ Bernoulli(σ(logit(p_t)/α))`` and the ratio loss holds that sampled rate at 1/R; inference keeps
 ``p_t ≥ τ``. τ is a buffer (saved with the weights): fixed (0.5, the α → 0 limit of the sampling rule), or
 calibrated on training batches so that thresholding realises the target ratio
-(:mod:`dlcm.model.threshold_calibration`). A calibrated τ only observes training — sampling stays centred on 0.5 —
+(:mod:`dlcm.model.threshold_calibration`). A training forward only reports its batch's estimate
+(``ParserOutput.threshold_estimate``); τ moves when the training loop folds an optimizer step's estimates in
+(:meth:`GlobalParser.fold_threshold`), so no forward — ``torch.no_grad()`` or not — changes it. A calibrated τ only
+observes training — sampling stays centred on 0.5 —
 so it cannot feed back into the rate the ratio loss controls (a second controller on the same rate oscillates).
 The projections are identity-initialised and run in (at least) fp32 whatever the autocast or parameter dtype.
 ``predictor='rule'`` drops them: ``p`` is the cosine dissimilarity of the encoder states themselves, thresholded
@@ -26,6 +29,7 @@ it, which routes the LM gradient into ``p``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +52,9 @@ class ParserOutput:
     boundary_T: torch.Tensor  # bool b_t used for pooling in this pass (sampled or thresholded)
     threshold_T: torch.Tensor  # bool [p_t ≥ τ] (document starts forced): what inference decides
     confidence_T: torch.Tensor | None  # router_grad='ste' only: value 1, gradient into p_t
+    # training with a calibrated τ only: the τ realising R on this micro-batch (fp32 scalar, no gradient), for the
+    # optimizer step to fold into the running τ (GlobalParser.fold_threshold)
+    threshold_estimate: torch.Tensor | None = None
 
 
 def sharpen(prob_T: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -119,7 +126,7 @@ class GlobalParser(nn.Module):
     def training_threshold(self) -> float | torch.Tensor:
         """τ of thresholded training: the configured one, so that a calibrated τ only observes a learned router —
         except for the rule predictor with a calibrated τ, which has no router for the ratio loss to steer: there
-        the running τ (of earlier batches) is what holds the ratio, in training as at inference."""
+        the running τ (of earlier optimizer steps) is what holds the ratio, in training as at inference."""
         if not self.learned and self.cfg.threshold_mode == "calibrated":
             return self.threshold
         return self.cfg.threshold
@@ -140,16 +147,21 @@ class GlobalParser(nn.Module):
         return torch.where(seqs.position == 0, torch.ones_like(prob_T), prob_T)
 
     @torch.no_grad()
-    def calibrate(self, prob_T: torch.Tensor, seqs: PackedSeqs, group: dist.ProcessGroup | None = None) -> None:
-        """Fold this micro-batch's ratio-realising τ (averaged over ``group``'s ranks, so every rank keeps the same
-        τ) into the running τ: a plain mean for the first ``1/calibration_momentum`` batches, then an EMA."""
-        batch_tau = ratio_threshold(prob_T, seqs, self.cfg.target_ratio)
+    def fold_threshold(self, estimates: Sequence[torch.Tensor | None], group: dist.ProcessGroup | None = None) -> None:
+        """Fold one optimizer step's micro-batch estimates (``ParserOutput.threshold_estimate``) into the running τ:
+        their mean, averaged over ``group``'s ranks in one all-reduce so every rank keeps the same τ, enters a plain
+        mean for the first ``1/calibration_momentum`` steps, then an EMA. ``None`` entries (a fixed τ) are skipped;
+        with none left this is a no-op (every rank of ``group`` must agree on that, as they run the same steps)."""
+        kept = [e for e in estimates if e is not None]
+        if not kept:
+            return
+        step_tau = torch.stack(kept).float().mean()
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_tau, group=group)
-            batch_tau /= dist.get_world_size(group)
+            dist.all_reduce(step_tau, group=group)
+            step_tau /= dist.get_world_size(group)
         self.threshold_updates += 1
         weight = self.threshold_updates.reciprocal().clamp(min=self.cfg.calibration_momentum)
-        self.threshold.lerp_(batch_tau.to(self.threshold.dtype), weight.to(self.threshold.dtype))
+        self.threshold.lerp_(step_tau.to(self.threshold.dtype), weight.to(self.threshold.dtype))
 
     def forward(
         self,
@@ -157,12 +169,12 @@ class GlobalParser(nn.Module):
         seqs: PackedSeqs,
         sample: bool,
         generator: torch.Generator | None = None,
-        calibrate: bool = False,
-        group: dist.ProcessGroup | None = None,
+        estimate_threshold: bool = False,
     ) -> ParserOutput:
-        """Probabilities and decisions of one pass; ``calibrate`` then folds this batch into τ (training). The
-        batch is decided with the τ of earlier batches: its own quantile would let later tokens move τ, and with
-        it the decisions at earlier positions (a leak)."""
+        """Probabilities and decisions of one pass; ``estimate_threshold`` also reports the τ that would realise R
+        on this batch (training). τ itself never moves here: the batch is decided with the τ of earlier optimizer
+        steps, and its own quantile would let later tokens move τ, and with it the decisions at earlier positions
+        (a leak)."""
         prob_T = self.boundary_prob(h_TD, seqs)
         doc_start_T = seqs.position == 0
         threshold_T = self.decide(prob_T.detach()) | doc_start_T
@@ -174,6 +186,5 @@ class GlobalParser(nn.Module):
         else:
             boundary_T = threshold_T
         confidence_T = self.confidence(prob_T, boundary_T) if self.cfg.router_grad == "ste" else None
-        if calibrate:
-            self.calibrate(prob_T, seqs, group)
-        return ParserOutput(prob_T, boundary_T, threshold_T, confidence_T)
+        estimate = ratio_threshold(prob_T, seqs, self.cfg.target_ratio) if estimate_threshold else None
+        return ParserOutput(prob_T, boundary_T, threshold_T, confidence_T, estimate)

@@ -3,9 +3,9 @@
 Inference keeps token ``t`` as a concept start when ``p_t ≥ τ``. For a packed batch of ``T`` tokens in ``D``
 documents (whose first tokens are forced boundaries) the ratio is ``T / (D + #{interior t: p_t ≥ τ})``, so it equals
 R exactly when ``k = round(T/R) − D`` interior tokens clear τ: τ is put halfway between the ``k``-th and the
-``(k+1)``-th largest interior probability. The parser averages these batch values over training
-(:meth:`dlcm.model.parser.GlobalParser.calibrate`); a quantile of ``p``, not a trained quantity, so it follows the
-router wherever the ratio loss leaves its probabilities.
+``(k+1)``-th largest interior probability. The parser averages these batch values over training, once per
+optimizer step (:meth:`dlcm.model.parser.GlobalParser.fold_threshold`); a quantile of ``p``, not a trained
+quantity, so it follows the router wherever the ratio loss leaves its probabilities.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ the update of hidden activations grows roughly in proportion to the width (an Ad
 
 Widths scale as μP assumes: head dim fixed (heads = width / head_dim), FFN = ``ffn_mult``·width, for DLCM
 ``d_concept = concept_mult·d_token`` (both streams scale together, so ``s_concept = concept_mult·s_token``). μP
-runs use ``model.d_base = d_base`` and the groups of :mod:`dlcm.callbacks.mup`; SP runs use ``d_base = None`` and
+runs use ``model.d_base = d_base`` and the groups of :mod:`dlcm.train.mup`; SP runs use ``d_base = None`` and
 ``dlcm.train.optim.default_param_groups``. Weight decay is off: over a few steps it only adds a width-dependent shrink.
 
 Data: one micro-batch of the synthetic phrase language (:mod:`dlcm.data.synthetic`). DLCM boundaries are pinned
@@ -30,13 +30,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dlcm.callbacks.mup import MuPParamGroups, group_table, width_multipliers
 from dlcm.data.synthetic import PhraseLanguage
 from dlcm.model.config import BaselineConfig, CrossConfig, DLCMConfig, ParserConfig, StackConfig
 from dlcm.model.loss import cross_entropy, next_token_targets
 from dlcm.model.packing import PackedSeqs
 from dlcm.model.parser import ParserOutput
 from dlcm.model.presets import build_model
+from dlcm.train.mup import MuPSettings, mup_rules
 from dlcm.train.optim import OptimizerConfig, default_param_groups
 
 ModelKind = Literal["dlcm", "baseline"]
@@ -107,12 +107,11 @@ def model_config(cfg: CoordCheckConfig, width: int, parametrisation: Parametrisa
 def param_groups(
     model: nn.Module, model_cfg: DLCMConfig | BaselineConfig, cfg: CoordCheckConfig, parametrisation: Parametrisation
 ) -> list[dict]:
-    """SP: ``default_param_groups`` at one LR; μP: the named groups of :mod:`dlcm.callbacks.mup` (no weight decay)."""
+    """SP: ``default_param_groups`` at one LR; μP: the named groups of :mod:`dlcm.train.mup` (no weight decay)."""
     if parametrisation == "sp":
         return default_param_groups(model, OptimizerConfig(lr=cfg.lr, eps=cfg.eps, weight_decay=0.0))
-    widths = width_multipliers(model_cfg, cfg.d_base)
-    table = group_table(widths, cfg.lr, cfg.lr, cfg.lr, eps=cfg.eps, weight_decay=0.0)
-    return MuPParamGroups(table)(model)
+    settings = MuPSettings(cfg.d_base, cfg.lr, cfg.lr, cfg.lr, eps=cfg.eps, weight_decay=0.0)
+    return mup_rules(model_cfg, settings).param_groups(model)
 
 
 def watched_modules(model: nn.Module, kind: ModelKind) -> dict[str, nn.Module]:

@@ -36,6 +36,7 @@ from dlcm.train.execution import (
     set_gradient_sync,
 )
 from dlcm.train.materialize import materialize
+from dlcm.train.mup import MuPRules, MuPSettings, mup_rules
 from dlcm.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, default_param_groups
 
 LN2 = math.log(2.0)
@@ -57,7 +58,8 @@ class LanguageModelModule(L.LightningModule):
     ``execution.meta_init``, allocated by ``configure_model``) and implement ``run(batch, targets_T) -> (loss,
     extras)``: the head's fused cross-entropy (:class:`~dlcm.model.linear_cross_entropy.TokenLoss`), so no
     ``[T, V]`` logits are held in training or validation.
-    ``param_groups_fn`` may be replaced (e.g. by the μP callback) before ``configure_optimizers`` runs.
+    ``param_groups_fn`` may be replaced (``use_decoupled_mup``, which the μP callback calls) before
+    ``configure_optimizers`` runs.
     """
 
     network_class: Callable[[Any], nn.Module]
@@ -243,6 +245,14 @@ class LanguageModelModule(L.LightningModule):
             )
         return int(steps)
 
+    def use_decoupled_mup(self, settings: dict[str, Any]) -> MuPRules:
+        """Train with decoupled μP groups (:func:`dlcm.train.mup.mup_rules` of this model's config and ``settings``,
+        the fields of :class:`~dlcm.train.mup.MuPSettings`) instead of the default ones; returns the rules, to check
+        the optimizer against. Called by the μP callback before ``configure_optimizers``."""
+        rules = mup_rules(self.config, MuPSettings(**settings))
+        self.param_groups_fn = rules.param_groups
+        return rules
+
     def configure_optimizers(self) -> dict[str, Any]:
         groups = self.param_groups_fn(self.network, self.optimizer_cfg)
         optimizer, scheduler = build_optimizer(
@@ -280,6 +290,8 @@ class DLCMModule(LanguageModelModule):
         self.val_boundaries = torchmetrics.SumMetric()
         self.val_all_tokens = torchmetrics.SumMetric()
         self._total_steps: int | None = None  # optimizer steps of the fit, for the α schedule
+        # This optimizer step's micro-batch τ estimates (calibrated τ only), folded into τ before the step.
+        self._threshold_estimates: list[torch.Tensor] = []
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -295,6 +307,7 @@ class DLCMModule(LanguageModelModule):
     def before_micro_batch(self, batch_idx: int) -> None:
         if batch_idx % self.trainer.accumulate_grad_batches == 0:
             self.network.ratio_loss.start_step()
+            self._threshold_estimates.clear()
         if self._total_steps is not None:
             self.network.parser.set_progress(self.global_step / self._total_steps)
 
@@ -307,7 +320,15 @@ class DLCMModule(LanguageModelModule):
         ids_T = batch["input_ids"]
         generator = self.sampling_generator(ids_T.device) if self.training else None
         out = self.network(ids_T, batch["cu_seqlens"], batch["max_seqlen"], generator=generator, targets_T=targets_T)
+        if out.parser.threshold_estimate is not None:  # a training forward with a calibrated τ
+            self._threshold_estimates.append(out.parser.threshold_estimate)
         return out.lm_loss, out
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # τ moves once per optimizer step, after all its micro-batches were decided with the τ from before it (one
+        # all-reduce per step); a forward alone, even in train mode, leaves it where it is.
+        self.network.fold_threshold(self._threshold_estimates)
+        self._threshold_estimates.clear()
 
     def extra_loss(self, extras: DLCMOutput) -> torch.Tensor:
         self.log("train/aux", extras.aux_loss)

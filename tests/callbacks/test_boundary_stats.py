@@ -84,7 +84,7 @@ def test_training_scalars_match_the_batches(fitted) -> None:
     near = series(events, "train/segmentation/near_threshold")
     assert len(near) == len(keep.train) and all(0.0 <= v <= 1.0 for v in near)
     assert len(series(events, "val/segmentation/near_threshold")) >= 1
-    # τ is calibrated on every training batch: it moved off its start and the last value logged is the model's.
+    # τ is calibrated at every optimizer step: the last value logged is the model's.
     assert series(events, "train/segmentation/threshold")[-1] == pytest.approx(
         float(cli.model.network.parser.threshold)
     )

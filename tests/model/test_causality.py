@@ -17,9 +17,8 @@ VOCAB = 64
 
 def logits_of(model, ids_T: torch.Tensor, cu: torch.Tensor, seed: int) -> torch.Tensor:
     if hasattr(model, "parser"):
-        # Every call starts from the same calibrated τ (a training forward updates it after deciding), and draws the
-        # same uniforms at every position: the sampled boundaries at ≤ t see the same draws.
-        model.parser.reset_parameters()
+        # Every call draws the same uniforms at every position: the sampled boundaries at ≤ t see the same draws
+        # (τ stays put: only the training loop's fold moves it).
         return model(ids_T, cu, generator=torch.Generator().manual_seed(seed)).logits_TV
     return model(ids_T, cu)
 

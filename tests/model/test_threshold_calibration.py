@@ -42,29 +42,59 @@ def test_ratio_threshold_with_documents_shorter_than_r() -> None:
     assert thresholded_ratio(prob_T, seqs, tau) == pytest.approx(7 / 3)
 
 
-def test_calibrate_is_a_running_mean_then_an_ema() -> None:
+def test_fold_is_a_running_mean_then_an_ema_over_optimizer_steps() -> None:
     parser = GlobalParser(4, ParserConfig(calibration_momentum=0.25))
     seqs = PackedSeqs.from_cu_seqlens(random_cu_seqlens([64]), 64)
-    batches = [torch.rand(64, generator=torch.Generator().manual_seed(i)) for i in range(8)]
     expected = None
-    for n, prob_T in enumerate(batches, start=1):
-        batch_tau = float(ratio_threshold(prob_T, seqs, 4.0))
-        weight = max(1 / n, 0.25)
-        expected = batch_tau if expected is None else expected + weight * (batch_tau - expected)
-        parser.calibrate(prob_T, seqs)
+    for step in range(1, 9):
+        # Two micro-batches per step (the second of the last step a fixed-τ None, which is skipped): one update.
+        probs = [torch.rand(64, generator=torch.Generator().manual_seed(10 * step + m)) for m in range(2)]
+        estimates = [ratio_threshold(p, seqs, 4.0) for p in probs]
+        if step == 8:
+            estimates[1] = None
+        step_tau = sum(float(e) for e in estimates if e is not None) / sum(e is not None for e in estimates)
+        weight = max(1 / step, 0.25)
+        expected = step_tau if expected is None else expected + weight * (step_tau - expected)
+        parser.fold_threshold(estimates)
         assert float(parser.threshold) == pytest.approx(expected, rel=1e-6)
+    assert int(parser.threshold_updates) == 8
+    parser.fold_threshold([None, None])  # nothing to fold: a fixed τ
     assert int(parser.threshold_updates) == 8
 
 
-def test_training_calibrates_after_deciding_and_eval_uses_the_saved_tau() -> None:
+def test_no_forward_moves_tau() -> None:
+    """τ is the training loop's to move: train-mode forwards, with or without autograd, only report an estimate."""
+    torch.manual_seed(0)
+    model = build_model(tiny_dlcm(64)).train()
+    model.parser.threshold.fill_(0.41)
+    ids_T, cu = torch.randint(0, 64, (64,)), random_cu_seqlens([40, 24])
+    with torch.no_grad():
+        first = model(ids_T, cu, generator=torch.Generator().manual_seed(0))
+    second = model(ids_T, cu, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(ids_T, cu)
+    assert float(model.parser.threshold) == pytest.approx(0.41) and int(model.parser.threshold_updates) == 0
+    assert evaluated.parser.threshold_estimate is None  # eval reports none
+    for out in (first, second):
+        assert not out.parser.threshold_estimate.requires_grad
+        assert float(out.parser.threshold_estimate) == float(ratio_threshold(out.parser.prob_T, out.tokens, 4.0))
+    fixed = dataclasses.replace(tiny_dlcm(64).parser, threshold_mode="fixed")
+    fixed_model = build_model(dataclasses.replace(tiny_dlcm(64), parser=fixed)).train()
+    assert fixed_model(ids_T, cu, generator=torch.Generator()).parser.threshold_estimate is None
+
+
+def test_training_estimates_after_deciding_and_eval_uses_the_folded_tau() -> None:
     torch.manual_seed(0)
     model = build_model(tiny_dlcm(64)).train()
     cu = random_cu_seqlens([40, 24])
     ids_T = torch.randint(0, 64, (64,))
     out = model(ids_T, cu, generator=torch.Generator().manual_seed(0))
     seqs = out.tokens
-    # The batch was decided with the starting τ (0.5); τ then moved to this batch's ratio-realising value.
+    # The batch was decided with the starting τ (0.5); the step's fold then moves τ to its ratio-realising value.
     assert torch.equal(out.parser.threshold_T, (out.parser.prob_T.detach() >= 0.5) | (seqs.position == 0))
+    assert float(model.parser.threshold) == 0.5
+    model.fold_threshold([out.parser.threshold_estimate])
     tau = float(model.parser.threshold)
     assert tau == pytest.approx(float(ratio_threshold(out.parser.prob_T, seqs, 4.0)))
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -75,7 +105,7 @@ def test_training_calibrates_after_deciding_and_eval_uses_the_saved_tau() -> Non
     with torch.no_grad():
         evaluated = restored(ids_T, cu)
     assert torch.equal(evaluated.parser.boundary_T, (evaluated.parser.prob_T >= tau) | (seqs.position == 0))
-    assert float(restored.parser.threshold) == tau  # eval never moves τ
+    assert float(restored.parser.threshold) == tau
 
 
 def test_checkpoints_without_tau_load_as_a_fixed_half() -> None:
@@ -105,14 +135,11 @@ def test_a_calibrated_tau_does_not_change_training() -> None:
         torch.manual_seed(0)
         model = build_model(dataclasses.replace(cfg, parser=dataclasses.replace(cfg.parser, threshold_mode=mode)))
         model.train()
-        outs = [
-            model(
-                torch.randint(0, 64, (64,), generator=torch.Generator().manual_seed(i)),
-                random_cu_seqlens([40, 24]),
-                generator=torch.Generator().manual_seed(i),
-            )
-            for i in range(3)
-        ]
+        outs = []
+        for i in range(3):
+            ids_T = torch.randint(0, 64, (64,), generator=torch.Generator().manual_seed(i))
+            outs.append(model(ids_T, random_cu_seqlens([40, 24]), generator=torch.Generator().manual_seed(i)))
+            model.fold_threshold([outs[-1].parser.threshold_estimate])
         losses[mode] = [(o.aux_loss.item(), o.parser.boundary_T.sum().item()) for o in outs]
         if mode == "calibrated":
             assert float(model.parser.threshold) != 0.5
@@ -195,8 +222,9 @@ def test_rule_predictor_with_a_calibrated_tau_decides_at_it_in_training() -> Non
     cfg = tiny_dlcm(64)
     parser_cfg = dataclasses.replace(cfg.parser, predictor="rule", threshold_mode="calibrated", target_ratio=3.0)
     model = build_model(dataclasses.replace(cfg, parser=parser_cfg)).train()
-    model.parser.threshold.fill_(0.37)  # as if earlier batches had calibrated it
+    model.parser.threshold.fill_(0.37)  # as if earlier steps had calibrated it
     out = model(torch.randint(0, 64, (48,)), random_cu_seqlens([30, 18]))
     expected = (out.parser.prob_T >= 0.37) | (out.tokens.position == 0)
-    assert torch.equal(out.parser.boundary_T, expected)  # decided with the running τ of earlier batches
-    assert float(model.parser.threshold) != 0.37  # then calibrated on this batch
+    assert torch.equal(out.parser.boundary_T, expected)  # decided with the running τ of earlier steps
+    model.fold_threshold([out.parser.threshold_estimate])
+    assert float(model.parser.threshold) != 0.37  # then calibrated on this step

@@ -283,6 +283,7 @@ def test_sharded_checkpoint_holds_optimizer_scheduler_data_position_and_generato
     (adam,) = checkpoint["optimizer_states"]
     buffers = [k for k in checkpoint["state_dict"] if k.startswith("network.parser.threshold")]  # τ: no optimizer
     assert len(buffers) == 2
+    assert int(checkpoint["state_dict"]["network.parser.threshold_updates"]) == 2  # one τ fold per optimizer step
     assert len(adam["state"]) == len(checkpoint["state_dict"]) - 2  # exp_avg/exp_avg_sq of every parameter
     assert all(float(s["step"]) == 2 for s in adam["state"].values())
     assert sum(s["exp_avg"].abs().sum() for s in adam["state"].values()) > 0
