@@ -72,4 +72,4 @@ def test_make_venv_takes_the_cpu_torch_build_from_pytorchs_index_without_a_local
         torch_calls[1] == "-m pip install -q --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
     )
     # only then torch's own dependencies (torch itself already satisfied) and the package
-    assert calls.index(torch_calls[1]) < calls.index("-m pip install -q -e .[dev]")
+    assert calls.index(torch_calls[1]) < calls.index("-m pip install -qq -e .[dev]")
