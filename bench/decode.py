@@ -221,10 +221,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def run_pairs(args: Any, meta: dict[str, Any], device: torch.device, bench: Any) -> dict[str, Any]:
     """``bench(name, config, args, device)`` over every model of ``args.pairs``, with the peak GPU memory of each
     model's sweep; the JSON is rewritten after each model, so a run stopped early keeps what it measured."""
-    records = []
+    records, cuda = [], device.type == "cuda"
     for pair in args.pairs:
         for name in PAIRS[pair]:
-            cuda = device.type == "cuda"
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             measured = bench(name, model_config(name, args.vocab_size), args, device)

@@ -35,7 +35,7 @@ from decode import Timer
 from report import run_meta, write_json
 
 from dlcm.model.linear_cross_entropy import linear_cross_entropy
-from dlcm.model.lm_head import VOCAB_ALIGN
+from dlcm.model.lm_head import aligned
 from dlcm.model.loss import IGNORE_INDEX
 from dlcm.model.presets import DEEPSEEK_V3_VOCAB
 
@@ -51,9 +51,8 @@ def logits_loss() -> Loss:
 
 def chunked_loss(compiled: bool) -> Loss:
     def loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        vocab = w.shape[0]
-        w_PD = F.pad(w, (0, 0, 0, -vocab % VOCAB_ALIGN))  # as the head aligns its GEMMs
-        return linear_cross_entropy(x, w_PD, targets, vocab=vocab, compiled=compiled).total
+        # Aligned as the head aligns its GEMMs.
+        return linear_cross_entropy(x, aligned(w), targets, vocab=w.shape[0], compiled=compiled).total
 
     return loss
 

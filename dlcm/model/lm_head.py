@@ -17,6 +17,12 @@ VOCAB_ALIGN = 128
 ALIGN_MIN_ROWS = 1024
 
 
+def aligned(w_VD: torch.Tensor) -> torch.Tensor:
+    """``W`` zero-padded to a multiple of :data:`VOCAB_ALIGN` rows (a copy; ``W`` itself when already aligned)."""
+    pad = -w_VD.shape[0] % VOCAB_ALIGN
+    return F.pad(w_VD, (0, 0, 0, pad)) if pad else w_VD
+
+
 class LMHead(nn.Module):
     """Readout ``W_head x / s_token``; with ``d_base = d_token`` (standard parametrisation) the multiplier is 1.
 
@@ -38,18 +44,17 @@ class LMHead(nn.Module):
         vocab = self.proj.out_features
         # Multiply on a zero-padded copy of the weight, then view the real columns: the parameters (and
         # checkpoints) keep the true vocabulary size, the GEMMs (forward and both backward) run aligned.
-        pad = -vocab % VOCAB_ALIGN if x_TD.numel() >= ALIGN_MIN_ROWS * x_TD.shape[-1] else 0
-        w_PD = F.pad(self.proj.weight, (0, 0, 0, pad)) if pad else self.proj.weight
+        many_rows = x_TD.numel() >= ALIGN_MIN_ROWS * x_TD.shape[-1]
+        w_PD = aligned(self.proj.weight) if many_rows else self.proj.weight
         logits_TP = F.linear(x_TD, w_PD)
         if self.logit_scale != 1.0:  # skip a pass over T × V logits under standard parametrisation
             logits_TP = logits_TP * self.logit_scale
-        return logits_TP[..., :vocab] if pad else logits_TP
+        return logits_TP[..., :vocab] if w_PD.shape[0] != vocab else logits_TP
 
     def _loss(self, x_TD: torch.Tensor, targets_T: torch.Tensor) -> TokenLoss:
         device = x_TD.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
-        vocab = self.proj.out_features
-        w_PD = F.pad(self.proj.weight.to(dtype), (0, 0, 0, -vocab % VOCAB_ALIGN))
+        w_PD = aligned(self.proj.weight.to(dtype))
         return linear_cross_entropy(
-            x_TD.to(dtype), w_PD, targets_T, self.logit_scale, vocab, compiled=self.compile_loss
+            x_TD.to(dtype), w_PD, targets_T, self.logit_scale, self.proj.out_features, compiled=self.compile_loss
         )
